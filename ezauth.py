@@ -1,0 +1,1840 @@
+"""ezauth: login page + JWT cookie + verify endpoint for Nginx auth_request."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import hmac
+import html
+import ipaddress
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sqlite3
+import string
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from io import BytesIO
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import jwt
+
+__version__ = "1.0.0"
+
+HERE = Path(__file__).resolve().parent
+PREFIX = "/ezauth"
+log = logging.getLogger("ezauth")
+
+Clock = Callable[[], float]
+
+
+# -- Settings -------------------------------------------------------------------------------
+
+ENV_FILE = ".env"
+LEGACY_KEYS = ("chat_username", "password", "SECRET_KEY", "LAST_UPDATED")
+COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DOMAIN_RE = re.compile(r"\.?([a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
+LANGS = ("en", "zh-CN")
+
+
+class SettingsError(ValueError):
+    """A bad setting; the message names it."""
+
+
+def _default_proxies() -> tuple:
+    return (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob ezauth has, validated once at construction."""
+
+    host: str = "127.0.0.1"
+    port: int = 2424
+    data_dir: Path = Path("ezauth-data")
+    session_ttl: int = 1800
+    remember_ttl: int = 2592000
+    rotate_every: int = 86400
+    trusted_proxies: tuple = field(default_factory=_default_proxies)
+    max_attempts: int = 5
+    lockout_window: int = 300
+    lockout_time: int = 300
+    cookie_name: str = "ezauth"
+    cookie_domain: str = ""
+    cookie_secure: str = "auto"
+    title: str = ""
+    subtitle: str = ""
+    slogan: str = ""
+    lang: str = ""
+    access_log: bool = False
+    legacy_users: tuple = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"EZAUTH_PORT: {self.port} is not a port number (0-65535)")
+        for name in ("session_ttl", "remember_ttl", "rotate_every", "max_attempts",
+                     "lockout_window", "lockout_time"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"EZAUTH_{name.upper()}: must be at least 1, got {getattr(self, name)}")
+        if not COOKIE_NAME_RE.fullmatch(self.cookie_name):
+            raise SettingsError(f"EZAUTH_COOKIE_NAME: {self.cookie_name!r} is not a cookie name "
+                                "(letters, digits, _ and -)")
+        if self.cookie_domain and not DOMAIN_RE.fullmatch(self.cookie_domain):
+            raise SettingsError(f"EZAUTH_COOKIE_DOMAIN: {self.cookie_domain!r} is not a domain name")
+        if self.cookie_secure not in ("auto", "1", "0"):
+            raise SettingsError(f"EZAUTH_COOKIE_SECURE: {self.cookie_secure!r} is not auto, 1 or 0")
+        if self.lang and self.lang not in LANGS:
+            raise SettingsError(f"EZAUTH_LANG: {self.lang!r} is not one of {', '.join(LANGS)}")
+
+    @property
+    def longest_ttl(self) -> int:
+        return max(self.session_ttl, self.remember_ttl)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping | None = None,
+                 env_file: Path | None = None) -> Settings:
+        """Flags override environment variables, which override a .env file in the working directory."""
+        environ = os.environ if environ is None else environ
+        dotenv = read_env_file(env_file or Path(ENV_FILE))
+        merged = {**dotenv, **{k: v for k, v in environ.items() if k.startswith("EZAUTH_")}}
+        values: dict = {}
+        for env_name, (attr, parse) in ENV_SETTINGS.items():
+            if merged.get(env_name, "") != "":
+                values[attr] = parse(env_name, merged[env_name])
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        values["legacy_users"] = legacy_users(dotenv)
+        return cls(**values)
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not a whole number") from None
+
+
+def _bool(name: str, raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: {raw!r} is not 1 or 0")
+
+
+def _networks(name: str, raw: str) -> tuple:
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in raw.split(",") if part.strip())
+    except ValueError as err:
+        raise SettingsError(f"{name}: {err}") from None
+
+
+def _text(name: str, raw: str) -> str:
+    if len(raw) > 300:
+        raise SettingsError(f"{name}: longer than 300 characters")
+    return raw
+
+
+def _lang(name: str, raw: str) -> str:
+    return "zh-CN" if raw.strip().lower() in ("zh", "zh-cn", "zh_cn", "zh-hans") else raw.strip()
+
+
+ENV_SETTINGS: dict[str, tuple[str, Callable]] = {
+    "EZAUTH_HOST": ("host", lambda _, raw: raw.strip()),
+    "EZAUTH_PORT": ("port", _int),
+    "EZAUTH_DATA_DIR": ("data_dir", lambda _, raw: Path(raw)),
+    "EZAUTH_SESSION_TTL": ("session_ttl", _int),
+    "EZAUTH_REMEMBER_TTL": ("remember_ttl", _int),
+    "EZAUTH_ROTATE_EVERY": ("rotate_every", _int),
+    "EZAUTH_TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "EZAUTH_MAX_ATTEMPTS": ("max_attempts", _int),
+    "EZAUTH_LOCKOUT_WINDOW": ("lockout_window", _int),
+    "EZAUTH_LOCKOUT_TIME": ("lockout_time", _int),
+    "EZAUTH_COOKIE_NAME": ("cookie_name", lambda _, raw: raw.strip()),
+    "EZAUTH_COOKIE_DOMAIN": ("cookie_domain", lambda _, raw: raw.strip().lower()),
+    "EZAUTH_COOKIE_SECURE": ("cookie_secure", lambda _, raw: raw.strip().lower()),
+    "EZAUTH_TITLE": ("title", _text),
+    "EZAUTH_SUBTITLE": ("subtitle", _text),
+    "EZAUTH_SLOGAN": ("slogan", _text),
+    "EZAUTH_LANG": ("lang", _lang),
+    "EZAUTH_ACCESS_LOG": ("access_log", _bool),
+}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file; comments, blanks and lines without '=' are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"{path}: cannot read it ({err})") from None
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def legacy_users(dotenv: Mapping[str, str]) -> tuple:
+    """The one user of a .env from the original blog post, as ((name, password),) or ()."""
+    name, password = dotenv.get("chat_username", ""), dotenv.get("password", "")
+    return ((name, password),) if name and password else ()
+
+
+# -- Files ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive flock on PATH.lock: every writer of PATH in every process takes it."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace PATH with DATA so a reader, or a crash, only ever sees the old or the new file."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer; we hold the lock
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def move_aside(path: Path, now: float) -> Path:
+    """Rename a file we cannot use to NAME.corrupt-TIME, keeping it for a human to look at."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    serial = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{serial}")
+        serial += 1
+    os.replace(path, target)
+    return target
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """What changes whenever PATH is replaced or edited; None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir private to its owner."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+
+
+# -- Passwords and users --------------------------------------------------------------------
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+MIN_PASSWORD = 8
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * n * r * p, dklen=32)
+
+
+def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A self-describing scrypt hash: scrypt:N:r:p$salt$hash, so the cost can be raised later."""
+    salt = secrets.token_bytes(16)
+    return f"scrypt:{n}:{r}:{p}${_b64(salt)}${_b64(_scrypt(password, salt, n, r, p))}"
+
+
+def check_password(password: str, encoded: str) -> bool:
+    """True when PASSWORD matches ENCODED; a malformed or unsupported hash never matches."""
+    if encoded.startswith(("$2a$", "$2b$", "$2y$")):
+        return _check_bcrypt(password, encoded)
+    try:
+        method, salt, digest = encoded.split("$")
+        kind, n, r, p = method.split(":")
+        n, r, p = int(n), int(r), int(p)
+        salt_raw, digest_raw = _unb64(salt), _unb64(digest)
+    except ValueError:
+        return False
+    if kind != "scrypt" or not (2 <= n <= 2**20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+        return False
+    return hmac.compare_digest(_scrypt(password, salt_raw, n, r, p), digest_raw)
+
+
+def _check_bcrypt(password: str, encoded: str) -> bool:
+    try:
+        import bcrypt
+    except ImportError:
+        return False
+    try:
+        return bcrypt.checkpw(password.encode("utf-8", "surrogatepass"), encoded.encode("ascii"))
+    except ValueError:
+        return False
+
+
+def bcrypt_available() -> bool:
+    try:
+        import bcrypt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Costs the same scrypt as a real check, so an unknown user answers as slowly as a known one.
+DUMMY_HASH = f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}${_b64(bytes(16))}${_b64(bytes(32))}"
+
+
+def credential_fingerprint(encoded: str) -> str:
+    """A short digest of a stored hash; sessions carry it and die when the password changes."""
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+
+def parse_users(text: str) -> dict[str, str]:
+    """name -> hash from a users file; bad lines are logged by number and skipped."""
+    users = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, sep, encoded = stripped.partition(":")
+        if not sep or not NAME_RE.fullmatch(name) or not encoded:
+            log.warning("event=users_line_skipped line=%d reason=malformed", number)
+        elif encoded.startswith("$2") and not bcrypt_available():
+            log.warning("event=users_line_skipped line=%d user=%s reason=bcrypt_not_installed",
+                        number, name)
+        elif not encoded.startswith(("scrypt:", "$2a$", "$2b$", "$2y$")):
+            log.warning("event=users_line_skipped line=%d user=%s reason=unknown_hash", number, name)
+        else:
+            users[name] = encoded
+    return users
+
+
+class Users:
+    """The users file (name:hash lines), reloaded when it changes; writes keep every other line."""
+
+    def __init__(self, path: Path, extra: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        self._extra = dict(extra or {})
+        self._hashes: dict[str, str] = dict(self._extra)
+        self._fingerprints: dict[str, str] = {}
+        self._stamp: tuple | None = ()
+        self.load()
+
+    def load(self) -> None:
+        """Reread the file if it changed since the last look."""
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        try:
+            text = self.path.read_text(encoding="utf-8") if stamp else ""
+        except (OSError, UnicodeDecodeError) as err:
+            log.error("event=users_unreadable path=%s error=%s", self.path, _logval(str(err)))
+            return
+        hashes = {**self._extra, **parse_users(text)}
+        self._fingerprints = {name: credential_fingerprint(h) for name, h in hashes.items()}
+        self._hashes, self._stamp = hashes, stamp
+
+    def names(self) -> list[str]:
+        return sorted(self._hashes)
+
+    def fingerprint(self, name: str) -> str | None:
+        return self._fingerprints.get(name)
+
+    def check(self, name: str, password: str) -> bool:
+        """Check a password in the same time whether or not the user exists."""
+        encoded = self._hashes.get(name)
+        matched = check_password(password, encoded or DUMMY_HASH)
+        return matched and encoded is not None
+
+    def set_password(self, name: str, password: str) -> None:
+        """Create the user or replace their hash; their existing sessions end."""
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
+        line = f"{name}:{hash_password(password)}"
+        self._rewrite(lambda lines: [ln for ln in lines if _line_name(ln) != name] + [line])
+
+    def delete(self, name: str) -> bool:
+        """Remove the user; False when there was no such user in the file."""
+        found = []
+
+        def drop(lines: list[str]) -> list[str]:
+            kept = [ln for ln in lines if _line_name(ln) != name]
+            found.append(len(kept) != len(lines))
+            return kept
+
+        self._rewrite(drop)
+        return found[0]
+
+    def create_first_admin(self) -> str | None:
+        """On a first start with no users at all, create admin and return its password."""
+        with locked(self.path):
+            self.load()
+            if self._hashes:
+                return None
+            password = secrets.token_urlsafe(16)
+            self._write_lines([f"admin:{hash_password(password)}"])
+        return password
+
+    def _rewrite(self, change: Callable[[list[str]], list[str]]) -> None:
+        with locked(self.path):
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                lines = []
+            self._write_lines(change(lines))
+
+    def _write_lines(self, lines: list[str]) -> None:
+        write_atomic(self.path, "".join(f"{ln}\n" for ln in lines).encode("utf-8"))
+        self._stamp = ()
+        self.load()
+
+
+def _line_name(line: str) -> str:
+    return line.strip().partition(":")[0]
+
+
+# -- Signing keys ---------------------------------------------------------------------------
+
+# A new key is only used for signing this long after it is written, so every worker has
+# reloaded it (they look once a second) before any token signed with it reaches them.
+PUBLISH_DELAY = 3.0
+REFRESH_EVERY = 1.0
+KID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    secret: bytes = field(repr=False)
+    created: float
+    signs_from: float
+
+
+def new_key(now: float, signs_from: float) -> SigningKey:
+    return SigningKey(secrets.token_urlsafe(9), secrets.token_bytes(32), now, signs_from)
+
+
+def parse_keyring(text: str) -> tuple[SigningKey, ...]:
+    """Keys from the key ring file, oldest first; ValueError if anything is off."""
+    try:
+        entries = json.loads(text)["keys"]
+        keys = tuple(SigningKey(e["kid"], _unb64(e["secret"]), float(e["created"]),
+                                float(e["signs_from"])) for e in entries)
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as err:
+        raise ValueError(f"not a key ring ({err.__class__.__name__})") from None
+    if not keys or any(not KID_RE.fullmatch(k.kid) or len(k.secret) < 32 for k in keys):
+        raise ValueError("no keys, or a key with a bad id or shorter than 32 bytes")
+    return tuple(sorted(keys, key=lambda k: k.signs_from))
+
+
+def dump_keyring(keys: Iterable[SigningKey]) -> bytes:
+    entries = [{"kid": k.kid, "secret": _b64(k.secret), "created": k.created,
+                "signs_from": k.signs_from} for k in keys]
+    return (json.dumps({"keys": entries}, indent=1) + "\n").encode()
+
+
+def keys_to_keep(keys: tuple[SigningKey, ...], now: float, longest_ttl: int) -> tuple[SigningKey, ...]:
+    """Drop a key only once every token it could have signed has expired."""
+    kept = [k for k, successor in itertools.pairwise(keys)
+            if successor.signs_from + longest_ttl + PUBLISH_DELAY > now]
+    return (*kept, keys[-1])
+
+
+class KeyRing:
+    """HS256 keys in keys.json: the newest published key signs, every kept key verifies."""
+
+    def __init__(self, path: Path, rotate_every: int, longest_ttl: int, now: float) -> None:
+        self.path, self.rotate_every, self.longest_ttl = path, rotate_every, longest_ttl
+        self.keys: tuple[SigningKey, ...] = ()
+        self._by_kid: dict[str, SigningKey] = {}
+        self._stamp: tuple | None = None
+        self._retry_rotation_at = 0.0
+        self._open(now)
+
+    def _open(self, now: float) -> None:
+        try:
+            with locked(self.path):
+                try:
+                    self._reload()
+                except ValueError as err:
+                    aside = move_aside(self.path, now)
+                    log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
+                              "note=sessions_signed_by_the_lost_keys_have_ended", aside, _logval(str(err)))
+                if not self.keys:
+                    self._write((new_key(now, now),))
+        except OSError as err:
+            if self.keys:
+                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", _logval(str(err)))
+                return
+            log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
+                      _logval(str(err)))
+            self._use((new_key(now, now),), None)
+
+    def _reload(self) -> None:
+        """Load the file if it changed; ValueError if it is not a key ring."""
+        stamp = file_stamp(self.path)
+        if stamp is None or stamp == self._stamp:
+            return
+        self._use(parse_keyring(self.path.read_text(encoding="utf-8")), stamp)
+
+    def _use(self, keys: tuple[SigningKey, ...], stamp: tuple | None) -> None:
+        self._by_kid = {k.kid: k for k in keys}
+        self.keys, self._stamp = keys, stamp
+
+    def _write(self, keys: tuple[SigningKey, ...]) -> None:
+        write_atomic(self.path, dump_keyring(keys))
+        self._use(keys, file_stamp(self.path))
+
+    def refresh(self, now: float) -> None:
+        """Pick up changes from other processes, and rotate when the newest key is old enough."""
+        try:
+            self._reload()
+        except (OSError, ValueError) as err:
+            log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", _logval(str(err)))
+        if now - self.keys[-1].created >= self.rotate_every and now >= self._retry_rotation_at:
+            self.rotate(now, only_if_due=True)
+
+    def rotate(self, now: float, only_if_due: bool = False) -> SigningKey | None:
+        """Add a new signing key (used from now + PUBLISH_DELAY) and drop retired ones."""
+        try:
+            with locked(self.path):
+                self._reload()
+                if only_if_due and now - self.keys[-1].created < self.rotate_every:
+                    return None
+                key = new_key(now, now + PUBLISH_DELAY)
+                self._write((*keys_to_keep(self.keys, now, self.longest_ttl), key))
+        except (OSError, ValueError) as err:
+            self._retry_rotation_at = now + 60
+            log.error("event=rotation_failed error=%s action=keeping_current_keys", _logval(str(err)))
+            return None
+        log.info("event=key_rotated kid=%s signs_from=%d", key.kid, key.signs_from)
+        return key
+
+    def signer(self, now: float) -> SigningKey:
+        """The newest key already published to every worker."""
+        for key in reversed(self.keys):
+            if key.signs_from <= now:
+                return key
+        return self.keys[0]
+
+    def get(self, kid: object) -> SigningKey | None:
+        return self._by_kid.get(kid) if isinstance(kid, str) else None
+
+
+# -- Sessions -------------------------------------------------------------------------------
+
+MAX_TOKEN = 4096
+CLOCK_SKEW = 30
+
+
+class InvalidSession(Exception):
+    """A token that must not let anyone in; the message says why."""
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    fingerprint: str
+    kid: str
+    issued: int
+    expires: int
+    remember: bool
+
+    @property
+    def renew_at(self) -> float:
+        return self.issued + (self.expires - self.issued) / 2
+
+
+def issue_token(session: Session, key: SigningKey) -> str:
+    """Sign SESSION as an HS256 JWT with KEY's id in the header."""
+    claims = {"sub": session.user, "iat": session.issued, "exp": session.expires,
+              "fp": session.fingerprint, "rem": int(session.remember)}
+    return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.kid})
+
+
+def read_token(token: str, keys: KeyRing, now: float) -> Session:
+    """The session in TOKEN, or InvalidSession; the algorithm is pinned and time is NOW."""
+    if len(token) > MAX_TOKEN:
+        raise InvalidSession("too long")
+    try:
+        key = keys.get(jwt.get_unverified_header(token).get("kid"))
+        if key is None:
+            raise InvalidSession("unknown key id")
+        claims = jwt.decode(token, key.secret, algorithms=["HS256"],
+                            options={"require": ["sub", "iat", "exp"], "verify_exp": False,
+                                     "verify_iat": False, "verify_nbf": False})
+    except jwt.InvalidTokenError as err:
+        raise InvalidSession(err.__class__.__name__) from None
+    return _session_from_claims(claims, key.kid, now)
+
+
+def _session_from_claims(claims: dict, kid: str, now: float) -> Session:
+    sub, iat, exp, fp = claims.get("sub"), claims.get("iat"), claims.get("exp"), claims.get("fp")
+    if not (isinstance(sub, str) and isinstance(fp, str)):
+        raise InvalidSession("bad subject or fingerprint")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iat, exp)):
+        raise InvalidSession("bad times")
+    if exp <= now:
+        raise InvalidSession("expired")
+    nbf = claims.get("nbf", iat)
+    if iat > now + CLOCK_SKEW or not isinstance(nbf, (int, float)) or nbf > now + CLOCK_SKEW:
+        raise InvalidSession("not yet valid")
+    return Session(sub, fp, kid, iat, exp, bool(claims.get("rem")))
+
+
+class Sessions:
+    """Issues and checks sessions; remembers recently verified tokens so repeats skip JWT decoding."""
+
+    MAX_CACHED = 10_000
+
+    def __init__(self, users: Users, keys: KeyRing, session_ttl: int, remember_ttl: int) -> None:
+        self.users, self.keys = users, keys
+        self.session_ttl, self.remember_ttl = session_ttl, remember_ttl
+        self._verified: dict[str, Session] = {}
+
+    def start(self, user: str, now: float, remember: bool) -> tuple[str, Session]:
+        """A new token for USER, signed by the current key."""
+        ttl = self.remember_ttl if remember else self.session_ttl
+        key = self.keys.signer(now)
+        fingerprint = self.users.fingerprint(user) or ""
+        session = Session(user, fingerprint, key.kid, int(now), int(now) + ttl, remember)
+        return issue_token(session, key), session
+
+    def check(self, token: str, now: float) -> Session | None:
+        """The live session in TOKEN, or None. A cached answer is rechecked against the user and key."""
+        session = self._verified.get(token)
+        if session is None:
+            try:
+                session = read_token(token, self.keys, now)
+            except InvalidSession:
+                return None
+            self._remember(token, session, now)
+        if (session.expires <= now or self.keys.get(session.kid) is None
+                or self.users.fingerprint(session.user) != session.fingerprint):
+            return None
+        return session
+
+    def renew(self, session: Session, now: float) -> str | None:
+        """A fresh token once SESSION is past half its lifetime, else None."""
+        if now < session.renew_at:
+            return None
+        return self.start(session.user, now, session.remember)[0]
+
+    def _remember(self, token: str, session: Session, now: float) -> None:
+        if len(self._verified) >= self.MAX_CACHED:
+            live = {t: s for t, s in list(self._verified.items()) if s.expires > now}
+            self._verified = live if len(live) < self.MAX_CACHED // 2 else {}
+        self._verified[token] = session
+
+
+# -- Visit counter --------------------------------------------------------------------------
+
+
+class VisitCounter:
+    """Page views as decimal text in a file, exact across threads and processes."""
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self.path, self.clock = path, clock
+
+    def increment(self) -> int | None:
+        """Count one visit and return the new total; None (logged) when the file cannot be used."""
+        try:
+            with locked(self.path):
+                count = self._read() + 1
+                write_atomic(self.path, f"{count}\n".encode())
+                return count
+        except OSError as err:
+            log.warning("event=counter_skipped error=%s", _logval(str(err)))
+            return None
+
+    def _read(self) -> int:
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except UnicodeDecodeError:
+            text = "?"
+        if text.isdigit():
+            return int(text)
+        aside = move_aside(self.path, self.clock())
+        log.error("event=counter_corrupt moved_to=%s action=restart_from_zero", aside)
+        return 0
+
+
+# -- Login throttle -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A login attempt reserved in the throttle before the password is checked."""
+
+    row_ids: tuple[int, ...] = ()
+    retry_after: int = 0
+
+    @property
+    def locked(self) -> bool:
+        return self.retry_after > 0
+
+
+class Throttle:
+    """Failed logins per client IP and per user name, in SQLite so every worker shares them.
+
+    An attempt is recorded *before* the password is checked, in the same transaction that
+    checks the limit, so parallel guesses from several processes cannot exceed it.
+    """
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS attempts (key TEXT NOT NULL, at REAL NOT NULL);"
+              "CREATE INDEX IF NOT EXISTS attempts_key ON attempts (key, at);"
+              "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);")
+
+    def __init__(self, path: Path, max_attempts: int, window: int, lockout: int, now: float) -> None:
+        self.path, self.max_attempts, self.window, self.lockout = path, max_attempts, window, lockout
+        self._memory: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        try:
+            self._init_file(now)
+        except sqlite3.Error as err:
+            self._fall_back(err)
+
+    def _init_file(self, now: float) -> None:
+        try:
+            with contextlib.closing(self._connect()) as db:
+                db.executescript(self.SCHEMA)
+        except sqlite3.DatabaseError as err:
+            if "not a database" not in str(err) and "malformed" not in str(err):
+                raise
+            log.error("event=throttle_corrupt moved_to=%s", move_aside(self.path, now))
+            with contextlib.closing(self._connect()) as db:
+                db.executescript(self.SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._memory is not None:
+            return self._memory
+        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
+
+    def _fall_back(self, err: Exception) -> None:
+        log.error("event=throttle_unwritable error=%s action=per_process_memory", _logval(str(err)))
+        self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._memory.executescript(self.SCHEMA)
+
+    def _run(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        with self._lock:
+            try:
+                return self._transaction(work)
+            except sqlite3.OperationalError as err:
+                if self._memory is not None:
+                    raise
+                self._fall_back(err)
+                return self._transaction(work)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        finally:
+            if db is not self._memory:
+                db.close()
+
+    def begin(self, keys: list[str], now: float) -> Attempt:
+        """Reserve one attempt for every key, or say how long they are locked out."""
+        def work(db: sqlite3.Connection) -> Attempt:
+            db.execute("DELETE FROM attempts WHERE at <= ?", (now - self.window,))
+            db.execute("DELETE FROM locks WHERE until <= ?", (now,))
+            marks = ",".join("?" * len(keys))
+            # Only '?' marks are interpolated; the values travel as parameters.
+            query = f"SELECT MAX(until) FROM locks WHERE key IN ({marks})"  # noqa: S608  # nosec B608
+            until = db.execute(query, keys).fetchone()[0]
+            if until is None:
+                for key in keys:
+                    used = db.execute("SELECT COUNT(*) FROM attempts WHERE key = ?", (key,)).fetchone()[0]
+                    if used >= self.max_attempts:
+                        until = now + self.lockout
+                        db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?)", (key, until))
+            if until is not None:
+                return Attempt(retry_after=max(1, math.ceil(until - now)))
+            ids = tuple(db.execute("INSERT INTO attempts VALUES (?, ?)", (key, now)).lastrowid for key in keys)
+            return Attempt(row_ids=ids)
+        return self._run(work)
+
+    def succeeded(self, attempt: Attempt) -> None:
+        """A right password: its reservation does not count as a failure."""
+        marks = ",".join("?" * len(attempt.row_ids))
+        query = f"DELETE FROM attempts WHERE rowid IN ({marks})"  # noqa: S608  # nosec B608 - only '?' marks
+        self._run(lambda db: db.execute(query, attempt.row_ids))
+
+    def failed(self, keys: list[str], now: float) -> None:
+        """A wrong password: lock every key that has now used up its attempts."""
+        def work(db: sqlite3.Connection) -> None:
+            for key in keys:
+                if db.execute("SELECT COUNT(*) FROM attempts WHERE key = ? AND at > ?",
+                              (key, now - self.window)).fetchone()[0] >= self.max_attempts:
+                    db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?)", (key, now + self.lockout))
+        self._run(work)
+
+
+# -- HTTP plumbing --------------------------------------------------------------------------
+
+MAX_FORM = 16 * 1024
+MAX_TARGET = 2048
+TARGET_CHARS_RE = re.compile(r"[\x21-\x7e]+")
+SECURITY_HEADERS = [
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+]
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "form-action 'self'{extra}; frame-ancestors 'none'; base-uri 'none'")
+STATIC_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
+STATIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+    ".webp": "image/webp", ".ico": "image/x-icon", ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8", ".json": "application/json",
+}
+
+
+@dataclass
+class Response:
+    """What a handler returns: status, headers and body; the app adds Content-Length."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def status_line(self) -> str:
+        return f"{self.status} {HTTPStatus(self.status).phrase}"
+
+
+def text_response(status: int, text: str, *headers: tuple[str, str]) -> Response:
+    return Response(status, text.encode() + b"\n",
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store"),
+                     *headers])
+
+
+class Request:
+    """A thin read-only view of the WSGI environ."""
+
+    __slots__ = ("_trusted", "environ", "method", "path")
+
+    def __init__(self, environ: dict, trusted: tuple) -> None:
+        self.environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET")
+        self.path = environ.get("PATH_INFO", "") or "/"
+        self._trusted = trusted
+
+    def header(self, name: str) -> str:
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+
+    def query(self, name: str) -> str:
+        values = urllib.parse.parse_qs(self.environ.get("QUERY_STRING", ""), max_num_fields=50)
+        return values.get(name, [""])[0]
+
+    def cookies(self, name: str) -> list[str]:
+        return cookie_values(self.environ.get("HTTP_COOKIE", ""), name)
+
+    @property
+    def host(self) -> str:
+        host = self.header("Host") or self.environ.get("SERVER_NAME", "")
+        return host.rpartition(":")[0].strip("[]").lower() if re.search(r":\d*$", host) else host.lower()
+
+    @property
+    def from_trusted_proxy(self) -> bool:
+        return ip_in(self.environ.get("REMOTE_ADDR", ""), self._trusted)
+
+    @property
+    def is_https(self) -> bool:
+        if self.environ.get("wsgi.url_scheme") == "https":
+            return True
+        proto = self.header("X-Forwarded-Proto").split(",")[0].strip().lower()
+        return proto == "https" and self.from_trusted_proxy
+
+    @property
+    def client_ip(self) -> str:
+        """The visitor's address: forwarding headers count only when the peer is a trusted proxy."""
+        peer = self.environ.get("REMOTE_ADDR", "") or "unknown"
+        if not self.from_trusted_proxy:
+            return peer
+        hops = [h.strip() for h in self.header("X-Forwarded-For").split(",") if h.strip()]
+        client = peer
+        for hop in reversed(hops):
+            if not valid_ip(hop):
+                break
+            client = hop
+            if not ip_in(hop, self._trusted):
+                break
+        if not hops and valid_ip(self.header("X-Real-IP").strip()):
+            client = self.header("X-Real-IP").strip()
+        return str(ipaddress.ip_address(client)) if valid_ip(client) else client
+
+
+def cookie_values(header: str, name: str) -> list[str]:
+    """Every value of cookie NAME in a Cookie header, in the order sent."""
+    if name not in header:
+        return []
+    values = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            values.append(value.strip().strip('"'))
+    return values
+
+
+def valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def ip_in(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def host_under(host: str, domain: str) -> bool:
+    """True when HOST is DOMAIN or one of its subdomains."""
+    domain = domain.lstrip(".").lower()
+    return bool(domain) and (host == domain or host.endswith("." + domain))
+
+
+def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> str:
+    """Where to send the visitor after login: a same-site path (or a URL under the cookie domain), else '/'."""
+    if not target or len(target) > MAX_TARGET or not TARGET_CHARS_RE.fullmatch(target) or "\\" in target:
+        return "/"
+    if target.startswith("/"):
+        return _same_site_path(target)
+    try:
+        parts = urllib.parse.urlsplit(target)
+        hostname, _ = parts.hostname, parts.port
+    except ValueError:
+        return "/"
+    if parts.scheme.lower() not in ("http", "https") or not hostname or "@" in parts.netloc:
+        return "/"
+    path = _same_site_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    if hostname == host.lower():
+        return path
+    if cookie_domain and host_under(hostname, cookie_domain):
+        return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}"
+    return "/"
+
+
+def _same_site_path(path: str) -> str:
+    if not path.startswith("/") or path.startswith("//"):
+        return "/"
+    if path.startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
+        return "/"
+    return path
+
+
+def login_url(original_uri: str, expired: bool) -> str:
+    """The login page URL that returns the visitor to ORIGINAL_URI afterwards."""
+    query = {"rd": original_uri} if original_uri and original_uri != "/" else {}
+    if expired:
+        query["expired"] = "1"
+    encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
+    return f"{PREFIX}/login" + (f"?{encoded}" if encoded else "")
+
+
+def make_cookie(name: str, value: str, *, secure: bool, domain: str = "", max_age: int | None = None,
+                path: str = "/") -> str:
+    """A Set-Cookie value: always HttpOnly and SameSite=Lax."""
+    parts = [f"{name}={value}", f"Path={path}", "HttpOnly", "SameSite=Lax"]
+    if domain:
+        parts.append(f"Domain={domain.lstrip('.')}")
+    if max_age is not None:
+        parts.append(f"Max-Age={max_age}")
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def choose_lang(accept_language: str, forced: str = "") -> str:
+    """zh-CN when the browser prefers Chinese, else English; a setting overrides both."""
+    if forced:
+        return forced
+    best, best_q = "en", 0.0
+    for part in accept_language.split(",")[:20]:
+        tag, _, params = part.strip().partition(";")
+        try:
+            q = float(params.strip()[2:]) if params.strip().startswith("q=") else 1.0
+        except ValueError:
+            continue
+        tag = tag.strip().lower()
+        lang = "zh-CN" if tag.startswith("zh") else "en" if tag.startswith("en") or tag == "*" else None
+        if lang and q > best_q:
+            best, best_q = lang, q
+    return best
+
+
+def read_form(environ: dict) -> dict[str, str] | None:
+    """The urlencoded form in the body (already size-checked), or None when it cannot be decoded."""
+    if not environ.get("CONTENT_TYPE", "").lower().startswith("application/x-www-form-urlencoded"):
+        return None
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True,
+                                       encoding="utf-8", errors="strict", max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+def content_length(environ: dict) -> int | None:
+    raw = environ.get("CONTENT_LENGTH") or "0"
+    return int(raw) if raw.isdigit() else None
+
+
+def _logval(value: str) -> str:
+    """A log field that cannot break the line or forge another field."""
+    if re.fullmatch(r"[A-Za-z0-9._@+:/-]{1,80}", value):
+        return value
+    return json.dumps(value[:80], ensure_ascii=True)
+
+
+# -- Login page -----------------------------------------------------------------------------
+
+PAGE_TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        "t_username": "Username",
+        "t_password": "Password",
+        "t_remember": "Remember me",
+        "t_submit": "Log in",
+        "t_theme": "Switch between dark and light theme",
+        "t_cat": "A cat with something to tell you",
+        "default_title": "Welcome back",
+        "default_subtitle": "This place is private. Please log in.",
+        "default_slogan": "Quiet servers, happy cats.",
+        "msg_wrong": "Wrong username or password.",
+        "msg_locked": "Too many attempts. Try again in {minutes} minutes.",
+        "msg_expired": "Your session has expired. Please log in again.",
+        "msg_csrf": "This form has expired. Please try again.",
+        "msg_bad_form": "The form could not be read. Please try again.",
+        "msg_missing": "Please enter your username and password.",
+        "msg_too_large": "That was far too much to type into a login form.",
+        "msg_visits": "This page has been visited {count} times.",
+    },
+    "zh-CN": {
+        "t_username": "用户名",
+        "t_password": "密码",
+        "t_remember": "记住我",
+        "t_submit": "登录",
+        "t_theme": "切换深色或浅色主题",
+        "t_cat": "一只有话要说的猫",
+        "default_title": "欢迎回来",
+        "default_subtitle": "这里是私人空间，请先登录。",
+        "default_slogan": "服务器安静，猫咪开心。",
+        "msg_wrong": "用户名或密码错误。",
+        "msg_locked": "尝试次数过多，请在 {minutes} 分钟后重试。",
+        "msg_expired": "会话已过期，请重新登录。",
+        "msg_csrf": "表单已过期，请重试。",
+        "msg_bad_form": "无法读取表单，请重试。",
+        "msg_missing": "请输入用户名和密码。",
+        "msg_too_large": "登录表单里的内容太多了。",
+        "msg_visits": "本页已被访问 {count} 次。",
+    },
+}
+PAGE_FIELDS = ("lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
+               "remember", "error", "error_state", "footer")
+
+
+def load_template(data_dir: Path) -> string.Template:
+    """login.html from the data dir if there is one, else the shipped one; placeholders checked now."""
+    path = data_dir / "login.html"
+    if not path.is_file():
+        path = HERE / "login.html"
+    template = string.Template(path.read_text(encoding="utf-8"))
+    known = set(PAGE_FIELDS) | {k for k in PAGE_TEXT["en"] if k.startswith("t_")}
+    unknown = set(template.get_identifiers()) - known
+    if unknown or not template.is_valid():
+        raise SettingsError(f"{path}: unknown or broken placeholders: {', '.join(sorted(unknown)) or '$'}")
+    return template
+
+
+def render_page(template: string.Template, lang: str, values: Mapping[str, str]) -> bytes:
+    """The login page, with every value HTML-escaped here and nowhere else."""
+    text = {k: v for k, v in PAGE_TEXT[lang].items() if k.startswith("t_")}
+    merged = {**text, **values, "lang": lang}
+    return template.substitute({k: html.escape(str(v), quote=True) for k, v in merged.items()}).encode()
+
+
+def find_static(name: str, roots: Iterable[Path]) -> Path | None:
+    """The file NAME in the first root that has it; never anything outside those folders."""
+    if not STATIC_NAME_RE.fullmatch(name) or Path(name).suffix.lower() not in STATIC_TYPES:
+        return None
+    for root in roots:
+        candidate = root / name
+        try:
+            resolved = candidate.resolve(strict=True)
+            inside = resolved.parent == root.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if inside and resolved.is_file():
+            return resolved
+    return None
+
+
+# -- Application ----------------------------------------------------------------------------
+
+Handler = Callable[[Request], Response]
+
+
+@dataclass
+class EzauthApp:
+    """The WSGI callable, with its collaborators visible for the CLI and the tests."""
+
+    settings: Settings
+    routes: dict[tuple[str, str], Handler]
+    static: Handler
+    users: Users
+    keys: KeyRing
+    sessions: Sessions
+    counter: VisitCounter
+    throttle: Throttle
+    clock: Clock
+    _next_refresh: float = 0.0
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        self.refresh()
+        request = Request(environ, self.settings.trusted_proxies)
+        try:
+            response = self.dispatch(request)
+        except Exception:
+            log.exception("event=error method=%s path=%s", request.method, _logval(request.path))
+            response = text_response(500, "internal error")
+        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+        start_response(response.status_line, headers)
+        return [b"" if request.method == "HEAD" else response.body]
+
+    def dispatch(self, request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self.routes.get((method, request.path))
+        if handler:
+            return handler(request)
+        if request.path.startswith(f"{PREFIX}/static/"):
+            return self.static(request) if method == "GET" else self.not_allowed(("GET", "HEAD"))
+        allowed = sorted({m for m, p in self.routes if p == request.path})
+        if allowed:
+            return self.not_allowed((*allowed, "HEAD") if "GET" in allowed else allowed)
+        return text_response(404, "not found")
+
+    @staticmethod
+    def not_allowed(methods: Iterable[str]) -> Response:
+        return text_response(405, "method not allowed", ("Allow", ", ".join(methods)))
+
+    def refresh(self) -> None:
+        """At most once a second, pick up users and keys changed by the CLI or other workers."""
+        now = self.clock()
+        if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_refresh = now + REFRESH_EVERY
+            self.users.load()
+            self.keys.refresh(now)
+        finally:
+            self._refresh_lock.release()
+
+
+def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
+    """Build the service: files in the data dir, and one small handler per route."""
+    data = settings.data_dir
+    prepare_data_dir(data)
+    now = clock()
+    legacy = {name: hash_password(password) for name, password in settings.legacy_users}
+    users = Users(data / "users", legacy)
+    keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
+    sessions = Sessions(users, keys, settings.session_ttl, settings.remember_ttl)
+    counter = VisitCounter(data / "counter.txt", clock)
+    throttle = Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
+                        settings.lockout_time, now)
+    template = load_template(data)
+    static_roots = (data / "static", HERE / "static")
+    cookie = settings.cookie_name
+    csrf_cookie = f"{cookie}_csrf"
+    extra_form_action = f" https://*.{settings.cookie_domain.lstrip('.')}" if settings.cookie_domain else ""
+    page_headers = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+                    ("Content-Security-Policy", PAGE_CSP.format(extra=extra_form_action)),
+                    ("Vary", "Accept-Language"), *SECURITY_HEADERS]
+
+    def secure(request: Request) -> bool:
+        return settings.cookie_secure == "1" or (settings.cookie_secure == "auto" and request.is_https)
+
+    def session_cookie(request: Request, token: str, session: Session) -> tuple[str, str]:
+        max_age = session.expires - session.issued if session.remember else None
+        return ("Set-Cookie", make_cookie(cookie, token, secure=secure(request),
+                                          domain=settings.cookie_domain, max_age=max_age))
+
+    def page(request: Request, status: int, *, error: str = "", username: str = "", rd: str = "/",
+             remember: bool = False, visits: int | None = None, headers: Iterable = ()) -> Response:
+        lang = choose_lang(request.header("Accept-Language"), settings.lang)
+        text = PAGE_TEXT[lang]
+        csrf = next((c for c in request.cookies(csrf_cookie) if re.fullmatch(r"[A-Za-z0-9_-]{32,64}", c)), "")
+        extra = list(headers)
+        if not csrf:
+            csrf = secrets.token_urlsafe(32)
+            extra.append(("Set-Cookie", make_cookie(csrf_cookie, csrf, secure=secure(request),
+                                                    path=f"{PREFIX}/")))
+        body = render_page(template, lang, {
+            "title": settings.title or text["default_title"],
+            "subtitle": settings.subtitle or text["default_subtitle"],
+            "slogan": settings.slogan or text["default_slogan"],
+            "static": f"{PREFIX}/static", "action": f"{PREFIX}/login", "csrf": csrf, "rd": rd,
+            "username": username, "remember": "checked" if remember else "",
+            "error": error, "error_state": "error" if error else "none",
+            "footer": text["msg_visits"].format(count=f"{visits:,}") if visits is not None else "",
+        })
+        return Response(status, body, [*page_headers, *extra])
+
+    def message(request: Request, key: str, **fields: object) -> str:
+        return PAGE_TEXT[choose_lang(request.header("Accept-Language"), settings.lang)][key].format(**fields)
+
+    def target_of(request: Request, raw: str) -> str:
+        return safe_return_target(raw, request.host, settings.cookie_domain)
+
+    def login_page(request: Request) -> Response:
+        expired = request.query("expired") == "1"
+        return page(request, 200, rd=target_of(request, request.query("rd")),
+                    error=message(request, "msg_expired") if expired else "",
+                    visits=counter.increment())
+
+    def login_submit(request: Request) -> Response:
+        length = content_length(request.environ)
+        if length is None or length > MAX_FORM:
+            log.warning("event=login_rejected reason=body_too_large ip=%s", request.client_ip)
+            return page(request, 413, error=message(request, "msg_too_large"))
+        form = read_form(request.environ)
+        if form is None:
+            log.warning("event=login_rejected reason=bad_form ip=%s", request.client_ip)
+            return page(request, 400, error=message(request, "msg_bad_form"))
+        rd = target_of(request, form.get("rd", ""))
+        name, password = form.get("username", "").strip(), form.get("password", "")
+        if not any(hmac.compare_digest(c.encode(), form.get("csrf", "").encode())
+                   for c in request.cookies(csrf_cookie)) or not form.get("csrf"):
+            log.warning("event=login_rejected reason=csrf ip=%s user=%s", request.client_ip, _logval(name))
+            return page(request, 403, error=message(request, "msg_csrf"), username=name, rd=rd)
+        if not name or not password:
+            return page(request, 400, error=message(request, "msg_missing"), username=name, rd=rd)
+        return check_login(request, name, password, rd, form.get("remember") in ("1", "on", "yes"))
+
+    def check_login(request: Request, name: str, password: str, rd: str, remember: bool) -> Response:
+        now, ip = clock(), request.client_ip
+        limits = [f"ip:{ip}", f"user:{name.lower()[:64]}"]
+        attempt = throttle.begin(limits, now)
+        if attempt.locked:
+            log.warning("event=login_locked user=%s ip=%s retry_after=%d", _logval(name), ip, attempt.retry_after)
+            minutes = math.ceil(attempt.retry_after / 60)
+            return page(request, 429, error=message(request, "msg_locked", minutes=minutes), username=name,
+                        rd=rd, remember=remember, headers=[("Retry-After", str(attempt.retry_after))])
+        if not users.check(name, password):
+            throttle.failed(limits, now)
+            log.warning("event=login_failed user=%s ip=%s", _logval(name), ip)
+            return page(request, 401, error=message(request, "msg_wrong"), username=name, rd=rd,
+                        remember=remember)
+        throttle.succeeded(attempt)
+        token, session = sessions.start(name, now, remember)
+        log.info("event=login_ok user=%s ip=%s remember=%d", name, ip, remember)
+        return Response(303, b"", [("Location", rd), session_cookie(request, token, session),
+                                   ("Cache-Control", "no-store"), *SECURITY_HEADERS])
+
+    def verify(request: Request) -> Response:
+        now = clock()
+        tokens = request.cookies(cookie)
+        for token in tokens:
+            session = sessions.check(token, now)
+            if session is not None:
+                headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
+                renewed = sessions.renew(session, now)
+                if renewed:
+                    headers.append(session_cookie(request, renewed, sessions.check(renewed, now) or session))
+                return Response(200, b"", headers)
+        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), bool(tokens))),
+                                   ("Cache-Control", "no-cache")])
+
+    def logout(request: Request) -> Response:
+        clear = [("Set-Cookie", make_cookie(cookie, "", secure=secure(request), max_age=0))]
+        if settings.cookie_domain:
+            clear.append(("Set-Cookie", make_cookie(cookie, "", secure=secure(request),
+                                                    domain=settings.cookie_domain, max_age=0)))
+        log.info("event=logout ip=%s", request.client_ip)
+        return Response(303, b"", [("Location", f"{PREFIX}/login"), *clear, ("Cache-Control", "no-store")])
+
+    def healthz(request: Request) -> Response:
+        return text_response(200, "ok")
+
+    def static(request: Request) -> Response:
+        path = find_static(request.path[len(f"{PREFIX}/static/"):], static_roots)
+        if path is None:
+            return text_response(404, "not found")
+        st = path.stat()
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        headers = [("Content-Type", STATIC_TYPES[path.suffix.lower()]), ("ETag", etag),
+                   ("Cache-Control", "public, max-age=3600"), ("Content-Security-Policy", STATIC_CSP),
+                   ("X-Content-Type-Options", "nosniff")]
+        if request.header("If-None-Match") == etag:
+            return Response(304, b"", headers)
+        return Response(200, path.read_bytes(), headers)
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("GET", f"{PREFIX}/login"): login_page,
+        ("POST", f"{PREFIX}/login"): login_submit,
+        ("GET", f"{PREFIX}/verify"): verify,
+        ("GET", f"{PREFIX}/logout"): logout,
+        ("POST", f"{PREFIX}/logout"): logout,
+        ("GET", f"{PREFIX}/healthz"): healthz,
+    }
+    for name, _ in settings.legacy_users:
+        log.warning("event=legacy_env_user user=%s note=password_from_.env_run_'python ezauth.py passwd %s'",
+                    _logval(name), _logval(name))
+    return EzauthApp(settings, routes, static, users, keys, sessions, counter, throttle, clock)
+
+
+# -- Server and CLI -------------------------------------------------------------------------
+
+IDLE_TIMEOUT = 75.0  # longer than nginx's upstream keepalive_timeout (60 s), so nginx closes first
+HEAD_TIMEOUT = 10.0  # a whole request head must arrive this fast, however slowly it dribbles
+BODY_TIMEOUT = 30.0
+MAX_HEAD = 64 * 1024
+MAX_BODY = 1024 * 1024
+MAX_CONNECTIONS = 1000
+HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class HTTPError(Exception):
+    """A request the server answers itself, then closes the connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class Connection:
+    """One client socket: request heads and bodies read through a buffer, each with a deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self, timeout: float) -> bool:
+        if timeout <= 0:
+            raise TimeoutError
+        self.sock.settimeout(timeout)
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def read_head(self) -> bytes | None:
+        """The next request head, or None when the client went away or stayed idle."""
+        deadline = None
+        while True:
+            end = HEAD_END_RE.search(self.buf)
+            if end:
+                head = bytes(self.buf[:end.start()]).lstrip(b"\r\n")
+                del self.buf[:end.end()]
+                if head:
+                    return head
+                continue
+            if len(self.buf) > MAX_HEAD:
+                raise HTTPError(431)
+            if deadline is None and self.buf.strip():
+                deadline = time.monotonic() + HEAD_TIMEOUT
+            try:
+                if not self._fill(IDLE_TIMEOUT if deadline is None else deadline - time.monotonic()):
+                    return None
+            except TimeoutError:
+                if deadline is None:
+                    return None
+                raise HTTPError(408) from None
+
+    def read_body(self, length: int) -> bytes:
+        deadline = time.monotonic() + BODY_TIMEOUT
+        while len(self.buf) < length:
+            try:
+                if not self._fill(deadline - time.monotonic()):
+                    raise HTTPError(400)
+            except TimeoutError:
+                raise HTTPError(408) from None
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        return body
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
+    """Method, target, version and headers of a request head; HTTPError when it is malformed."""
+    lines = head.split(b"\n")
+    parts = lines[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]):
+        raise HTTPError(400)
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HTTPError(505 if re.fullmatch(r"HTTP/\d\.\d", version) else 400)
+    headers = []
+    for raw in lines[1:]:
+        line = raw.rstrip(b"\r")
+        name, sep, value = line.partition(b":")
+        if not sep or not TOKEN_RE.fullmatch(name) or b"\0" in value:
+            raise HTTPError(400)
+        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    return method, target, version, headers
+
+
+def build_environ(base: dict, method: str, target: str, version: str,
+                  headers: list[tuple[str, str]], peer: tuple) -> dict:
+    """A WSGI environ (PEP 3333) for one request."""
+    if target.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(target)
+        path, query = parts.path or "/", parts.query
+    elif target.startswith("/"):
+        path, _, query = target.partition("?")
+    else:
+        raise HTTPError(400)
+    environ = dict(base)
+    environ.update(REQUEST_METHOD=method, SERVER_PROTOCOL=version, QUERY_STRING=query,
+                   PATH_INFO=urllib.parse.unquote_to_bytes(path).decode("latin-1"),
+                   REMOTE_ADDR=peer[0], REMOTE_PORT=str(peer[1]))
+    for name, value in headers:
+        if "_" in name:  # X_Forwarded_For and X-Forwarded-For would share one key: refuse the ambiguity
+            continue
+        key = name.upper().replace("-", "_")
+        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if key in environ and environ[key] not in ("", value):
+                raise HTTPError(400)
+            environ[key] = value
+            continue
+        key = "HTTP_" + key
+        environ[key] = f"{environ[key]}{'; ' if key == 'HTTP_COOKIE' else ', '}{value}" if key in environ else value
+    return environ
+
+
+def run_wsgi(app: Callable, environ: dict) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call a WSGI app and collect its whole response (ezauth's responses are small)."""
+    started: list = []
+    chunks: list[bytes] = []
+
+    def start_response(status: str, headers: list, exc_info: object = None) -> Callable:
+        started[:] = [status, headers]
+        return chunks.append
+
+    result = app(environ, start_response)
+    try:
+        chunks.extend(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    if not started:
+        raise RuntimeError("the application did not call start_response")
+    return started[0], started[1], b"".join(chunks)
+
+
+_date_cache: list = [0, ""]
+
+
+def http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def serialize_response(status: str, headers: list[tuple[str, str]], body: bytes, keep_alive: bool,
+                       head_only: bool) -> bytes:
+    """Status line, headers and body as one buffer: one send, so no Nagle/delayed-ACK stall."""
+    lines = [f"HTTP/1.1 {status}"]
+    for name, value in headers:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"header {name!r} holds a line break")
+        lines.append(f"{name}: {value}")
+    if not any(name.lower() == "content-length" for name, _ in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append(f"Date: {http_date()}")
+    if not keep_alive:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def error_bytes(status: int) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    return serialize_response(f"{status} {phrase}", [("Content-Type", "text/plain; charset=utf-8")],
+                              f"{phrase.lower()}\n".encode(), keep_alive=False, head_only=False)
+
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """HTTP/1.1 with keep-alive: one thread per connection, serving request after request."""
+
+    server: ThreadedServer
+
+    def handle(self) -> None:
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(self.request)
+        try:
+            while self.serve_one(connection):
+                pass
+        except HTTPError as err:
+            with contextlib.suppress(OSError):
+                self.request.sendall(error_bytes(err.status))
+        except (OSError, TimeoutError):
+            pass
+
+    def serve_one(self, connection: Connection) -> bool:
+        """Answer one request; True when the connection stays open for another."""
+        head = connection.read_head()
+        if head is None:
+            return False
+        started = time.monotonic()
+        method, target, version, headers = parse_head(head)
+        environ = build_environ(self.server.base_environ, method, target, version, headers,
+                                self.client_address)
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            raise HTTPError(411)
+        length = environ.get("CONTENT_LENGTH", "") or "0"
+        if not length.isdigit():
+            raise HTTPError(400)
+        if int(length) > MAX_BODY:
+            raise HTTPError(413)
+        if int(length) and environ.get("HTTP_EXPECT", "").lower() == "100-continue":
+            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        environ["wsgi.input"] = BytesIO(connection.read_body(int(length)))
+        keep_alive = version == "HTTP/1.1" and "close" not in environ.get("HTTP_CONNECTION", "").lower()
+        try:
+            status, out_headers, body = run_wsgi(self.server.get_app(), environ)
+            data = serialize_response(status, out_headers, body, keep_alive, method == "HEAD")
+        except Exception:
+            log.exception("event=error method=%s path=%s", method, _logval(environ["PATH_INFO"]))
+            raise HTTPError(500) from None
+        self.request.sendall(data)
+        if self.server.access_log:
+            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", method,
+                     _logval(environ["PATH_INFO"]), status[:3], self.client_address[0],
+                     (time.monotonic() - started) * 1000)
+        return keep_alive
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """wsgiref's server, threaded, with keep-alive connections and a bounded number of them."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024
+    access_log = False
+
+    def __init__(self, address: tuple, app: Callable, access_log: bool = False) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.access_log = access_log
+        self.active = 0
+        self._count_lock = threading.Lock()
+        super().__init__(address, ConnectionHandler)
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # Skip HTTPServer.server_bind: its getfqdn() can stall start-up on a DNS lookup.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+        self.base_environ.update({
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        })
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        with self._count_lock:
+            full = self.active >= MAX_CONNECTIONS
+            self.active += not full
+        if full:
+            with contextlib.suppress(OSError):
+                request.sendall(error_bytes(503))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.active -= 1
+
+
+class CliError(Exception):
+    """A failed command; the message is its one-line reason."""
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the built-in server until SIGTERM or Ctrl-C."""
+    service = make_app(settings)
+    announce_first_admin(service.users)
+    try:
+        server = ThreadedServer((settings.host, settings.port), service, settings.access_log)
+    except OSError as err:
+        raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("event=start url=http://%s:%d/ezauth/login data_dir=%s version=%s",
+             host, server.server_port, settings.data_dir.resolve(), __version__)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        log.info("event=stop")
+    return 0
+
+
+def announce_first_admin(users: Users) -> None:
+    """On a first start with no users, create admin and print its password once."""
+    try:
+        password = users.create_first_admin()
+    except OSError as err:
+        log.error("event=first_admin_failed error=%s", _logval(str(err)))
+        return
+    if password:
+        print(f"\nezauth: no users yet, so I created one.\n  user:     admin\n  password: {password}\n"
+              f"  (shown only this once; only its hash is stored)\n"
+              f"Change it with:  python ezauth.py passwd admin\n", flush=True)
+
+
+def read_new_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n")
+        password = password.removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass(f"New password for {args.name}: ")
+            if getpass.getpass("Again: ") != password:
+                raise CliError("the two passwords differ; nothing changed")
+        except EOFError:
+            raise CliError("no password given; nothing changed") from None
+    if len(password) < MIN_PASSWORD:
+        raise CliError(f"passwords need at least {MIN_PASSWORD} characters; nothing changed")
+    return password
+
+
+def open_users(settings: Settings) -> Users:
+    prepare_data_dir(settings.data_dir)
+    return Users(settings.data_dir / "users")
+
+
+def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    """Create a user or change their password (their sessions end)."""
+    if not NAME_RE.fullmatch(args.name):
+        raise CliError(f"{args.name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
+    password = read_new_password(args)
+    users = open_users(settings)
+    existed = users.fingerprint(args.name) is not None
+    users.set_password(args.name, password)
+    print(f"{'changed the password of' if existed else 'created user'} {args.name}"
+          f"{'; their sessions have ended' if existed else ''}")
+    return 0
+
+
+def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
+    """Delete a user; their sessions end within a second."""
+    if not open_users(settings).delete(args.name):
+        raise CliError(f"no user {args.name!r}")
+    print(f"deleted user {args.name}; their sessions have ended")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    for name in open_users(settings).names():
+        print(name)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    """Make a new signing key now; running servers start using it within a few seconds."""
+    prepare_data_dir(settings.data_dir)
+    now = time.time()
+    key = KeyRing(settings.data_dir / "keys.json", settings.rotate_every, settings.longest_ttl, now).rotate(now)
+    if key is None:
+        raise CliError("could not write the key ring (see the log line above)")
+    print(f"new signing key {key.kid}, used from {PUBLISH_DELAY:.0f} s from now; existing sessions stay valid")
+    return 0
+
+
+def render_nginx_config(template: str, app: str, listen: int, server_name: str | None,
+                        ezauth_address: str) -> str:
+    """nginx.conf.example with the app, listen port, server name and ezauth address filled in."""
+    parts = urllib.parse.urlsplit(app if "://" in app else f"http://{app}")
+    try:
+        if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            raise ValueError
+    except ValueError:
+        raise CliError(f"--app {app!r}: give the app's address as http://HOST:PORT") from None
+    text = template.replace("127.0.0.1:7860", parts.netloc).replace("127.0.0.1:2424", ezauth_address)
+    text = re.sub(r"\blisten(\s+)(\[::\]:)?80\b", lambda m: f"listen{m.group(1)}{m.group(2) or ''}{listen}", text)
+    if server_name:
+        text = text.replace("server_name _;", f"server_name {server_name};")
+    return text
+
+
+def cmd_nginx_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the shipped nginx config with this setup's values filled in."""
+    if not 1 <= args.listen <= 65535:
+        raise CliError(f"--listen {args.listen}: not a port number")
+    if args.server_name and not re.fullmatch(r"[A-Za-z0-9.*_-]+( [A-Za-z0-9.*_-]+)*", args.server_name):
+        raise CliError(f"--server-name {args.server_name!r}: not a server name")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    template = (HERE / "nginx.conf.example").read_text(encoding="utf-8")
+    sys.stdout.write(render_nginx_config(template, args.app, args.listen, args.server_name,
+                                         f"{host}:{settings.port}"))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "serve": serve, "passwd": cmd_passwd, "deluser": cmd_deluser, "users": cmd_users,
+    "rotate": cmd_rotate, "nginx-config": cmd_nginx_config,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ezauth.py", description="Login page and session check for nginx auth_request.",
+        epilog="Settings also come from EZAUTH_* environment variables and a .env file; see README.md.")
+    parser.add_argument("--version", action="version", version=f"ezauth {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="where users, keys and the counter live "
+                        "(EZAUTH_DATA_DIR, default ./ezauth-data)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_p = sub.add_parser("serve", parents=[common], help="run the server (the default command)")
+    serve_p.add_argument("--host", help="address to listen on (EZAUTH_HOST, default 127.0.0.1; :: for IPv6)")
+    serve_p.add_argument("--port", type=int, help="port (EZAUTH_PORT, default 2424)")
+    serve_p.add_argument("--access-log", action="store_true", default=None,
+                         help="log every request, verify calls included (EZAUTH_ACCESS_LOG)")
+    passwd_p = sub.add_parser("passwd", parents=[common], help="create a user or change a password")
+    passwd_p.add_argument("name")
+    passwd_p.add_argument("--password-stdin", action="store_true",
+                          help="read the password from one line of standard input")
+    sub.add_parser("deluser", parents=[common], help="delete a user").add_argument("name")
+    sub.add_parser("users", parents=[common], help="list users")
+    sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
+    nginx_p = sub.add_parser("nginx-config", parents=[common], help="print nginx.conf.example filled in")
+    nginx_p.add_argument("--app", required=True, help="the protected app, e.g. http://127.0.0.1:7860")
+    nginx_p.add_argument("--listen", type=int, required=True, help="port nginx listens on, e.g. 80")
+    nginx_p.add_argument("--server-name", help="nginx server_name, e.g. sd.example.com")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes: 0 ok, 1 failure, 2 usage error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s ezauth %(levelname)s %(message)s")
+    flags = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+             "data_dir": args.data_dir, "access_log": getattr(args, "access_log", None)}
+    try:
+        settings = Settings.from_env(flags=flags)
+        return COMMANDS[args.command](args, settings)
+    except SettingsError as err:
+        print(f"ezauth: {err}", file=sys.stderr)
+        return 2
+    except CliError as err:
+        print(f"ezauth: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"ezauth: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 1
+
+
+_service: EzauthApp | None = None
+_service_lock = threading.Lock()
+
+
+def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """WSGI entry point for `gunicorn 'ezauth:app'`: built from the environment on first use."""
+    global _service
+    if _service is None:
+        with _service_lock:
+            if _service is None:
+                logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
+                service = make_app(Settings.from_env())
+                announce_first_admin(service.users)
+                _service = service
+    return _service(environ, start_response)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
