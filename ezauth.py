@@ -17,11 +17,12 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
+import selectors
 import signal
 import socket
-import socketserver
 import sqlite3
 import string
 import sys
@@ -30,12 +31,12 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
 import jwt
 
@@ -670,11 +671,11 @@ class Sessions:
             return None
         return session
 
-    def renew(self, session: Session, now: float) -> str | None:
+    def renew(self, session: Session, now: float) -> tuple[str, Session] | None:
         """A fresh token once SESSION is past half its lifetime, else None."""
         if now < session.renew_at:
             return None
-        return self.start(session.user, now, session.remember)[0]
+        return self.start(session.user, now, session.remember)
 
     def _remember(self, token: str, session: Session, now: float) -> None:
         if len(self._verified) >= self.MAX_CACHED:
@@ -756,6 +757,8 @@ class Throttle:
         try:
             with contextlib.closing(self._connect()) as db:
                 db.executescript(self.SCHEMA)
+            with contextlib.suppress(OSError):
+                self.path.chmod(0o600)
         except sqlite3.DatabaseError as err:
             if "not a database" not in str(err) and "malformed" not in str(err):
                 raise
@@ -900,7 +903,9 @@ class Request:
     @property
     def host(self) -> str:
         host = self.header("Host") or self.environ.get("SERVER_NAME", "")
-        return host.rpartition(":")[0].strip("[]").lower() if re.search(r":\d*$", host) else host.lower()
+        if re.search(r"(^|[^:]):\d*$|\]:\d*$", host):
+            host = host.rpartition(":")[0]
+        return host.strip("[]").lower()
 
     @property
     def from_trusted_proxy(self) -> bool:
@@ -1074,8 +1079,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_password": "Password",
         "t_remember": "Remember me",
         "t_submit": "Log in",
-        "t_theme": "Switch between dark and light theme",
-        "t_cat": "A cat with something to tell you",
+        "t_theme": "Dark theme",
         "default_title": "Welcome back",
         "default_subtitle": "This place is private. Please log in.",
         "default_slogan": "Quiet servers, happy cats.",
@@ -1093,8 +1097,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_password": "密码",
         "t_remember": "记住我",
         "t_submit": "登录",
-        "t_theme": "切换深色或浅色主题",
-        "t_cat": "一只有话要说的猫",
+        "t_theme": "深色主题",
         "default_title": "欢迎回来",
         "default_subtitle": "这里是私人空间，请先登录。",
         "default_slogan": "服务器安静，猫咪开心。",
@@ -1320,7 +1323,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                 headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
                 renewed = sessions.renew(session, now)
                 if renewed:
-                    headers.append(session_cookie(request, renewed, sessions.check(renewed, now) or session))
+                    headers.append(session_cookie(request, *renewed))
                 return Response(200, b"", headers)
         return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), bool(tokens))),
                                    ("Cache-Control", "no-cache")])
@@ -1352,7 +1355,8 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     routes: dict[tuple[str, str], Handler] = {
         ("GET", f"{PREFIX}/login"): login_page,
         ("POST", f"{PREFIX}/login"): login_submit,
-        ("GET", f"{PREFIX}/verify"): verify,
+        # auth_request subrequests keep the method of the request they check.
+        **{(method, f"{PREFIX}/verify"): verify for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
         ("GET", f"{PREFIX}/logout"): logout,
         ("POST", f"{PREFIX}/logout"): logout,
         ("GET", f"{PREFIX}/healthz"): healthz,
@@ -1365,14 +1369,16 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
 
 # -- Server and CLI -------------------------------------------------------------------------
 
+# Routes cheap enough to answer on the event-loop thread; everything else goes to the pool.
+FAST_PATHS = (f"{PREFIX}/verify", f"{PREFIX}/healthz")
 IDLE_TIMEOUT = 75.0  # longer than nginx's upstream keepalive_timeout (60 s), so nginx closes first
-HEAD_TIMEOUT = 10.0  # a whole request head must arrive this fast, however slowly it dribbles
+HEAD_TIMEOUT = 10.0  # a whole request must arrive this fast, however slowly it dribbles
 BODY_TIMEOUT = 30.0
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
 MAX_CONNECTIONS = 1000
 HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
-TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class HTTPError(Exception):
@@ -1383,73 +1389,22 @@ class HTTPError(Exception):
         self.status = status
 
 
-class Connection:
-    """One client socket: request heads and bodies read through a buffer, each with a deadline."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    def _fill(self, timeout: float) -> bool:
-        if timeout <= 0:
-            raise TimeoutError
-        self.sock.settimeout(timeout)
-        chunk = self.sock.recv(65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def read_head(self) -> bytes | None:
-        """The next request head, or None when the client went away or stayed idle."""
-        deadline = None
-        while True:
-            end = HEAD_END_RE.search(self.buf)
-            if end:
-                head = bytes(self.buf[:end.start()]).lstrip(b"\r\n")
-                del self.buf[:end.end()]
-                if head:
-                    return head
-                continue
-            if len(self.buf) > MAX_HEAD:
-                raise HTTPError(431)
-            if deadline is None and self.buf.strip():
-                deadline = time.monotonic() + HEAD_TIMEOUT
-            try:
-                if not self._fill(IDLE_TIMEOUT if deadline is None else deadline - time.monotonic()):
-                    return None
-            except TimeoutError:
-                if deadline is None:
-                    return None
-                raise HTTPError(408) from None
-
-    def read_body(self, length: int) -> bytes:
-        deadline = time.monotonic() + BODY_TIMEOUT
-        while len(self.buf) < length:
-            try:
-                if not self._fill(deadline - time.monotonic()):
-                    raise HTTPError(400)
-            except TimeoutError:
-                raise HTTPError(408) from None
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return body
-
-
 def parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
     """Method, target, version and headers of a request head; HTTPError when it is malformed."""
-    lines = head.split(b"\n")
-    parts = lines[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]):
+    text = head.decode("latin-1")
+    request_line, *lines = text.split("\n")
+    parts = request_line.rstrip("\r").split(" ")
+    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]) or "\0" in text:
         raise HTTPError(400)
-    method, target, version = (p.decode("latin-1") for p in parts)
+    method, target, version = parts
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise HTTPError(505 if re.fullmatch(r"HTTP/\d\.\d", version) else 400)
     headers = []
-    for raw in lines[1:]:
-        line = raw.rstrip(b"\r")
-        name, sep, value = line.partition(b":")
-        if not sep or not TOKEN_RE.fullmatch(name) or b"\0" in value:
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not TOKEN_RE.fullmatch(name):
             raise HTTPError(400)
-        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        headers.append((name, value.strip(" \t\r")))
     return method, target, version, headers
 
 
@@ -1534,32 +1489,158 @@ def error_bytes(status: int) -> bytes:
                               f"{phrase.lower()}\n".encode(), keep_alive=False, head_only=False)
 
 
-class ConnectionHandler(socketserver.BaseRequestHandler):
-    """HTTP/1.1 with keep-alive: one thread per connection, serving request after request."""
+@dataclass(eq=False)
+class Conn:
+    """One client connection as the event loop sees it."""
 
-    server: ThreadedServer
+    sock: socket.socket
+    peer: tuple
+    buf: bytearray = field(default_factory=bytearray)
+    out: bytes = b""
+    busy: bool = False  # a pool thread is answering its request
+    closed: bool = False
+    close_after_send: bool = False
+    continued: bool = False
+    started: float | None = None  # when the unfinished request began to arrive
+    deadline: float = 0.0
 
-    def handle(self) -> None:
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = Connection(self.request)
+
+class EventServer:
+    """HTTP/1.1 keep-alive server. One thread watches every socket, so idle or slow clients
+    cost no thread; it answers the fast routes itself and hands the rest (password hashing,
+    file writes) to a small thread pool. Responses go out in one send with TCP_NODELAY."""
+
+    def __init__(self, address: tuple[str, int], app: Callable, *, access_log: bool = False,
+                 inline_paths: Iterable[str] = (), workers: int = 8) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
-            while self.serve_one(connection):
-                pass
-        except HTTPError as err:
-            with contextlib.suppress(OSError):
-                self.request.sendall(error_bytes(err.status))
-        except (OSError, TimeoutError):
-            pass
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and address[0] == "::":
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.socket.bind(address)
+            self.socket.listen(1024)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_port = self.socket.getsockname()[1]
+        self.app, self.access_log, self.inline_paths = app, access_log, frozenset(inline_paths)
+        self.base_environ = {
+            "SERVER_NAME": address[0], "SERVER_PORT": str(self.server_port), "SCRIPT_NAME": "",
+            "GATEWAY_INTERFACE": "CGI/1.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ezauth-worker")
+        self._conns: dict[socket.socket, Conn] = {}
+        self._running = False
 
-    def serve_one(self, connection: Connection) -> bool:
-        """Answer one request; True when the connection stays open for another."""
-        head = connection.read_head()
-        if head is None:
-            return False
-        started = time.monotonic()
-        method, target, version, headers = parse_head(head)
-        environ = build_environ(self.server.base_environ, method, target, version, headers,
-                                self.client_address)
+    def serve_forever(self) -> None:
+        self._running = True
+        next_sweep = time.monotonic() + 1
+        while self._running:
+            for key, mask in self.selector.select(timeout=0.5):
+                if key.data is None:
+                    self._accept()
+                elif key.data == "wake":
+                    self._finish_pool_work()
+                elif mask & selectors.EVENT_WRITE:
+                    self._flush(key.data)
+                else:
+                    self._read(key.data)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + 1
+                self._sweep()
+
+    def shutdown(self) -> None:
+        self._running = False
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def server_close(self) -> None:
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # e.g. out of file descriptors: keep serving the others
+                log.warning("event=accept_failed error=%s", _logval(str(err)))
+                return
+            sock.setblocking(False)
+            if len(self._conns) >= MAX_CONNECTIONS:
+                with contextlib.suppress(OSError):
+                    sock.send(error_bytes(503))
+                sock.close()
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Conn(sock, peer, deadline=time.monotonic() + IDLE_TIMEOUT)
+            self._conns[sock] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: Conn) -> None:
+        try:
+            chunk = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk or len(conn.buf) > MAX_HEAD + MAX_BODY:
+            self._close(conn)
+            return
+        conn.buf += chunk
+        self._process(conn)
+
+    def _process(self, conn: Conn) -> None:
+        """Answer every complete request in the buffer, in order, one at a time."""
+        while not (conn.busy or conn.out or conn.closed):
+            try:
+                request = self._next_request(conn)
+            except HTTPError as err:
+                self._send(conn, error_bytes(err.status), keep_alive=False)
+                return
+            now = time.monotonic()
+            if request is None:
+                if conn.buf.strip():
+                    conn.started = conn.started or now
+                    conn.deadline = conn.started + (HEAD_TIMEOUT if not conn.continued else BODY_TIMEOUT)
+                else:
+                    conn.started, conn.deadline = None, now + IDLE_TIMEOUT
+                return
+            conn.started, conn.continued = None, False
+            environ, keep_alive = request
+            if environ["PATH_INFO"] in self.inline_paths:
+                self._send(conn, *self._respond(environ, keep_alive))
+            else:
+                conn.busy = True
+                self._pool.submit(self._answer_in_pool, conn, environ, keep_alive)
+
+    def _next_request(self, conn: Conn) -> tuple[dict, bool] | None:
+        """The next whole request (environ, keep-alive) from the buffer, or None until it has arrived."""
+        while conn.buf[:1] in (b"\r", b"\n"):
+            del conn.buf[:1]
+        end = HEAD_END_RE.search(conn.buf)
+        if end is None:
+            if len(conn.buf) > MAX_HEAD:
+                raise HTTPError(431)
+            return None
+        method, target, version, headers = parse_head(bytes(conn.buf[:end.start()]))
+        environ = build_environ(self.base_environ, method, target, version, headers, conn.peer)
         if "HTTP_TRANSFER_ENCODING" in environ:
             raise HTTPError(411)
         length = environ.get("CONTENT_LENGTH", "") or "0"
@@ -1567,70 +1648,86 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise HTTPError(400)
         if int(length) > MAX_BODY:
             raise HTTPError(413)
-        if int(length) and environ.get("HTTP_EXPECT", "").lower() == "100-continue":
-            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        environ["wsgi.input"] = BytesIO(connection.read_body(int(length)))
+        total = end.end() + int(length)
+        if len(conn.buf) < total:
+            if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and not conn.continued:
+                with contextlib.suppress(OSError):
+                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.continued = True
+            return None
+        environ["wsgi.input"] = BytesIO(bytes(conn.buf[end.end():total]))
+        del conn.buf[:total]
         keep_alive = version == "HTTP/1.1" and "close" not in environ.get("HTTP_CONNECTION", "").lower()
+        return environ, keep_alive
+
+    def _respond(self, environ: dict, keep_alive: bool) -> tuple[bytes, bool]:
+        started = time.monotonic()
         try:
-            status, out_headers, body = run_wsgi(self.server.get_app(), environ)
-            data = serialize_response(status, out_headers, body, keep_alive, method == "HEAD")
+            status, headers, body = run_wsgi(self.app, environ)
+            data = serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
         except Exception:
-            log.exception("event=error method=%s path=%s", method, _logval(environ["PATH_INFO"]))
-            raise HTTPError(500) from None
-        self.request.sendall(data)
-        if self.server.access_log:
-            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", method,
-                     _logval(environ["PATH_INFO"]), status[:3], self.client_address[0],
+            log.exception("event=error method=%s path=%s", environ["REQUEST_METHOD"], _logval(environ["PATH_INFO"]))
+            return error_bytes(500), False
+        if self.access_log:
+            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", environ["REQUEST_METHOD"],
+                     _logval(environ["PATH_INFO"]), status[:3], environ["REMOTE_ADDR"],
                      (time.monotonic() - started) * 1000)
-        return keep_alive
+        return data, keep_alive
 
+    def _answer_in_pool(self, conn: Conn, environ: dict, keep_alive: bool) -> None:
+        self._done.put((conn, *self._respond(environ, keep_alive)))
+        with contextlib.suppress(OSError):  # a full wake-up pipe already holds a wake-up
+            self._wake_w.send(b"\0")
 
-class ThreadedServer(socketserver.ThreadingMixIn, WSGIServer):
-    """wsgiref's server, threaded, with keep-alive connections and a bounded number of them."""
+    def _finish_pool_work(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+        while not self._done.empty():
+            conn, data, keep_alive = self._done.get_nowait()
+            conn.busy = False
+            if not conn.closed:
+                self._send(conn, data, keep_alive)
+                self._process(conn)
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 1024
-    access_log = False
-
-    def __init__(self, address: tuple, app: Callable, access_log: bool = False) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.access_log = access_log
-        self.active = 0
-        self._count_lock = threading.Lock()
-        super().__init__(address, ConnectionHandler)
-        self.set_app(app)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # Skip HTTPServer.server_bind: its getfqdn() can stall start-up on a DNS lookup.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-        self.setup_environ()
-        self.base_environ.update({
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-        })
-
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        with self._count_lock:
-            full = self.active >= MAX_CONNECTIONS
-            self.active += not full
-        if full:
-            with contextlib.suppress(OSError):
-                request.sendall(error_bytes(503))
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+    def _send(self, conn: Conn, data: bytes, keep_alive: bool) -> None:
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._count_lock:
-                self.active -= 1
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        conn.deadline = time.monotonic() + IDLE_TIMEOUT
+        if sent < len(data):
+            conn.out, conn.close_after_send = data[sent:], not keep_alive
+            self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        elif not keep_alive:
+            self._close(conn)
+
+    def _flush(self, conn: Conn) -> None:
+        data, conn.out = conn.out, b""
+        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._send(conn, data, not conn.close_after_send)
+        if not conn.out:
+            self._process(conn)
+
+    def _sweep(self) -> None:
+        """Close connections that stayed idle too long or send their request too slowly."""
+        now = time.monotonic()
+        for conn in [c for c in self._conns.values() if not c.busy and c.deadline < now]:
+            if conn.started is not None and not conn.out:
+                with contextlib.suppress(OSError):
+                    conn.sock.send(error_bytes(408))
+            self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.pop(conn.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
 
 
 class CliError(Exception):
@@ -1642,7 +1739,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     service = make_app(settings)
     announce_first_admin(service.users)
     try:
-        server = ThreadedServer((settings.host, settings.port), service, settings.access_log)
+        server = EventServer((settings.host, settings.port), service, access_log=settings.access_log,
+                             inline_paths=FAST_PATHS)
     except OSError as err:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -1650,7 +1748,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     log.info("event=start url=http://%s:%d/ezauth/login data_dir=%s version=%s",
              host, server.server_port, settings.data_dir.resolve(), __version__)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
