@@ -1173,9 +1173,9 @@ class EzauthApp:
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
-        self.refresh()
         request = Request(environ, self.settings.trusted_proxies)
         try:
+            self.refresh()
             response = self.dispatch(request)
         except Exception:
             log.exception("event=error method=%s path=%s", request.method, _logval(request.path))
