@@ -52,7 +52,7 @@ Clock = Callable[[], float]
 # -- Settings -------------------------------------------------------------------------------
 
 ENV_FILE = ".env"
-LEGACY_KEYS = ("chat_username", "password", "SECRET_KEY", "LAST_UPDATED")
+LEGACY_IGNORED = ("SECRET_KEY", "LAST_UPDATED")  # from the original blog post's .env
 COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN_RE = re.compile(r"\.?([a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
 LANGS = ("en", "zh-CN")
@@ -124,6 +124,10 @@ class Settings:
                 values[attr] = parse(env_name, merged[env_name])
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         values["legacy_users"] = legacy_users(dotenv)
+        ignored = [key for key in LEGACY_IGNORED if key in dotenv]
+        if ignored:
+            log.warning("event=legacy_env_ignored keys=%s note=the_key_ring_in_the_data_dir_replaces_them",
+                        ",".join(ignored))
         return cls(**values)
 
 
