@@ -1,0 +1,49 @@
+// Deferred: wire the theme toggle and put the cursor where the user needs it.
+(function () {
+  "use strict";
+  var root = document.documentElement;
+  var toggle = document.getElementById("theme-toggle");
+
+  function show(theme) {
+    root.setAttribute("data-theme", theme);
+    toggle.setAttribute("aria-pressed", theme === "dark" ? "true" : "false");
+  }
+
+  if (toggle) {
+    var chosen = false;
+    show(root.getAttribute("data-theme") === "dark" ? "dark" : "light");
+    toggle.hidden = false;
+    toggle.addEventListener("click", function () {
+      var theme = root.getAttribute("data-theme") === "dark" ? "light" : "dark";
+      chosen = true;
+      show(theme);
+      try {
+        window.localStorage.setItem("ezauth-theme", theme);
+      } catch (e) {
+        // Storage may be disabled; the toggle still works for this page.
+      }
+    });
+    // Until the user picks a theme, follow the system when it switches (e.g. at sunset).
+    var system = window.matchMedia && window.matchMedia("(prefers-color-scheme: dark)");
+    var stored = null;
+    try {
+      stored = window.localStorage.getItem("ezauth-theme");
+    } catch (e) {
+      stored = null;
+    }
+    if (system && system.addEventListener && !stored) {
+      system.addEventListener("change", function (event) {
+        if (!chosen) {
+          show(event.matches ? "dark" : "light");
+        }
+      });
+    }
+  }
+
+  // After a failed attempt the username is kept: continue with the password.
+  var username = document.getElementById("username");
+  var password = document.getElementById("password");
+  if (username && password && username.value !== "") {
+    password.focus();
+  }
+})();

@@ -1,0 +1,495 @@
+"""The login page in a real browser (Debian's chromium through Playwright) against the real server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from urllib.parse import quote, urlsplit
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from conftest import HERE, PASSWORD, require_tool
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
+ARTIFACTS = HERE / "artifacts"
+TEMPLATE = HERE / "login.html"
+STATIC = HERE / "static"
+WEIGHT_LIMIT = 50 * 1024
+LOGIN = "/ezauth/login"
+
+# Records, in order, whether data-theme was set on <html> before <body> was inserted.
+THEME_PROBE = """
+window.__themeEvents = [];
+new MutationObserver((records) => {
+  for (const r of records) {
+    if (r.type === "attributes" && r.target.nodeName === "HTML") window.__themeEvents.push("theme");
+    for (const n of r.addedNodes || []) if (n.nodeName === "BODY") window.__themeEvents.push("body");
+  }
+}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ["data-theme"]});
+"""
+
+LUMINANCE = """(el) => {
+  const [r, g, b] = getComputedStyle(el).backgroundColor.match(/[\\d.]+/g).map(Number);
+  const lin = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+}"""
+
+
+# -- Fixtures and helpers ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Debian chromium for the whole module (never a downloaded browser)."""
+    path = require_tool("chromium", "EZAUTH_REQUIRE_BROWSER", "chromium")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page_text() -> dict:
+    """ezauth's PAGE_TEXT, the single source of every string the page shows."""
+    import ezauth
+
+    return ezauth.PAGE_TEXT
+
+
+@pytest.fixture
+def server(server_factory):
+    """A real ezauth with alice; generous lockout so several wrong attempts in one test are fine."""
+    return server_factory(EZAUTH_MAX_ATTEMPTS="50")
+
+
+class Watch:
+    """Everything that went wrong on a page: console errors, page errors, failed or foreign requests."""
+
+    def __init__(self, page: Page, origin: str):
+        self.page = page
+        self.origin = origin
+        self.problems: list[str] = []
+        self.responses = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda err: self.problems.append(f"page error: {err}"))
+        page.on("requestfailed", lambda req: self.problems.append(f"failed: {req.url} {req.failure}"))
+        page.on("request", self._request)
+        page.on("response", self._response)
+
+    def _console(self, msg) -> None:
+        # Chromium logs the intended 401 of a wrong password as a console error, and asks for
+        # /favicon.ico on the plain-text return target (not our page): both are expected.
+        source = urlsplit(msg.location.get("url", "")).path
+        expected = (
+            (source == LOGIN and msg.text.endswith("status of 401 (Unauthorized)"))
+            or (source == "/favicon.ico" and urlsplit(self.page.url).path != LOGIN)
+        )
+        if msg.type in ("error", "warning") and not expected:
+            self.problems.append(f"console {msg.type}: {msg.text}")
+
+    def _request(self, req) -> None:
+        parts = urlsplit(req.url)
+        if f"{parts.scheme}://{parts.netloc}" != self.origin:
+            self.problems.append(f"foreign request: {req.url}")
+
+    def _response(self, resp) -> None:
+        self.responses.append(resp)
+        wrong_password = (resp.status == 401 and resp.request.method == "POST"
+                          and urlsplit(resp.url).path == LOGIN)
+        if resp.status >= 400 and not wrong_password:
+            self.problems.append(f"HTTP {resp.status}: {resp.request.method} {resp.url}")
+
+    def assert_clean(self) -> None:
+        assert self.problems == []
+
+
+@contextlib.contextmanager
+def open_page(browser: Browser, server, **options):
+    """A fresh context (empty storage) and page on the server, watched; closed afterwards."""
+    options.setdefault("viewport", {"width": 1280, "height": 800})
+    context = browser.new_context(**options)
+    try:
+        page = context.new_page()
+        watch = Watch(page, server.url)
+        yield page, watch
+    finally:
+        context.close()
+
+
+def login_url(server, target: str | None = None) -> str:
+    return server.url + LOGIN + ("" if target is None else "?rd=" + quote(target, safe=""))
+
+
+def submit(page: Page, username: str, password: str, remember: bool = False):
+    """Fill the form and press Enter in the password field; the navigation's response."""
+    page.fill("#username", username)
+    page.fill("#password", password)
+    if remember:
+        page.check("#remember")
+    with page.expect_navigation() as nav:
+        page.press("#password", "Enter")
+    return nav.value
+
+
+def theme(page: Page) -> str | None:
+    return page.evaluate("document.documentElement.getAttribute('data-theme')")
+
+
+def luminance(page: Page) -> float:
+    return page.eval_on_selector("body", LUMINANCE)
+
+
+def finish_animations(page: Page) -> None:
+    page.evaluate("Promise.all(document.getAnimations().map((a) => a.finished))")
+
+
+def path_and_query(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+# -- The template and assets, without a browser ----------------------------------
+
+
+def asset_texts() -> dict[str, str]:
+    files = {"login.html": TEMPLATE.read_text()}
+    files.update({f"static/{p.name}": p.read_text() for p in sorted(STATIC.iterdir()) if p.is_file()})
+    return files
+
+
+def test_template_has_no_inline_code_or_styles():
+    page = TEMPLATE.read_text()
+    assert re.search(r"<script(?![^>]*\ssrc=)[^>]*>", page) is None, "inline <script>"
+    assert "<style" not in page
+    assert re.search(r"\sstyle\s*=", page) is None, "inline style attribute"
+    assert re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE) is None, "inline event handler"
+    assert re.search(r"javascript:", page, re.IGNORECASE) is None
+
+
+def test_nothing_points_off_the_origin():
+    for name, text in asset_texts().items():
+        without_xmlns = re.sub(r'xmlns="http://www\.w3\.org/2000/svg"', "", text)
+        assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", without_xmlns, re.IGNORECASE) is None, name
+        assert "@import" not in text and "@font-face" not in text, name
+
+
+def test_theme_script_is_synchronous_and_first_in_head():
+    head = TEMPLATE.read_text().split("</head>")[0]
+    tag = re.search(r'<script src="\$static/theme\.js"\s*>', head)
+    assert tag, "theme.js must be a plain (not async/defer) script in <head>"
+    assert tag.start() < head.index('rel="stylesheet"'), "theme.js must come before the stylesheet"
+
+
+def test_every_placeholder_is_supplied_in_both_languages(page_text):
+    supplied = {"lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
+                "remember", "error", "error_state", "footer"}
+    used = {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", TEMPLATE.read_text())}
+    t_keys = {lang: {k for k in texts if k.startswith("t_")} for lang, texts in page_text.items()}
+    assert set(page_text) == {"en", "zh-CN"}
+    assert t_keys["en"] == t_keys["zh-CN"], "both languages need the same t_ keys"
+    assert used - supplied == t_keys["en"], "every t_ key is used and nothing else is missing"
+    assert all(page_text["zh-CN"][k] != page_text["en"][k] for k in t_keys["en"]), "untranslated t_ key"
+
+
+# -- Error state ------------------------------------------------------------------
+
+
+def test_wrong_password_shows_the_cat_and_it_stays(browser, server, page_text):
+    with open_page(browser, server) as (page, watch):
+        page.goto(login_url(server, "/ezauth/healthz"))
+        expect(page.locator(".oops")).to_be_hidden()
+        response = submit(page, "alice", "not the password", remember=True)
+        assert response.status == 401
+        assert path_and_query(page.url) == LOGIN
+        alert = page.get_by_role("alert")
+        expect(alert).to_be_visible()
+        assert alert.get_attribute("aria-live") == "assertive"
+        bubble = alert.locator(".bubble")
+        message = bubble.inner_text().strip()
+        assert message in {v for k, v in page_text["en"].items() if k.startswith("msg_")}
+        cat = alert.locator("img.cat")
+        expect(cat).to_be_visible()
+        assert cat.evaluate("(img) => img.complete && img.naturalWidth > 0"), "cat.svg did not load"
+        assert page.input_value("#username") == "alice"
+        assert page.is_checked("#remember")
+        assert page.evaluate("document.activeElement.id") == "password"
+        page.wait_for_timeout(1800)  # it must not auto-hide
+        for part in (cat, bubble):
+            expect(part).to_be_visible()
+            assert part.evaluate("(el) => getComputedStyle(el).opacity") == "1"
+            box = part.bounding_box()
+            assert box and box["width"] > 40 and box["height"] > 20
+        assert bubble.inner_text().strip() == message
+        # The return target survives the failed attempt, and the page still logs in.
+        assert page.input_value("input[name=rd]") == "/ezauth/healthz"
+        submit(page, "alice", PASSWORD)
+        assert path_and_query(page.url) == "/ezauth/healthz"
+        watch.assert_clean()
+
+
+RUNNING_ANIMATIONS = "document.getAnimations().map((a) => a.animationName || a.transitionProperty)"
+
+
+def test_entrance_animation_is_off_under_reduced_motion(browser, server):
+    with open_page(browser, server, reduced_motion="no-preference") as (page, watch):
+        page.goto(login_url(server))
+        submit(page, "alice", "nope")
+        assert {"cat-peek", "bubble-pop"} <= set(page.evaluate(RUNNING_ANIMATIONS))
+        watch.assert_clean()
+    with open_page(browser, server, reduced_motion="reduce") as (page, watch):
+        page.goto(login_url(server))
+        submit(page, "alice", "nope")
+        assert page.evaluate(RUNNING_ANIMATIONS) == []
+        bubble = page.locator(".oops .bubble")
+        expect(bubble).to_be_visible()
+        assert bubble.evaluate("(el) => getComputedStyle(el).opacity") == "1"
+        watch.assert_clean()
+
+
+# -- Themes ------------------------------------------------------------------------
+
+
+def test_theme_toggle_flips_and_the_choice_survives_reload(browser, server, page_text):
+    with open_page(browser, server, color_scheme="light") as (page, watch):
+        page.goto(login_url(server))
+        toggle = page.locator("#theme-toggle")
+        expect(toggle).to_be_visible()
+        assert toggle.get_attribute("aria-label") == page_text["en"]["t_theme"]
+        assert theme(page) == "light"
+        assert toggle.get_attribute("aria-pressed") == "false"
+        light = luminance(page)
+        toggle.click()
+        assert theme(page) == "dark"
+        assert toggle.get_attribute("aria-pressed") == "true"
+        assert luminance(page) < 0.05 < light
+        page.reload()
+        assert theme(page) == "dark"
+        expect(page.locator("#theme-toggle")).to_have_attribute("aria-pressed", "true")
+        assert luminance(page) < 0.05
+        page.locator("#theme-toggle").click()
+        page.reload()
+        assert theme(page) == "light"
+        assert luminance(page) > 0.6
+        watch.assert_clean()
+
+
+@pytest.mark.parametrize("scheme", ["dark", "light"])
+def test_first_visit_follows_the_system_theme(browser, server, scheme):
+    with open_page(browser, server, color_scheme=scheme) as (page, watch):
+        page.goto(login_url(server))
+        assert theme(page) == scheme
+        assert page.evaluate("localStorage.getItem('ezauth-theme')") is None
+        lum = luminance(page)
+        assert lum < 0.05 if scheme == "dark" else lum > 0.6
+        expected = "true" if scheme == "dark" else "false"
+        assert page.locator("#theme-toggle").get_attribute("aria-pressed") == expected
+        # Until the user chooses, the page follows the system when it changes; after that it does not.
+        other = "light" if scheme == "dark" else "dark"
+        page.emulate_media(color_scheme=other)
+        expect(page.locator("html")).to_have_attribute("data-theme", other)
+        page.locator("#theme-toggle").click()
+        assert theme(page) == scheme
+        page.emulate_media(color_scheme=other)
+        page.emulate_media(color_scheme=scheme)
+        page.emulate_media(color_scheme=other)
+        assert theme(page) == scheme
+        assert page.evaluate("localStorage.getItem('ezauth-theme')") == scheme
+        watch.assert_clean()
+
+
+def test_stored_theme_is_set_before_the_body_exists(browser, server):
+    """No flash: the saved choice wins over the system and is applied before anything can paint."""
+    stored = {"cookies": [], "origins": [
+        {"origin": server.url, "localStorage": [{"name": "ezauth-theme", "value": "dark"}]}]}
+    with open_page(browser, server, color_scheme="light", storage_state=stored) as (page, watch):
+        page.context.add_init_script(THEME_PROBE)
+        page.goto(login_url(server))
+        events = page.evaluate("window.__themeEvents")
+        assert "body" in events and "theme" in events[: events.index("body")], events
+        assert theme(page) == "dark"
+        assert luminance(page) < 0.05
+        watch.assert_clean()
+
+
+# -- Logging in ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target,remember", [("/ezauth/healthz", False), ("/ezauth/healthz?a=1&b=2", True)])
+def test_right_password_lands_on_the_return_target(browser, server, target, remember):
+    with open_page(browser, server) as (page, watch):
+        page.goto(login_url(server, target))
+        assert page.input_value("input[name=rd]") == target
+        response = submit(page, "alice", PASSWORD, remember=remember)
+        assert path_and_query(page.url) == target
+        assert response.status == 200 and page.locator("body").inner_text().strip() == "ok"
+        assert response.request.redirected_from is not None
+        assert response.request.redirected_from.method == "POST"
+        cookie = next(c for c in page.context.cookies() if c["name"] == "ezauth")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["path"] == "/"
+        if remember:
+            assert cookie["expires"] > time.time() + 3600
+        else:
+            assert cookie["expires"] == -1  # a session cookie
+        watch.assert_clean()
+
+
+def test_login_works_without_javascript(browser, server):
+    with open_page(browser, server, java_script_enabled=False, color_scheme="dark") as (page, watch):
+        page.goto(login_url(server, "/ezauth/healthz?from=nojs"))
+        assert theme(page) is None  # no script ran
+        expect(page.locator("#theme-toggle")).to_be_hidden()
+        assert luminance(page) < 0.05  # the CSS alone follows the system's dark scheme
+        response = submit(page, "alice", "wrong again")
+        assert response.status == 401
+        expect(page.locator(".oops .bubble")).to_be_visible()
+        submit(page, "alice", PASSWORD)
+        assert path_and_query(page.url) == "/ezauth/healthz?from=nojs"
+        watch.assert_clean()
+
+
+# -- Languages ----------------------------------------------------------------------
+
+
+def visible_strings(page: Page) -> dict[str, str]:
+    return {
+        "label_username": page.locator("label[for=username]").inner_text().strip(),
+        "label_password": page.locator("label[for=password]").inner_text().strip(),
+        "label_remember": page.locator("label[for=remember]").inner_text().strip(),
+        "submit": page.locator("button[type=submit]").inner_text().strip(),
+        "toggle": page.locator("#theme-toggle").get_attribute("aria-label"),
+    }
+
+
+@pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
+def test_page_speaks_the_browser_language(browser, server, page_text, locale):
+    lang = "zh-CN" if locale == "zh-CN" else "en"
+    texts = page_text[lang]
+    with open_page(browser, server, locale=locale) as (page, watch):
+        page.goto(login_url(server))
+        expect(page.locator("#username")).to_be_focused()
+        expect(page.locator(".oops")).to_be_hidden()
+        assert page.get_attribute("html", "lang") == lang
+        assert visible_strings(page) == {
+            "label_username": texts["t_username"],
+            "label_password": texts["t_password"],
+            "label_remember": texts["t_remember"],
+            "submit": texts["t_submit"],
+            "toggle": texts["t_theme"],
+        }
+        assert texts["t_submit"] in page.title()
+        submit(page, "alice", "wrong")
+        message = page.locator(".oops .bubble").inner_text().strip()
+        assert message in {v for k, v in texts.items() if k.startswith("msg_")}
+        body = page.locator("body").inner_text()
+        if lang == "zh-CN":
+            assert re.search(r"[\u4e00-\u9fff]", message)
+            english = [v for k, v in page_text["en"].items() if k.startswith("t_") and v in body]
+            assert english == []
+        # A session that ran out: the same cat, on an ordinary 200 page.
+        response = page.goto(login_url(server) + "?expired=1")
+        assert response.status == 200
+        expect(page.get_by_role("alert")).to_contain_text(texts["msg_expired"])
+        watch.assert_clean()
+
+
+# -- Accessibility ------------------------------------------------------------------
+
+
+def run_axe(page: Page) -> list[dict]:
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate(
+        "async () => await axe.run(document, {resultTypes: ['violations'],"
+        " runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']}})"
+    )
+    return result["violations"]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_finds_no_violations(browser, server, scheme):
+    if not AXE.exists():
+        message = f"{AXE} missing; run `npm ci` in {HERE}"
+        if os.environ.get("EZAUTH_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    found = {}
+    for locale in ("en-US", "zh-CN"):
+        # bypass_csp only so that axe itself can be injected; the page is unchanged.
+        with open_page(browser, server, color_scheme=scheme, locale=locale, bypass_csp=True) as (page, watch):
+            page.goto(login_url(server))
+            assert theme(page) == scheme
+            found[f"{locale} form"] = run_axe(page)
+            submit(page, "alice", "wrong")
+            finish_animations(page)
+            expect(page.get_by_role("alert")).to_be_visible()
+            found[f"{locale} error"] = run_axe(page)
+            watch.assert_clean()
+    summary = {state: [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in violations]
+               for state, violations in found.items()}
+    serious = {state: [v for v in found_here if v[1] in ("serious", "critical")]
+               for state, found_here in summary.items()}
+    nothing = {state: [] for state in found}
+    assert serious == nothing, "serious or critical: contrast, labels, landmarks, lang..."
+    assert summary == nothing, "minor and moderate findings are not expected either"
+
+
+# -- Layout, screenshots and weight ---------------------------------------------------
+
+
+@pytest.mark.parametrize("width,height", [(1280, 800), (375, 740), (320, 568)])
+def test_screenshots_and_the_form_fits(browser, server, width, height):
+    ARTIFACTS.mkdir(exist_ok=True)
+    for scheme in ("light", "dark"):
+        options = {"viewport": {"width": width, "height": height}, "color_scheme": scheme,
+                   "reduced_motion": "reduce"}  # the final state at once
+        with open_page(browser, server, **options) as (page, watch):
+            page.goto(login_url(server))
+            page.screenshot(path=str(ARTIFACTS / f"login-{scheme}-{width}x{height}.png"))
+            submit(page, "alice", "wrong")
+            page.screenshot(path=str(ARTIFACTS / f"login-{scheme}-error-{width}x{height}.png"))
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"horizontal scrolling at {width}px"
+            if height >= 700:
+                for selector in ("form", ".oops"):
+                    box = page.locator(selector).bounding_box()
+                    assert box is not None
+                    assert box["x"] >= 0 and box["y"] >= 0, selector
+                    assert box["x"] + box["width"] <= width, selector
+                    assert box["y"] + box["height"] <= height, f"{selector} below the fold"
+            watch.assert_clean()
+
+
+def test_page_and_assets_weigh_under_50_kb(browser, server):
+    with open_page(browser, server) as (page, watch):
+        sizes: dict[str, int] = {}
+
+        def measure() -> None:
+            """Read bodies now: Chromium forgets them once the page navigates away."""
+            page.wait_for_load_state("networkidle")
+            for response in watch.responses:
+                key = f"{response.request.method} {urlsplit(response.url).path}"
+                sizes[key] = max(sizes.get(key, 0), len(response.body()))
+            watch.responses.clear()
+
+        page.goto(login_url(server))
+        measure()
+        submit(page, "alice", "wrong")  # the error page, with the cat
+        measure()
+        for name in ("login.css", "theme.js", "login.js", "cat.svg", "favicon.svg"):
+            assert f"GET /ezauth/static/{name}" in sizes, name
+        page_size = max(sizes.pop(f"GET {LOGIN}"), sizes.pop(f"POST {LOGIN}"))
+        total = page_size + sum(sizes.values())
+        assert total < WEIGHT_LIMIT, (total, sizes)
+        favicon = page.request.get(server.url + "/ezauth/static/favicon.svg")
+        assert favicon.ok and favicon.headers["content-type"].startswith("image/svg+xml")
+        watch.assert_clean()
