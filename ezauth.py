@@ -350,11 +350,15 @@ def credential_fingerprint(encoded: str) -> str:
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]
 
 
-def parse_users(text: str) -> dict[str, str]:
+def parse_users(data: bytes) -> dict[str, str]:
     """name -> hash from a users file; bad lines are logged by number and skipped."""
     users = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            stripped = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            log.warning("event=users_line_skipped line=%d reason=not_utf8", number)
+            continue
         if not stripped or stripped.startswith("#"):
             continue
         name, sep, encoded = stripped.partition(":")
@@ -387,11 +391,11 @@ class Users:
         if stamp == self._stamp:
             return
         try:
-            text = self.path.read_text(encoding="utf-8") if stamp else ""
-        except (OSError, UnicodeDecodeError) as err:
+            data = self.path.read_bytes() if stamp else b""
+        except OSError as err:
             log.error("event=users_unreadable path=%s error=%s", self.path, _logval(str(err)))
             return
-        hashes = {**self._extra, **parse_users(text)}
+        hashes = {**self._extra, **parse_users(data)}
         self._fingerprints = {name: credential_fingerprint(h) for name, h in hashes.items()}
         self._hashes, self._stamp = hashes, stamp
 
@@ -411,14 +415,14 @@ class Users:
         """Create the user or replace their hash; their existing sessions end."""
         if not NAME_RE.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
-        line = f"{name}:{hash_password(password)}"
+        line = f"{name}:{hash_password(password)}".encode()
         self._rewrite(lambda lines: [ln for ln in lines if _line_name(ln) != name] + [line])
 
     def delete(self, name: str) -> bool:
         """Remove the user; False when there was no such user in the file."""
         found = []
 
-        def drop(lines: list[str]) -> list[str]:
+        def drop(lines: list[bytes]) -> list[bytes]:
             kept = [ln for ln in lines if _line_name(ln) != name]
             found.append(len(kept) != len(lines))
             return kept
@@ -427,31 +431,34 @@ class Users:
         return found[0]
 
     def create_first_admin(self) -> str | None:
-        """On a first start with no users at all, create admin and return its password."""
+        """On a first start (no users, no users file), create admin and return its password."""
+        if self._hashes:
+            return None
         with locked(self.path):
             self.load()
-            if self._hashes:
-                return None
+            if self._hashes or (file_stamp(self.path) or (0, 0, 0))[2] > 0:
+                return None  # never replace a users file we merely failed to understand
             password = secrets.token_urlsafe(16)
-            self._write_lines([f"admin:{hash_password(password)}"])
+            self._write_lines([f"admin:{hash_password(password)}".encode()])
         return password
 
-    def _rewrite(self, change: Callable[[list[str]], list[str]]) -> None:
+    def _rewrite(self, change: Callable[[list[bytes]], list[bytes]]) -> None:
+        """Apply CHANGE to the file's lines as bytes, so lines we cannot parse survive untouched."""
         with locked(self.path):
             try:
-                lines = self.path.read_text(encoding="utf-8").splitlines()
+                lines = self.path.read_bytes().splitlines()
             except FileNotFoundError:
                 lines = []
             self._write_lines(change(lines))
 
-    def _write_lines(self, lines: list[str]) -> None:
-        write_atomic(self.path, "".join(f"{ln}\n" for ln in lines).encode("utf-8"))
+    def _write_lines(self, lines: list[bytes]) -> None:
+        write_atomic(self.path, b"".join(ln + b"\n" for ln in lines))
         self._stamp = ()
         self.load()
 
 
-def _line_name(line: str) -> str:
-    return line.strip().partition(":")[0]
+def _line_name(line: bytes) -> str:
+    return line.strip().partition(b":")[0].decode("utf-8", "replace")
 
 
 # -- Signing keys ---------------------------------------------------------------------------
@@ -510,26 +517,32 @@ class KeyRing:
         self._by_kid: dict[str, SigningKey] = {}
         self._stamp: tuple | None = None
         self._retry_rotation_at = 0.0
+        self._bad_stamp: tuple | None = None
         self._open(now)
 
     def _open(self, now: float) -> None:
         try:
             with locked(self.path):
-                try:
-                    self._reload()
-                except ValueError as err:
-                    aside = move_aside(self.path, now)
-                    log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
-                              "note=sessions_signed_by_the_lost_keys_have_ended", aside, _logval(str(err)))
-                if not self.keys:
-                    self._write((new_key(now, now),))
-        except OSError as err:
+                self._load_or_replace(now)
+        except OSError as err:  # a read-only data dir: carry on with the keys that are there
+            with contextlib.suppress(OSError, ValueError):
+                self._reload()
             if self.keys:
                 log.warning("event=keyring_readonly error=%s action=using_loaded_keys", _logval(str(err)))
                 return
             log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
                       _logval(str(err)))
             self._use((new_key(now, now),), None)
+
+    def _load_or_replace(self, now: float) -> None:
+        try:
+            self._reload()
+        except (OSError, ValueError) as err:
+            aside = move_aside(self.path, now)
+            log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
+                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, _logval(str(err)))
+        if not self.keys:
+            self._write((new_key(now, now),))
 
     def _reload(self) -> None:
         """Load the file if it changed; ValueError if it is not a key ring."""
@@ -551,7 +564,9 @@ class KeyRing:
         try:
             self._reload()
         except (OSError, ValueError) as err:
-            log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", _logval(str(err)))
+            if file_stamp(self.path) != self._bad_stamp:  # once per bad version, not every second
+                self._bad_stamp = file_stamp(self.path)
+                log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", _logval(str(err)))
         if now - self.keys[-1].created >= self.rotate_every and now >= self._retry_rotation_at:
             self.rotate(now, only_if_due=True)
 
@@ -707,6 +722,16 @@ class VisitCounter:
         except OSError as err:
             log.warning("event=counter_skipped error=%s", _logval(str(err)))
             return None
+
+    def current(self) -> int | None:
+        """The count without adding a visit; None when it cannot be read."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
 
     def _read(self) -> int:
         try:
@@ -1248,6 +1273,8 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
 
     def page(request: Request, status: int, *, error: str = "", username: str = "", rd: str = "/",
              remember: bool = False, visits: int | None = None, headers: Iterable = ()) -> Response:
+        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is."""
+        visits = counter.current() if visits is None and request.method == "POST" else visits
         lang = choose_lang(request.header("Accept-Language"), settings.lang)
         text = PAGE_TEXT[lang]
         csrf = next((c for c in request.cookies(csrf_cookie) if re.fullmatch(r"[A-Za-z0-9_-]{32,64}", c)), "")
@@ -1353,7 +1380,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                    ("Cache-Control", "public, max-age=3600"), ("Content-Security-Policy", STATIC_CSP),
                    ("X-Content-Type-Options", "nosniff")]
         if request.header("If-None-Match") == etag:
-            return Response(304, b"", headers)
+            return Response(304, b"", headers[1:])
         return Response(200, path.read_bytes(), headers)
 
     routes: dict[tuple[str, str], Handler] = {
