@@ -113,13 +113,12 @@ def start_server(data_dir: Path, port: int | None = None, args: tuple = (), **en
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"ezauth-{port}.log"
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, str(EZAUTH), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), *args],
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(**env), cwd=data_dir.parent,
-    )
-    log.close()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(EZAUTH), "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(data_dir), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=clean_env(**env), cwd=data_dir.parent,
+        )
     server = Server(data_dir, port, proc, log_path, env)
     try:
         wait_healthy(server.url, proc)
