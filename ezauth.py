@@ -756,6 +756,7 @@ class Attempt:
 
     row_ids: tuple[int, ...] = ()
     retry_after: int = 0
+    busy: bool = False  # not locked out: other checks in flight fill the limit for a moment
 
     @property
     def locked(self) -> bool:
@@ -769,7 +770,7 @@ class Throttle:
     checks the limit, so parallel guesses from several processes cannot exceed it.
     """
 
-    SCHEMA = ("CREATE TABLE IF NOT EXISTS attempts (key TEXT NOT NULL, at REAL NOT NULL);"
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS attempts (key TEXT NOT NULL, at REAL NOT NULL, pending INTEGER NOT NULL);"
               "CREATE INDEX IF NOT EXISTS attempts_key ON attempts (key, at);"
               "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);")
 
@@ -831,40 +832,53 @@ class Throttle:
                 db.close()
 
     def begin(self, keys: list[str], now: float) -> Attempt:
-        """Reserve one attempt for every key, or say how long they are locked out."""
+        """Reserve one attempt for every key, or say how long to wait.
+
+        Failures and checks still in flight both count toward the limit, so parallel guesses
+        cannot exceed it; only failures lock a key out, so parallel right passwords never do.
+        """
         def work(db: sqlite3.Connection) -> Attempt:
             db.execute("DELETE FROM attempts WHERE at <= ?", (now - self.window,))
             db.execute("DELETE FROM locks WHERE until <= ?", (now,))
-            marks = ",".join("?" * len(keys))
-            # Only '?' marks are interpolated; the values travel as parameters.
-            query = f"SELECT MAX(until) FROM locks WHERE key IN ({marks})"  # noqa: S608  # nosec B608
-            until = db.execute(query, keys).fetchone()[0]
-            if until is None:
-                for key in keys:
-                    used = db.execute("SELECT COUNT(*) FROM attempts WHERE key = ?", (key,)).fetchone()[0]
-                    if used >= self.max_attempts:
-                        until = now + self.lockout
-                        db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?)", (key, until))
+            until = max((row[0] for key in keys
+                         for row in db.execute("SELECT until FROM locks WHERE key = ?", (key,))), default=None)
             if until is not None:
                 return Attempt(retry_after=max(1, math.ceil(until - now)))
-            ids = tuple(db.execute("INSERT INTO attempts VALUES (?, ?)", (key, now)).lastrowid for key in keys)
+            for key in keys:
+                failures, in_flight = self._counts(db, key)
+                if failures >= self.max_attempts:
+                    self._lock_out(db, key, now)
+                    return Attempt(retry_after=self.lockout)
+                if failures + in_flight >= self.max_attempts:
+                    return Attempt(retry_after=1, busy=True)
+            ids = tuple(db.execute("INSERT INTO attempts VALUES (?, ?, 1)", (key, now)).lastrowid for key in keys)
             return Attempt(row_ids=ids)
         return self._run(work)
 
     def succeeded(self, attempt: Attempt) -> None:
         """A right password: its reservation does not count as a failure."""
-        marks = ",".join("?" * len(attempt.row_ids))
-        query = f"DELETE FROM attempts WHERE rowid IN ({marks})"  # noqa: S608  # nosec B608 - only '?' marks
-        self._run(lambda db: db.execute(query, attempt.row_ids))
+        self._run(lambda db: db.executemany("DELETE FROM attempts WHERE rowid = ?",
+                                            [(rowid,) for rowid in attempt.row_ids]))
 
-    def failed(self, keys: list[str], now: float) -> None:
-        """A wrong password: lock every key that has now used up its attempts."""
+    def failed(self, attempt: Attempt, now: float) -> None:
+        """A wrong password: its reservation becomes a failure; a key out of attempts is locked."""
         def work(db: sqlite3.Connection) -> None:
-            for key in keys:
-                if db.execute("SELECT COUNT(*) FROM attempts WHERE key = ? AND at > ?",
-                              (key, now - self.window)).fetchone()[0] >= self.max_attempts:
-                    db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?)", (key, now + self.lockout))
+            for rowid in attempt.row_ids:
+                db.execute("UPDATE attempts SET pending = 0 WHERE rowid = ?", (rowid,))
+                for (key,) in db.execute("SELECT key FROM attempts WHERE rowid = ?", (rowid,)).fetchall():
+                    if self._counts(db, key)[0] >= self.max_attempts:
+                        self._lock_out(db, key, now)
         self._run(work)
+
+    def _counts(self, db: sqlite3.Connection, key: str) -> tuple[int, int]:
+        """(failures, checks in flight) for KEY within the window."""
+        rows = dict(db.execute("SELECT pending, COUNT(*) FROM attempts WHERE key = ? GROUP BY pending", (key,)))
+        return rows.get(0, 0), rows.get(1, 0)
+
+    def _lock_out(self, db: sqlite3.Connection, key: str, now: float) -> None:
+        """Lock KEY out; the failures that did it are spent, so it starts afresh afterwards."""
+        db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?)", (key, now + self.lockout))
+        db.execute("DELETE FROM attempts WHERE key = ? AND pending = 0", (key,))
 
 
 # -- HTTP plumbing --------------------------------------------------------------------------
@@ -1105,7 +1119,8 @@ def _logval(value: str) -> str:
 PAGE_TEXT: dict[str, dict[str, str]] = {
     "en": {
         "t_username": "Username",
-        "t_password": "Password",
+        # A form label, not a password (bandit B105):
+        "t_password": "Password",  # nosec B105
         "t_remember": "Remember me",
         "t_submit": "Log in",
         "t_theme": "Dark theme",
@@ -1123,7 +1138,8 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
     },
     "zh-CN": {
         "t_username": "用户名",
-        "t_password": "密码",
+        # A form label, not a password (bandit B105):
+        "t_password": "密码",  # nosec B105
         "t_remember": "记住我",
         "t_submit": "登录",
         "t_theme": "深色主题",
@@ -1330,12 +1346,13 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         limits = [f"ip:{ip}", f"user:{name.lower()[:64]}"]
         attempt = throttle.begin(limits, now)
         if attempt.locked:
-            log.warning("event=login_locked user=%s ip=%s retry_after=%d", _logval(name), ip, attempt.retry_after)
+            log.warning("event=%s user=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
+                        _logval(name), ip, attempt.retry_after)
             minutes = math.ceil(attempt.retry_after / 60)
             return page(request, 429, error=message(request, "msg_locked", minutes=minutes), username=name,
                         rd=rd, remember=remember, headers=[("Retry-After", str(attempt.retry_after))])
         if not users.check(name, password):
-            throttle.failed(limits, now)
+            throttle.failed(attempt, now)
             log.warning("event=login_failed user=%s ip=%s", _logval(name), ip)
             return page(request, 401, error=message(request, "msg_wrong"), username=name, rd=rd,
                         remember=remember)
@@ -1666,9 +1683,9 @@ class EventServer:
         while conn.buf[:1] in (b"\r", b"\n"):
             del conn.buf[:1]
         end = HEAD_END_RE.search(conn.buf)
+        if (end.start() if end else len(conn.buf)) > MAX_HEAD:
+            raise HTTPError(431)
         if end is None:
-            if len(conn.buf) > MAX_HEAD:
-                raise HTTPError(431)
             return None
         method, target, version, headers = parse_head(bytes(conn.buf[:end.start()]))
         environ = build_environ(self.base_environ, method, target, version, headers, conn.peer)

@@ -733,7 +733,7 @@ def fail(throttle: Throttle, keys: list[str], now: float):
     """One wrong password, as the login handler records it."""
     attempt = throttle.begin(keys, now)
     if not attempt.locked:
-        throttle.failed(keys, now)
+        throttle.failed(attempt, now)
     return attempt
 
 

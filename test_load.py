@@ -1,0 +1,197 @@
+"""Load and slow clients against the real built-in server (generous bounds; not micro-benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import signal
+import socket
+import statistics
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import ezauth
+from conftest import PASSWORD, start_server
+
+pytestmark = pytest.mark.slow
+CSRF = "c" * 43
+
+
+def thread_count(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
+
+
+def request(port: int, method: str, path: str, body: str | None = None, headers: dict | None = None,
+            timeout: float = 30) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body, headers or {})
+        reply = conn.getresponse()
+        return reply.status, dict(reply.getheaders()), reply.read()
+    finally:
+        conn.close()
+
+
+def login(port: int, user: str = "alice", ip: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    form = urllib.parse.urlencode({"username": user, "password": PASSWORD, "csrf": CSRF, "rd": "/app/"})
+    return request(port, "POST", "/ezauth/login", form, {
+        "Cookie": f"ezauth_csrf={CSRF}", "Content-Type": "application/x-www-form-urlencoded",
+        "X-Forwarded-For": ip})
+
+
+def session_cookie(port: int) -> str:
+    status, headers, _ = login(port)
+    assert status == 303
+    return re.search(r"ezauth=[^;]+", headers["Set-Cookie"]).group(0)
+
+
+USERS = [f"user{n}" for n in range(10)]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real ezauth with alice and user0..user9 (a real-cost hash, written once for all of them)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    encoded = ezauth.hash_password(PASSWORD)
+    (data_dir / "users").write_text("".join(f"{name}:{encoded}\n" for name in ["alice", *USERS]))
+    started = start_server(data_dir)
+    yield started
+    started.stop(signal.SIGKILL)
+
+
+def test_idle_and_dribbling_connections_do_not_slow_verify(server):
+    live_server = server
+    port = live_server.port
+    cookie = session_cookie(port)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    dribblers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    head = b"GET /ezauth/login HTTP/1.1\r\nHost: localhost\r\n"  # a request head that never ends
+    body_head = (b"POST /ezauth/login HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
+                 b"Content-Type: application/x-www-form-urlencoded\r\n\r\n")  # then a body that never ends
+    for sock in dribblers[25:]:
+        sock.sendall(body_head)
+    stop = threading.Event()
+
+    def dribble() -> None:
+        for i in range(20):
+            if stop.wait(1.0 if i else 0):
+                return
+            for n, sock in enumerate(dribblers):
+                with contextlib.suppress(OSError):  # a connection the server already timed out
+                    sock.send(head[i:i + 1] if n < 25 else b"a")
+
+    trickle = threading.Thread(target=dribble)
+    trickle.start()
+    latencies: list[float] = []
+    try:
+        keep_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            for fresh in (True, False):
+                started = time.perf_counter()
+                if fresh:
+                    status, _, _ = request(port, "GET", "/ezauth/verify", headers={"Cookie": cookie}, timeout=5)
+                else:
+                    keep_alive.request("GET", "/ezauth/verify", headers={"Cookie": cookie})
+                    reply = keep_alive.getresponse()
+                    reply.read()
+                    status = reply.status
+                latencies.append(time.perf_counter() - started)
+                assert status == 200
+            time.sleep(0.02)
+        keep_alive.close()
+        assert live_server.proc.poll() is None
+    finally:
+        stop.set()
+        trickle.join(timeout=5)
+        for sock in silent + dribblers:
+            sock.close()
+    assert len(latencies) > 50
+    print(f"verify under 100 slow connections: {len(latencies)} requests, median "
+          f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    assert max(latencies) < 0.100, f"slowest verify {max(latencies) * 1000:.1f} ms, " \
+                                   f"median {statistics.median(latencies) * 1000:.1f} ms"
+
+
+def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
+    live_server = server
+    port, pid = live_server.port, live_server.proc.pid
+    cookie = session_cookie(port)
+    # Warm up every pool the server keeps, so the baseline is its steady state.
+    warm = [threading.Thread(target=request, args=(port, "GET", "/ezauth/login")) for _ in range(16)]
+    for thread in warm:
+        thread.start()
+    for thread in warm:
+        thread.join(timeout=30)
+    time.sleep(0.2)
+    baseline = thread_count(pid)
+    counter_before = int((live_server.data_dir / "counter.txt").read_text())
+
+    # 40 logins: 4 per user from 40 addresses, each key below the lockout limit even all in flight at
+    # once (see test_concurrent_correct_logins_never_leave_a_lockout_behind for why that matters).
+    logins = [("login", USERS[n % 10], f"10.0.{n // 10}.{n % 10 + 1}") for n in range(40)]
+    jobs = (logins + [("verify", cookie)] * 200 + [("verify", "ezauth=forged.token.x")] * 60
+            + [("page",)] * 150 + [("static",)] * 30 + [("healthz",)] * 20)
+    assert len(jobs) == 500
+    results: list = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def run(index: int, job: tuple) -> None:
+        try:
+            barrier.wait(timeout=30)
+            if job[0] == "login":
+                status, headers, _ = login(port, job[1], job[2])
+                ok = status == 303 and headers.get("Location") == "/app/"
+            elif job[0] == "verify":
+                status, _, _ = request(port, "GET", "/ezauth/verify", headers={"Cookie": job[1]})
+                ok = status == (200 if job[1] == cookie else 401)
+            elif job[0] == "page":
+                status, _, body = request(port, "GET", "/ezauth/login")
+                ok = status == 200 and b'name="csrf"' in body
+            elif job[0] == "static":
+                status, _, _ = request(port, "GET", "/ezauth/static/login.css")
+                ok = status == 200
+            else:
+                status, _, _ = request(port, "GET", "/ezauth/healthz")
+                ok = status == 200
+            results[index] = (job[0], status, ok)
+        except Exception as err:  # reported below with the job it belongs to
+            results[index] = (job[0], repr(err), False)
+
+    peak = [baseline]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.05):
+            peak[0] = max(peak[0], thread_count(pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    elapsed = time.monotonic() - started
+    sampling.set()
+    sampler.join(timeout=5)
+
+    failed = [r for r in results if not (r and r[2])]
+    assert not [r for r in results if r and isinstance(r[1], int) and r[1] >= 500], failed[:10]
+    assert failed == [], failed[:10]
+    assert int((live_server.data_dir / "counter.txt").read_text()) == counter_before + 150  # exact under load
+
+    deadline = time.monotonic() + 10
+    while thread_count(pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert thread_count(pid) <= baseline, f"threads: baseline {baseline}, peak {peak[0]}, now {thread_count(pid)}"
+    assert live_server.proc.poll() is None
+    print(f"500 mixed requests in {elapsed:.1f} s; server threads baseline {baseline}, peak {peak[0]}")

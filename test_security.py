@@ -1,0 +1,860 @@
+"""Hostile input against ezauth: return targets, forged tokens, injection, path traversal, abuse.
+
+Pure-HTTP corpora run through WebTest (fast, in-process); the cases about sockets, worker
+processes and the real log format run against `python ezauth.py serve` (conftest fixtures).
+Through-nginx cases live in test_nginx.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import html
+import json
+import logging
+import re
+import socket
+import statistics
+import threading
+import time
+import urllib.parse
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import jwt
+import pytest
+import webtest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+import ezauth
+from conftest import PASSWORD, start_server
+
+HOST = "localhost"
+CSRF = "c" * 43  # any value works as long as the cookie and the form field agree
+
+
+# -- Helpers -------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """An injectable clock that tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def cheap_hash(password: str) -> str:
+    """A valid scrypt hash at a tiny cost, so corpora of logins stay fast (n=16 instead of 2**15)."""
+    return ezauth.hash_password(password, n=16)
+
+
+def write_users(data_dir: Path, **users: str) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staged = data_dir / ".users.staged"
+    staged.write_text("".join(f"{name}:{h}\n" for name, h in users.items()))
+    staged.replace(data_dir / "users")  # a new inode, as ezauth's own writes make
+
+
+def build(tmp_path: Path, clock: FakeClock | None = None, **overrides) -> tuple[ezauth.EzauthApp, webtest.TestApp]:
+    """An app on a fresh data dir with alice and bob (cheap hashes), and a WebTest client for it."""
+    data_dir = tmp_path / "data"
+    write_users(data_dir, alice=cheap_hash(PASSWORD), bob=cheap_hash(PASSWORD))
+    settings = replace(ezauth.Settings(data_dir=data_dir), **overrides)
+    app = ezauth.make_app(settings, clock=clock or FakeClock())
+    return app, webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def service(tmp_path, clock):
+    return build(tmp_path, clock)
+
+
+def post_login(client: webtest.TestApp, username: str = "alice", password: str = PASSWORD, rd: str = "/",
+               status: int | str = "*", headers: dict | None = None, **environ) -> webtest.TestResponse:
+    """POST the login form with a matching CSRF cookie and field."""
+    reply = client.post(
+        "/ezauth/login", {"username": username, "password": password, "rd": rd, "csrf": CSRF},
+        headers={"Cookie": f"ezauth_csrf={CSRF}", **(headers or {})},
+        extra_environ=environ or None, status="*", expect_errors=True)
+    assert status == "*" or reply.status_int == status, f"{reply.status} for {username!r} rd={rd!r}"
+    return reply
+
+
+def session_token(client: webtest.TestApp, username: str = "alice") -> str:
+    reply = post_login(client, username, status=303)
+    cookie = next(v for v in reply.headers.getall("Set-Cookie") if v.startswith("ezauth="))
+    return cookie.split(";")[0].partition("=")[2]
+
+
+def verify(client: webtest.TestApp, cookie: str | None, **headers: str) -> webtest.TestResponse:
+    if cookie is not None:
+        headers["Cookie"] = cookie
+    return client.get("/ezauth/verify", headers=headers, expect_errors=True)
+
+
+class PageParser(HTMLParser):
+    """Every start tag with its attributes, and the form's field values by name."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.fields: dict[str, str] = {}
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = dict(attrs)
+        self.tags.append((tag, attributes))
+        if tag == "input" and attributes.get("name"):
+            self.fields[attributes["name"]] = attributes.get("value") or ""
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse_page(body: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(body)
+    return parser
+
+
+def assert_no_injected_markup(body: str) -> PageParser:
+    """The page holds only ezauth's own markup: no inline script, no event handlers, no frames."""
+    page = parse_page(body)
+    for tag, attrs in page.tags:
+        assert tag not in ("iframe", "object", "embed", "svg", "base", "meta") or (
+            tag == "meta" and set(attrs) <= {"charset", "name", "content"}
+        ) or (tag == "svg" and "onload" not in attrs), (tag, attrs)
+        assert not [a for a in attrs if a.lower().startswith("on")], (tag, attrs)
+        if tag == "script":
+            assert (attrs.get("src") or "").startswith("/ezauth/static/"), attrs
+        if tag == "img":
+            assert (attrs.get("src") or "").startswith("/ezauth/static/"), attrs
+    return page
+
+
+def browser_view(url: str) -> str:
+    """Roughly what a browser makes of a Location value: it drops tab/CR/LF, trims C0 controls and
+    spaces, and reads '\\' as '/' in http(s) URLs."""
+    url = re.sub(r"[\t\r\n]", "", url).strip("\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0c\x0e\x0f"
+                                                 "\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b"
+                                                 "\x1c\x1d\x1e\x1f ")
+    return url.replace("\\", "/")
+
+
+def assert_stays_on_site(location: str, host: str = HOST, cookie_domain: str = "") -> None:
+    """A Location ezauth may send: '/', a path starting with a single '/', or (only with a cookie
+    domain) an http(s) URL whose host is under that domain."""
+    assert ezauth.TARGET_CHARS_RE.fullmatch(location), f"control, space or non-ASCII in {location!r}"
+    assert "\\" not in location, location
+    if location.startswith("/"):
+        assert not location.startswith("//"), location
+    else:
+        parts = urllib.parse.urlsplit(location)
+        assert cookie_domain, f"absolute Location {location!r} without a cookie domain"
+        assert parts.scheme in ("http", "https") and "@" not in parts.netloc, location
+        assert ezauth.host_under(parts.hostname or "", cookie_domain), location
+    landed = urllib.parse.urlsplit(urllib.parse.urljoin(f"https://{host}/start/here", browser_view(location)))
+    assert landed.scheme in ("http", "https"), location
+    assert landed.hostname == host or (cookie_domain and ezauth.host_under(landed.hostname or "", cookie_domain)), \
+        f"{location!r} lands on {landed.hostname!r}"
+
+
+# -- Return targets --------------------------------------------------------------------------
+
+HOSTILE_TARGETS = [
+    # protocol-relative and slash/backslash mixes
+    "//evil.example", "///evil.example", "////evil.example", "//evil.example:443/app", "//", "/\\evil.example",
+    "\\/evil.example", "\\\\evil.example", "/\\/evil.example", "\\evil.example", "/\\\\evil.example",
+    # absolute URLs elsewhere, mixed-case schemes, odd schemes
+    "https://evil.example", "http://evil.example/app?a=1", "HTTPS://evil.example", "hTtPs://EVIL.example/",
+    "https:evil.example", "http:/evil.example", "https:///evil.example", "https:/\\evil.example",
+    "ftp://evil.example", "mailto:x@evil.example",
+    # javascript: and data:
+    "javascript:alert(1)", "JaVaScRiPt:alert(document.domain)", "javascript://%0aalert(1)",
+    "javascript:/*//*/alert(1)", "data:text/html,<script>alert(1)</script>",
+    "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==", "vbscript:msgbox(1)",
+    # userinfo and delimiter tricks
+    "https://localhost@evil.example", "https://localhost:80@evil.example/", "//localhost@evil.example",
+    "http://evil.example\\@localhost", "https://evil.example#@localhost", "https://evil.example?@localhost",
+    "http://[::1]@evil.example", "http://localhost:abc@evil.example", "https://evil.example%2f@localhost",
+    "http://localhost%2f@evil.example", "https://localhost%40evil.example", "https://localhost.evil.example",
+    "http://localhost:80%2f%2fevil.example",
+    # percent-encoded and double-encoded slashes and dots
+    "%2f%2fevil.example", "%2F%2Fevil.example", "%252f%252fevil.example", "%5c%5cevil.example",
+    "//%65vil.example", "/%2f%2fevil.example", "/%5cevil.example", "/..//evil.example",
+    "/%2e%2e//evil.example", "%2e%2e//evil.example", "https://localhost/..//evil.example",
+    # tabs, newlines, NUL, spaces inside the scheme or the slashes
+    "java\tscript:alert(1)", "java\nscript:alert(1)", "https:\t//evil.example", "ht\ntps://evil.example",
+    "/\t/evil.example", "/\n/evil.example", "/\r/evil.example", " //evil.example", "\x00//evil.example",
+    "\x0b//evil.example", "%00//evil.example", "/%09/evil.example",
+    # CR/LF header injection
+    "/app\r\nLocation: https://evil.example", "/app\r\nSet-Cookie: ezauth=forged",
+    "/%0d%0aSet-Cookie:%20ezauth=forged", "%0d%0aLocation:%20https://evil.example",
+    # unicode look-alikes
+    "https://ⓔvil.example", "//evil。example", "/／evil.example", "／／evil.example", "/\u2215evil.example",
+    "https://evil.example\u2044@localhost", "\u3002//evil.example", "/\uff3cevil.example",
+    # overlong input and login loops
+    "/" + "a" * 5000, "https://localhost/" + "a" * 3000, "//evil.example/" + "a" * 3000,
+    "/ezauth/login?rd=//evil.example", "/ezauth/logout",
+]
+
+
+def test_corpus_is_big_enough():
+    assert len(HOSTILE_TARGETS) >= 40
+    assert len(set(HOSTILE_TARGETS)) == len(HOSTILE_TARGETS)
+
+
+@pytest.mark.parametrize("target", HOSTILE_TARGETS, ids=range(len(HOSTILE_TARGETS)))
+def test_hostile_target_in_the_login_page_query_stays_on_site(service, target):
+    _, client = service
+    page = client.get("/ezauth/login", params={"rd": target}, status=200)
+    rd = assert_no_injected_markup(page.text).fields["rd"]
+    assert_stays_on_site(rd)
+
+
+@pytest.mark.parametrize("target", HOSTILE_TARGETS, ids=range(len(HOSTILE_TARGETS)))
+def test_hostile_target_in_the_login_form_never_redirects_off_site(service, target):
+    _, client = service
+    reply = post_login(client, rd=target, status=303)
+    assert_stays_on_site(reply.headers["Location"])
+    assert "evil" not in reply.headers["Location"].lower() or reply.headers["Location"].startswith("/")
+
+
+@pytest.mark.parametrize("target, host", [
+    ("https://evil.example", "evil.example"),            # the Host header is attacker-chosen too
+    ("https://localhost.evil.example/x", "localhost.evil.example"),
+])
+def test_host_header_matching_the_target_still_gives_a_relative_location(service, target, host):
+    _, client = service
+    reply = post_login(client, rd=target, status=303, headers={"Host": host})
+    assert reply.headers["Location"].startswith("/") and not reply.headers["Location"].startswith("//")
+
+
+DOMAIN_TARGETS = [
+    "https://example.com.evil.net/", "https://evilexample.com/", "https://app.example.com@evil.net/",
+    "https://evil.net\\.example.com/", "https://evil.net/.example.com", "https://evil.net?.example.com",
+    "https://evil.net#.example.com", "https://evil.net%2f.example.com/", "https://evil.net%00.example.com/",
+    "javascript://app.example.com/%0aalert(1)", "//evil.net/app.example.com", "https://example.com:evil.net/",
+    "https://[::1].example.com/", "https://xn--evil.example.com@evil.net/",
+]
+
+
+@pytest.mark.parametrize("target", DOMAIN_TARGETS, ids=range(len(DOMAIN_TARGETS)))
+def test_hostile_target_with_a_cookie_domain_stays_under_it(tmp_path, target):
+    _, client = build(tmp_path, cookie_domain="example.com")
+    page = client.get("/ezauth/login", params={"rd": target}, headers={"Host": "app.example.com"}, status=200)
+    assert_stays_on_site(parse_page(page.text).fields["rd"], "app.example.com", "example.com")
+    reply = post_login(client, rd=target, status=303, headers={"Host": "app.example.com"})
+    assert_stays_on_site(reply.headers["Location"], "app.example.com", "example.com")
+
+
+def test_wanted_targets_survive_exactly(service):
+    """The corpus is not passing by sending everyone to '/'."""
+    _, client = service
+    for target in ("/app/?a=1&b=2&c=%2F", "/a/b;c?d=e#f", "http://localhost/x?y=1"):
+        location = post_login(client, rd=target, status=303).headers["Location"]
+        assert location == urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl() or location == target
+
+
+URL_PIECES = st.sampled_from([
+    "/", "//", "\\", "http:", "https:", "HTTPS:", "javascript:", "data:", "evil.example", "localhost",
+    "app.example.com", ".example.com", "example.com", "@", ":", "?", "#", "%2f", "%5c", "%2e", ".", "..",
+    "\t", "\n", "\r", " ", "\x00", "[::1]", "ⓔ", "。", "／", ":80", "%40", "%00", "a", "ezauth/login",
+])
+TARGETS = st.one_of(st.text(max_size=80), st.lists(URL_PIECES, max_size=10).map("".join))
+
+
+@given(target=TARGETS)
+@hyp_settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_string_gives_a_same_site_target_or_slash(target):
+    assert_stays_on_site(ezauth.safe_return_target(target, HOST))
+    assert_stays_on_site(ezauth.safe_return_target(target, "app.example.com", "example.com"),
+                         "app.example.com", "example.com")
+
+
+# -- Token attacks ---------------------------------------------------------------------------
+
+
+def b64(raw: bytes | str) -> str:
+    raw = raw.encode() if isinstance(raw, str) else raw
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def claims_for(app: ezauth.EzauthApp, user: str = "alice", **changes) -> dict:
+    now = int(app.clock())
+    claims = {"sub": user, "iat": now, "exp": now + 600, "fp": app.users.fingerprint(user) or "x", "rem": 0}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not ...}
+
+
+def signed(app: ezauth.EzauthApp, claims: dict | bytes, key: bytes | None = None, alg: str = "HS256",
+           **header) -> str:
+    """A JWS signed by hand, so headers PyJWT would refuse to write (a non-string kid) can be sent."""
+    signer = app.keys.signer(app.clock())
+    head = b64(json.dumps({"alg": alg, "typ": "JWT", "kid": signer.kid, **header}))
+    body = b64(claims if isinstance(claims, bytes) else json.dumps(claims))
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    mac = hmac.new(key or signer.secret, f"{head}.{body}".encode(), digest).digest()
+    return f"{head}.{body}.{b64(mac)}"
+
+
+def unsigned(header: dict, claims: dict, signature: str = "") -> str:
+    return f"{b64(json.dumps(header))}.{b64(json.dumps(claims))}.{signature}"
+
+
+def kid_of(app) -> str:
+    return app.keys.signer(app.clock()).kid
+
+
+def deleted_user(app, client):
+    token = signed(app, claims_for(app, "bob"))
+    assert verify(client, f"ezauth={token}").status_int == 200
+    app.users.delete("bob")
+    return token
+
+
+def stale_fingerprint(app, client):
+    token = signed(app, claims_for(app))
+    assert verify(client, f"ezauth={token}").status_int == 200
+    write_users(app.settings.data_dir, alice=cheap_hash("a new password"), bob=cheap_hash(PASSWORD))
+    app.users.load()
+    return token
+
+
+def tampered_payload(app, client):
+    header, _, signature = signed(app, claims_for(app)).split(".")
+    return f"{header}.{b64(json.dumps(claims_for(app, 'bob')))}.{signature}"
+
+
+def retired_key(app, client):
+    token = signed(app, claims_for(app))
+    kept = app.keys.keys[-1]
+    app.keys.rotate(app.clock())
+    app.keys._write(tuple(k for k in app.keys.keys if k.kid != kept.kid))  # as after its retirement
+    return token
+
+
+BAD_TOKENS = {
+    "alg-none": lambda app, c: unsigned({"alg": "none", "kid": kid_of(app)}, claims_for(app)),
+    "alg-None": lambda app, c: unsigned({"alg": "None", "kid": kid_of(app)}, claims_for(app)),
+    "alg-none-with-sig": lambda app, c: unsigned({"alg": "none", "kid": kid_of(app)}, claims_for(app), "AAAA"),
+    "alg-hs256-empty-sig": lambda app, c: signed(app, claims_for(app)).rsplit(".", 1)[0] + ".",
+    "hs256-wrong-key": lambda app, c: signed(app, claims_for(app), key=b"k" * 32),
+    "hs256-empty-key": lambda app, c: signed(app, claims_for(app), key=b"\0" * 32),
+    "hs512-right-key": lambda app, c: signed(app, claims_for(app), alg="HS512"),
+    "hs384-right-key": lambda app, c: signed(app, claims_for(app), alg="HS384"),
+    "rs256-header": lambda app, c: unsigned({"alg": "RS256", "kid": kid_of(app)}, claims_for(app), "AAAA"),
+    "jwk-header-own-key": lambda app, c: signed(app, claims_for(app), key=b"a" * 32,
+                                                jwk={"kty": "oct", "k": b64(b"a" * 32)}),
+    "kid-unknown": lambda app, c: signed(app, claims_for(app), kid="nope"),
+    "kid-path": lambda app, c: signed(app, claims_for(app), kid="../../etc/passwd"),
+    "kid-abs-path": lambda app, c: signed(app, claims_for(app), kid="/dev/zero"),
+    "kid-keys-json": lambda app, c: signed(app, claims_for(app), kid="../keys.json"),
+    "kid-huge-under-limit": lambda app, c: signed(app, claims_for(app), kid="A" * 2500),
+    "kid-huge-over-limit": lambda app, c: signed(app, claims_for(app), kid="A" * 100_000),
+    "kid-int": lambda app, c: signed(app, claims_for(app), kid=1),
+    "kid-null": lambda app, c: signed(app, claims_for(app), kid=None),
+    "kid-list": lambda app, c: signed(app, claims_for(app), kid=[kid_of(app)]),
+    "kid-dict": lambda app, c: signed(app, claims_for(app), kid={"kid": kid_of(app)}),
+    "kid-nul": lambda app, c: signed(app, claims_for(app), kid=kid_of(app) + "\0"),
+    "kid-missing": lambda app, c: jwt.encode(claims_for(app), app.keys.signer(app.clock()).secret, "HS256"),
+    "kid-of-another-key-same-sig": lambda app, c: signed(app, claims_for(app), kid=kid_of(app).swapcase()),
+    "retired-key": retired_key,
+    "expired": lambda app, c: signed(app, claims_for(app, exp=int(app.clock()) - 1)),
+    "expires-now": lambda app, c: signed(app, claims_for(app, exp=int(app.clock()))),
+    "expired-long-ago": lambda app, c: signed(app, claims_for(app, iat=1, exp=2)),
+    "iat-in-future": lambda app, c: signed(app, claims_for(app, iat=int(app.clock()) + 3600,
+                                                           exp=int(app.clock()) + 7200)),
+    "nbf-in-future": lambda app, c: signed(app, claims_for(app, nbf=int(app.clock()) + 3600)),
+    "nbf-string": lambda app, c: signed(app, claims_for(app, nbf="0")),
+    "exp-missing": lambda app, c: signed(app, claims_for(app, exp=...)),
+    "iat-missing": lambda app, c: signed(app, claims_for(app, iat=...)),
+    "exp-string": lambda app, c: signed(app, claims_for(app, exp="99999999999")),
+    "exp-float": lambda app, c: signed(app, claims_for(app, exp=app.clock() + 600.5)),
+    "exp-true": lambda app, c: signed(app, claims_for(app, exp=True, iat=False)),
+    "exp-list": lambda app, c: signed(app, claims_for(app, exp=[1])),
+    "sub-missing": lambda app, c: signed(app, claims_for(app, sub=...)),
+    "sub-empty": lambda app, c: signed(app, claims_for(app, sub="")),
+    "sub-int": lambda app, c: signed(app, claims_for(app, sub=1)),
+    "sub-list": lambda app, c: signed(app, claims_for(app, sub=["alice"])),
+    "sub-unknown-user": lambda app, c: signed(app, claims_for(app, "mallory")),
+    "sub-other-users-fp": lambda app, c: signed(app, claims_for(app, "mallory", fp=app.users.fingerprint("alice"))),
+    "sub-case-variant": lambda app, c: signed(app, claims_for(app, "Alice", fp=app.users.fingerprint("alice"))),
+    "deleted-user": deleted_user,
+    "fp-stale": stale_fingerprint,
+    "fp-missing": lambda app, c: signed(app, claims_for(app, fp=...)),
+    "fp-wrong": lambda app, c: signed(app, claims_for(app, fp="0" * 16)),
+    "fp-int": lambda app, c: signed(app, claims_for(app, fp=0)),
+    "payload-not-object": lambda app, c: signed(app, b"[]"),
+    "payload-not-json": lambda app, c: signed(app, b"\xff\xfe not json"),
+    "payload-deeply-nested": lambda app, c: signed(app, b"[" * 1500 + b"]" * 1500),
+    "tampered-payload": tampered_payload,
+    "header-not-object": lambda app, c: f"{b64('[]')}.{b64(json.dumps(claims_for(app)))}.AAAA",
+    "header-not-json": lambda app, c: b64(b"\xff") + f".{b64(json.dumps(claims_for(app)))}.AAAA",
+    "header-deeply-nested": lambda app, c: b64(b"[" * 1200 + b"]" * 1200) + ".e30.AAAA",
+    "truncated-signature": lambda app, c: signed(app, claims_for(app))[:-3],
+    "truncated-half": lambda app, c: (lambda t: t[: len(t) // 2])(signed(app, claims_for(app))),
+    "header-only": lambda app, c: signed(app, claims_for(app)).split(".")[0],
+    "two-segments": lambda app, c: ".".join(signed(app, claims_for(app)).split(".")[:2]),
+    "four-segments": lambda app, c: signed(app, claims_for(app)) + ".AAAA",
+    "garbage": lambda app, c: "garbage",
+    "empty": lambda app, c: "",
+    "dots": lambda app, c: "..",
+    "non-base64": lambda app, c: "!!!.@@@.###",
+    "base64-padding": lambda app, c: "====.====.====",
+    "latin1-bytes": lambda app, c: "\xe4\xf6.\xfc.\xdf",
+    "quoted-garbage": lambda app, c: '"a.b.c"',
+    "valid-plus-junk": lambda app, c: signed(app, claims_for(app)) + "x",
+    "huge-garbage": lambda app, c: "A" * 50_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TOKENS))
+def test_forged_or_broken_token_is_401(service, name):
+    app, client = service
+    token = BAD_TOKENS[name](app, client)
+    reply = verify(client, f"ezauth={token}")
+    assert reply.status_int == 401, f"{name}: got {reply.status}"
+    assert "X-Auth-Request-User" not in reply.headers
+
+
+def test_control_a_valid_token_is_200(service):
+    """The attacks above fail for their own reason, not because the helpers make bad tokens."""
+    app, client = service
+    for token in (signed(app, claims_for(app)), session_token(client)):
+        reply = verify(client, f"ezauth={token}")
+        assert reply.status_int == 200 and reply.headers["X-Auth-Request-User"] == "alice"
+
+
+def test_two_same_name_cookies_are_decided_deterministically(service):
+    app, client = service
+    alice, bob = session_token(client, "alice"), session_token(client, "bob")
+    cases = {
+        f"ezauth=garbage; ezauth={alice}": (200, "alice"),
+        f"ezauth={alice}; ezauth=garbage": (200, "alice"),
+        f"ezauth={alice}; ezauth={bob}": (200, "alice"),
+        f"ezauth={bob}; ezauth={alice}": (200, "bob"),
+        "ezauth=garbage; ezauth=also.garbage.x": (401, None),
+        f"ezauth={signed(app, claims_for(app), key=b'k' * 32)}; ezauth={alice}": (200, "alice"),
+    }
+    for cookie, (status, user) in cases.items():
+        for _ in range(3):
+            reply = verify(client, cookie)
+            assert (reply.status_int, reply.headers.get("X-Auth-Request-User")) == (status, user), cookie
+
+
+def test_a_thousand_garbage_cookies_answer_401_quickly(service):
+    _, client = service
+    started = time.monotonic()
+    reply = verify(client, "; ".join(["ezauth=a.b.c"] * 1000))
+    assert reply.status_int == 401
+    assert time.monotonic() - started < 2
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send DATA on a fresh connection and return what comes back until the server closes or stops."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        # No half-close after sending: the server takes a FIN as the client giving up. And the server
+        # may answer (431) and close before it has read everything: then sending fails, reading works.
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks):
+                    break
+        except OSError:
+            pass
+    return b"".join(chunks)
+
+
+def status_of(reply: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", reply)
+    assert match, f"no status line in {reply[:80]!r}"
+    return int(match.group(1))
+
+
+def test_oversized_cookie_against_the_real_server_is_refused_not_5xx(live_server):
+    for size in (8 * 1024, 16 * 1024, 32 * 1024, 63 * 1024, 65 * 1024, 100 * 1024):
+        request = (f"GET /ezauth/verify HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                   f"Cookie: ezauth={'A' * size}\r\n\r\n").encode()
+        assert status_of(raw_exchange(live_server.port, request)) in (400, 401, 413, 431), size
+    assert status_of(raw_exchange(live_server.port, b"GET /ezauth/healthz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+
+
+def test_two_cookie_headers_on_the_real_server_let_the_valid_one_win(live_server):
+    reply = login_reply(live_server.port, "alice", PASSWORD, "127.0.0.1")
+    assert status_of(reply) == 303
+    token = re.search(rb"Set-Cookie: ezauth=([^;]+);", reply).group(1).decode()
+    for first, second in (("garbage", token), (token, "garbage"), ("garbage", "x.y.z")):
+        replies = {raw_exchange(live_server.port, (
+            "GET /ezauth/verify HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Cookie: ezauth={first}\r\nCookie: ezauth={second}\r\n\r\n").encode()).split(b"\r\n")[0]
+            for _ in range(3)}
+        assert len(replies) == 1, replies
+        assert status_of(replies.pop()) == (401 if token not in (first, second) else 200)
+
+
+# -- Injection -------------------------------------------------------------------------------
+
+XSS = [
+    '"><script>alert(1)</script>',
+    "'><img src=x onerror=alert(1)>",
+    "</title><script>alert(1)</script>",
+    '" autofocus onfocus="alert(1)',
+    "' onmouseover='alert(1)",
+    "<svg/onload=alert(1)>",
+    "</textarea></form><iframe src=//evil.example>",
+    "&lt;script&gt;alert(1)&lt;/script&gt;",
+    "${csrf}$rd$$ $t_username",
+    "<!--",
+    "]]><![CDATA[<script>alert(1)</script>",
+]
+
+
+@pytest.mark.parametrize("payload", XSS, ids=range(len(XSS)))
+def test_return_target_reaches_the_page_escaped(service, payload):
+    _, client = service
+    target = "/app?" + payload.replace(" ", "%20")  # a same-site path, so it is kept and echoed
+    page = client.get("/ezauth/login", params={"rd": target}, status=200)
+    parsed = assert_no_injected_markup(page.text)
+    assert parsed.fields["rd"] in (target, "/")
+    wrong = post_login(client, password="wrong password", rd=target, status=401)
+    assert assert_no_injected_markup(wrong.text).fields["rd"] in (target, "/")
+
+
+@pytest.mark.parametrize("payload", XSS, ids=range(len(XSS)))
+def test_username_echo_is_escaped_on_every_page_that_keeps_it(service, payload):
+    _, client = service
+    wrong = post_login(client, username=payload, password="wrong password", status=401)
+    assert assert_no_injected_markup(wrong.text).fields["username"] == payload.strip()
+    forged = client.post("/ezauth/login", {"username": payload, "password": "x", "csrf": "nope"},
+                         headers={"Cookie": f"ezauth_csrf={CSRF}"}, status=403)
+    assert assert_no_injected_markup(forged.text).fields["username"] == payload.strip()
+    missing = post_login(client, username=payload, password="", status=400)
+    assert assert_no_injected_markup(missing.text).fields["username"] == payload.strip()
+
+
+def test_username_echo_is_escaped_on_the_lockout_page(tmp_path):
+    _, client = build(tmp_path, max_attempts=1)
+    payload = XSS[0]
+    post_login(client, username=payload, password="wrong password", status=401)
+    locked = post_login(client, username=payload, password="wrong password", status=429)
+    assert assert_no_injected_markup(locked.text).fields["username"] == payload
+
+
+def test_settings_strings_reach_the_page_escaped(tmp_path):
+    title, subtitle, slogan = XSS[0], XSS[3], XSS[6] + " " + XSS[8]
+    _, client = build(tmp_path, title=title, subtitle=subtitle, slogan=slogan)
+    page = client.get("/ezauth/login", status=200)
+    parsed = assert_no_injected_markup(page.text)
+    text = "".join(parsed.text)
+    for value in (title, subtitle, slogan):
+        assert value in text  # shown literally, as text ($ placeholders not expanded either)
+        assert html.escape(value, quote=True) in page.text
+
+
+def test_hostile_csrf_cookie_is_not_reflected(service):
+    _, client = service
+    page = client.get("/ezauth/login", headers={"Cookie": 'ezauth_csrf="><script>alert(1)</script>' + "A" * 40},
+                      status=200)
+    parsed = assert_no_injected_markup(page.text)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32,64}", parsed.fields["csrf"])
+
+
+def test_hostile_accept_language_falls_back_to_a_known_language(service):
+    _, client = service
+    page = client.get("/ezauth/login", headers={"Accept-Language": '"><script>alert(1)</script>;q=1'}, status=200)
+    assert_no_injected_markup(page.text)
+    assert '<html lang="en">' in page.text
+
+
+@pytest.mark.parametrize("uri", ['/a"><script>alert(1)</script>', "/x%0d%0aSet-Cookie:%20a=b", "//evil.example",
+                                 "/p?q=" + "a" * 3000])
+def test_original_uri_reaches_the_login_header_encoded(service, uri):
+    _, client = service
+    reply = verify(client, None, **{"X-Original-URI": uri})
+    login = reply.headers["X-Ezauth-Login"]
+    assert login.startswith("/ezauth/login") and re.fullmatch(r"[\x21-\x7e]+", login)
+    assert not re.search(r"[<>\"']", login)
+    follow = client.get(login, status=200)
+    assert_stays_on_site(assert_no_injected_markup(follow.text).fields["rd"])
+
+
+def test_page_has_no_inline_script_and_a_strict_csp(service):
+    _, client = service
+    page = client.get("/ezauth/login", status=200)
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page.text)
+    csp = page.headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in csp and "script-src 'self'" in csp
+
+
+def test_log_fields_cannot_forge_a_line_or_a_field(service, caplog):
+    _, client = service
+    caplog.set_level(logging.INFO, logger="ezauth")
+    post_login(client, username="bob\nX ezauth WARNING event=login_failed user=x ip=6.6.6.6", password="nope",
+               status=401)
+    post_login(client, username="x ip=6.6.6.6", password="nope", status=401)
+    lines = [r.getMessage() for r in caplog.records if "login_failed" in r.getMessage()]
+    assert len(lines) == 2
+    for line in lines:
+        assert "\n" not in line and "\r" not in line
+        assert line.endswith(" ip=127.0.0.1")
+
+
+# -- Path traversal on /ezauth/static/ -------------------------------------------------------
+
+TRAVERSALS = [
+    "../ezauth.py", "../../ezauth.py", "..%2fezauth.py", "..%2F..%2Fezauth.py", "%2e%2e/ezauth.py",
+    "%2e%2e%2fezauth.py", "%252e%252e%252fezauth.py", "..\\ezauth.py", "..%5cezauth.py", ".%2e/ezauth.py",
+    "....//ezauth.py", "/etc/passwd", "%2fetc%2fpasswd", "//etc/passwd", "login.css/../../ezauth.py",
+    "login.css%00.txt", "login.css%2f..%2f..%2fezauth.py", "./login.css", ".htaccess", "..", ".", "",
+    "%c0%ae%c0%ae/ezauth.py", "%uff0e%uff0e/ezauth.py", "../data/users", "../../outside/secret.css",
+    "leak.css", "users.txt", "keys.json", "secret-dir.css", "subdir/inner.css",
+]
+
+
+def traversal_setup(tmp_path: Path, data_dir: Path) -> str:
+    """An outside secret and a data-dir static/ holding symlinks that point out of it."""
+    secret = "TOPSECRET-" + "x" * 8
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.css").write_text(secret)
+    static = data_dir / "static"
+    static.mkdir(exist_ok=True)
+    (static / "own.css").write_text("body{}")  # a real file: data-dir static/ works at all
+    (static / "leak.css").symlink_to(outside / "secret.css")
+    (static / "users.txt").symlink_to(data_dir / "users")
+    (static / "keys.json").symlink_to(data_dir / "keys.json")
+    (static / "secret-dir.css").symlink_to(outside, target_is_directory=True)
+    (static / "subdir").mkdir(exist_ok=True)
+    (static / "subdir" / "inner.css").write_text("p{}")
+    return secret
+
+
+def assert_nothing_leaked(status: int, body: bytes, secret: str) -> None:
+    assert status in (400, 404), status
+    for marker in (secret.encode(), b"def make_app", b"scrypt:", b'"secret"', b"root:"):
+        assert marker not in body
+
+
+@pytest.mark.parametrize("name", TRAVERSALS, ids=range(len(TRAVERSALS)))
+def test_static_path_traversal_is_404(tmp_path, service, name):
+    app, client = service
+    secret = traversal_setup(tmp_path, app.settings.data_dir)
+    reply = client.get(f"/ezauth/static/{name}", expect_errors=True)
+    assert_nothing_leaked(reply.status_int, reply.body, secret)
+
+
+def test_static_serves_its_own_files_and_data_dir_overrides(tmp_path, service):
+    app, client = service
+    traversal_setup(tmp_path, app.settings.data_dir)
+    assert client.get("/ezauth/static/own.css", status=200).text == "body{}"
+    assert client.get("/ezauth/static/login.css", status=200).headers["Content-Type"].startswith("text/css")
+
+
+def test_static_traversal_against_the_real_server(tmp_path, live_server):
+    secret = traversal_setup(tmp_path, live_server.data_dir)
+    for name in TRAVERSALS:
+        reply = raw_exchange(live_server.port, (
+            f"GET /ezauth/static/{name} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").encode("latin-1"))
+        assert_nothing_leaked(status_of(reply), reply, secret)
+    for target in ("/ezauth/../ezauth.py", "/ezauth/static/../../ezauth.py", "/ezauth/%2e%2e/ezauth.py",
+                   "http://localhost/ezauth/static/../../ezauth.py", "/ezauth/static/%ff%fe.css"):
+        reply = raw_exchange(live_server.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert_nothing_leaked(status_of(reply), reply, secret)
+
+
+# -- Abuse: lockout, client IP, timing -------------------------------------------------------
+
+
+def test_locked_out_ip_does_not_lock_out_another_ip(tmp_path):
+    _, client = build(tmp_path, max_attempts=3)
+    attacker = {"HTTP_X_FORWARDED_FOR": "203.0.113.1"}  # peer 127.0.0.1 is a trusted proxy
+    for name in ("alice", "bob", "carol"):
+        assert post_login(client, name, "wrong password", **attacker).status_int == 401
+    assert post_login(client, "dave", "wrong password", **attacker).status_int == 429
+    assert post_login(client, "alice", PASSWORD, **attacker).status_int == 429  # the IP is locked for all
+    other = {"HTTP_X_FORWARDED_FOR": "198.51.100.2"}
+    assert post_login(client, "bob", PASSWORD, **other).status_int == 303
+    assert post_login(client, "dave", "wrong password", **other).status_int == 401
+
+
+def test_user_guessed_from_many_ips_is_locked_out(tmp_path):
+    _, client = build(tmp_path, max_attempts=3)
+    for n in range(3):
+        reply = post_login(client, "alice", "wrong password", HTTP_X_FORWARDED_FOR=f"203.0.113.{n + 1}")
+        assert reply.status_int == 401
+    for n in range(3, 6):
+        reply = post_login(client, "alice", "wrong password", HTTP_X_FORWARDED_FOR=f"203.0.113.{n + 1}")
+        assert reply.status_int == 429 and int(reply.headers["Retry-After"]) > 0
+    assert post_login(client, "alice", PASSWORD, HTTP_X_FORWARDED_FOR="192.0.2.77").status_int == 429
+    assert post_login(client, "bob", PASSWORD, HTTP_X_FORWARDED_FOR="192.0.2.77").status_int == 303
+
+
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ezauth")
+    _, client = build(tmp_path, max_attempts=3)
+    peer = {"REMOTE_ADDR": "198.51.100.7"}
+    for n, name in enumerate(("alice", "bob", "carol")):
+        reply = post_login(client, name, "wrong password", HTTP_X_FORWARDED_FOR=f"10.0.0.{n}",
+                           HTTP_X_REAL_IP=f"10.1.0.{n}", **peer)
+        assert reply.status_int == 401
+    assert post_login(client, "dave", "x", HTTP_X_FORWARDED_FOR="10.9.9.9", **peer).status_int == 429
+    failed = [r.getMessage() for r in caplog.records if "event=login_failed" in r.getMessage()]
+    assert failed and all(line.endswith("ip=198.51.100.7") for line in failed)
+    reply = post_login(client, "alice", PASSWORD, HTTP_X_FORWARDED_PROTO="https",
+                       REMOTE_ADDR="198.51.100.8")
+    assert "Secure" not in reply.headers["Set-Cookie"]
+
+
+def test_spoofed_forwarded_entries_behind_a_trusted_proxy_do_not_reset_the_count(tmp_path):
+    """nginx appends the real address; what the client put in front of it must not count."""
+    _, client = build(tmp_path, max_attempts=3)
+    for n, name in enumerate(("alice", "bob", "carol")):
+        reply = post_login(client, name, "wrong password", HTTP_X_FORWARDED_FOR=f"6.6.6.{n}, 203.0.113.5")
+        assert reply.status_int == 401
+    assert post_login(client, "dave", "x", HTTP_X_FORWARDED_FOR="7.7.7.7, 203.0.113.5").status_int == 429
+
+
+def test_wrong_password_takes_as_long_for_unknown_and_known_users(tmp_path):
+    data_dir = tmp_path / "data"
+    write_users(data_dir, alice=ezauth.hash_password(PASSWORD))  # the real cost, like the unknown path
+    app = ezauth.make_app(ezauth.Settings(data_dir=data_dir, max_attempts=10_000), clock=FakeClock())
+    client = webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    times: dict[str, list[float]] = {"alice": [], "nobody": []}
+    for _ in range(50):
+        for name in times:
+            started = time.perf_counter()
+            assert post_login(client, name, "wrong password").status_int == 401
+            times[name].append(time.perf_counter() - started)
+    known, unknown = statistics.median(times["alice"]), statistics.median(times["nobody"])
+    # Generous: a real leak (skipping scrypt) is 100x; noise on a busy 2-core box is well under 35 %.
+    assert abs(known - unknown) < 0.35 * max(known, unknown), (known, unknown)
+
+
+def test_lockout_holds_across_four_worker_processes_under_parallel_guessing(server_factory):
+    env = {"EZAUTH_MAX_ATTEMPTS": "3", "EZAUTH_LOCKOUT_WINDOW": "300", "EZAUTH_LOCKOUT_TIME": "300"}
+    first = server_factory(**env)
+    workers = [first]
+    try:
+        workers += [start_server(first.data_dir, **env) for _ in range(3)]
+        user_run = guess_in_parallel(workers, lambda n: ("alice", f"203.0.113.{n + 1}"))
+        assert sorted(set(user_run)) <= [401, 429] and user_run.count(401) <= 3, user_run
+        assert user_run.count(401) >= 1
+        ip_run = guess_in_parallel(workers, lambda n: (f"user{n}", "198.51.100.9"))
+        assert sorted(set(ip_run)) <= [401, 429] and ip_run.count(401) <= 3, ip_run
+        for server in workers:  # the right password from a fresh address: alice is still locked
+            assert login_status(server.port, "alice", PASSWORD, "192.0.2.50") == 429
+        logs = "".join(server.log() for server in workers)
+        assert_fail2ban_filter_works(logs)
+    finally:
+        for server in workers[1:]:
+            server.stop()
+
+
+def test_concurrent_correct_logins_never_leave_a_lockout_behind(live_server):
+    statuses: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def right_login() -> None:
+        barrier.wait(timeout=10)
+        statuses.append(login_status(live_server.port, "alice", PASSWORD, "127.0.0.1"))
+
+    threads = [threading.Thread(target=right_login) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(set(statuses)) <= [303, 429], statuses  # a few may be told to retry during the burst
+    assert login_status(live_server.port, "alice", PASSWORD, "127.0.0.1") == 303
+    assert "event=login_locked" not in live_server.log()
+
+
+def login_reply(port: int, user: str, password: str, forwarded_for: str) -> bytes:
+    """POST the login form to a real server, with a matching CSRF cookie and field."""
+    form = urllib.parse.urlencode({"username": user, "password": password, "csrf": CSRF, "rd": "/"})
+    return raw_exchange(port, (
+        f"POST /ezauth/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        f"Cookie: ezauth_csrf={CSRF}\r\nX-Forwarded-For: {forwarded_for}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n{form}").encode(),
+        timeout=30)
+
+
+def login_status(port: int, user: str, password: str, forwarded_for: str) -> int:
+    return status_of(login_reply(port, user, password, forwarded_for))
+
+
+def guess_in_parallel(workers: list, who, per_worker: int = 4) -> list[int]:
+    """per_worker wrong-password guesses on every worker at once; their statuses."""
+    jobs = [(server.port, *who(n)) for n, server in enumerate(workers * per_worker)]
+    results: list[int] = [0] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def guess(index: int, port: int, user: str, ip: str) -> None:
+        barrier.wait(timeout=10)
+        results[index] = login_status(port, user, "wrong password", ip)
+
+    threads = [threading.Thread(target=guess, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+# -- fail2ban --------------------------------------------------------------------------------
+
+# The filter the README's Security section recommends (filter.d/ezauth.conf, `failregex =` line).
+# Only login_failed: each is a real wrong-password check. login_locked is left out on purpose: the
+# owner of an account under attack gets it too, from their own address, with the right password.
+# The line must end at the real ip field: ezauth JSON-quotes a user name holding anything unusual,
+# and the `$` anchor stops a name like 'x ip=6.6.6.6' from choosing the address to ban.
+FAIL2BAN_FAILREGEX = r'ezauth WARNING event=login_failed user=(?:"(?:[^"\\]|\\.)*"|[^"\s]+) ip=<HOST>$'
+FAIL2BAN_RE = re.compile(FAIL2BAN_FAILREGEX.replace("<HOST>", r"(?P<host>\S+)"))
+
+
+def assert_fail2ban_filter_works(log_text: str) -> None:
+    lines = log_text.splitlines()
+    failures = [ln for ln in lines if "event=login_failed" in ln]
+    assert failures, log_text[-2000:]
+    for line in failures:
+        match = FAIL2BAN_RE.search(line)
+        assert match, line
+        assert match.group("host") in {*(f"203.0.113.{n}" for n in range(1, 17)), "198.51.100.9"}, line
+    assert any("event=login_locked" in ln for ln in lines)
+    for line in lines:
+        if "event=login_failed" not in line:
+            assert not FAIL2BAN_RE.search(line), line
+
+
+def test_fail2ban_filter_ignores_addresses_hidden_in_user_names(tmp_path, caplog):
+    _, client = build(tmp_path, max_attempts=100)
+    caplog.set_level(logging.INFO, logger="ezauth")
+    formatter = logging.Formatter("%(asctime)s ezauth %(levelname)s %(message)s")
+    names = ["x ip=6.6.6.6", 'x" ip=6.6.6.6', "x\\\" ip=6.6.6.6", "ezauth WARNING event=login_failed user=y ip=6.6.6.6",
+             "a" * 200 + " ip=6.6.6.6", "plain.user@example.com"]
+    for name in names:
+        post_login(client, name, "wrong password", status=401, HTTP_X_FORWARDED_FOR="203.0.113.44")
+    lines = [formatter.format(r) for r in caplog.records if "event=login_failed" in r.getMessage()]
+    assert len(lines) == len(names)
+    for line in lines:
+        match = FAIL2BAN_RE.search(line)
+        assert match and match.group("host") == "203.0.113.44", line
