@@ -827,7 +827,8 @@ def guess_in_parallel(workers: list, who, per_worker: int = 4) -> list[int]:
 # owner of an account under attack gets it too, from their own address, with the right password.
 # The line must end at the real ip field: ezauth JSON-quotes a user name holding anything unusual,
 # and the `$` anchor stops a name like 'x ip=6.6.6.6' from choosing the address to ban.
-FAIL2BAN_FAILREGEX = r'ezauth WARNING event=login_failed user=(?:"(?:[^"\\]|\\.)*"|[^"\s]+) ip=<HOST>$'
+FAIL2BAN_FAILREGEX = re.search(r"^failregex = (.+)$", (Path(__file__).parent / "README.md").read_text(),
+                               re.MULTILINE).group(1)
 FAIL2BAN_RE = re.compile(FAIL2BAN_FAILREGEX.replace("<HOST>", r"(?P<host>\S+)"))
 
 
