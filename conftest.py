@@ -130,14 +130,14 @@ def start_server(data_dir: Path, port: int | None = None, args: tuple = (), **en
 
 @pytest.fixture
 def server_factory(tmp_path):
-    """Start real servers on demand; every one is stopped by PID in teardown."""
+    """Start real servers on demand (users=None: alice; {}: none); every one is stopped by PID in teardown."""
     started: list[Server] = []
 
     def start(data_dir: Path | None = None, users: dict[str, str] | None = None,
               args: tuple = (), **env: str) -> Server:
         data_dir = data_dir or tmp_path / f"data{len(started)}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        for name, password in (users or {"alice": PASSWORD}).items():
+        for name, password in ({"alice": PASSWORD} if users is None else users).items():
             add_user(data_dir, name, password)
         server = start_server(data_dir, args=args, **env)
         started.append(server)

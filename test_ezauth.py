@@ -34,7 +34,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import EZAUTH, PASSWORD, add_user, clean_env, free_port, run_cli, start_server, wait_healthy
+from conftest import EZAUTH, PASSWORD, add_user, clean_env, free_port, run_cli, wait_healthy
 from ezauth import (
     PUBLISH_DELAY,
     REFRESH_EVERY,
@@ -1860,18 +1860,9 @@ def real_verify(port: int, token: str) -> int:
 
 
 @pytest.fixture
-def servers():
-    """Start real servers with conftest.start_server; each is stopped by its own PID afterwards."""
-    started = []
-
-    def start(data_dir: Path, args: tuple = (), **env: str):
-        server = start_server(data_dir, args=args, **env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL)
+def servers(server_factory):
+    """Start real servers on a given data dir, without creating users."""
+    return lambda data_dir, args=(), **env: server_factory(data_dir, users={}, args=args, **env)
 
 
 @pytest.fixture
