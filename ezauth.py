@@ -25,6 +25,7 @@ import signal
 import socket
 import sqlite3
 import string
+import struct
 import sys
 import tempfile
 import threading
@@ -88,6 +89,8 @@ class Settings:
     slogan: str = ""
     lang: str = ""
     access_log: bool = False
+    metrics: bool = False
+    basic_auth: bool = False
     legacy_users: tuple = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,9 @@ class Settings:
             raise SettingsError(f"EZAUTH_COOKIE_SECURE: {self.cookie_secure!r} is not auto, 1 or 0")
         if self.lang and self.lang not in LANGS:
             raise SettingsError(f"EZAUTH_LANG: {self.lang!r} is not one of {', '.join(LANGS)}")
+        for name in ("metrics", "basic_auth"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"EZAUTH_{name.upper()}: {getattr(self, name)!r} is not 1 or 0")
 
     @property
     def longest_ttl(self) -> int:
@@ -183,6 +189,8 @@ ENV_SETTINGS: dict[str, tuple[str, Callable]] = {
     "EZAUTH_SLOGAN": ("slogan", _text),
     "EZAUTH_LANG": ("lang", _lang),
     "EZAUTH_ACCESS_LOG": ("access_log", _bool),
+    "EZAUTH_METRICS": ("metrics", _bool),
+    "EZAUTH_BASIC_AUTH": ("basic_auth", _bool),
 }
 
 
@@ -881,6 +889,365 @@ class Throttle:
         db.execute("DELETE FROM attempts WHERE key = ? AND pending = 0", (key,))
 
 
+# -- Second factor (TOTP) -------------------------------------------------------------------
+
+TOTP_STEP = 30
+TOTP_DIGITS = 6
+PENDING_TTL = 300  # how long the code step may take after the right password
+CODE_RE = re.compile(r"[0-9]{6}")
+
+
+def hotp(secret: bytes, counter: int, digits: int = TOTP_DIGITS) -> str:
+    """RFC 4226: HMAC-SHA1 of the counter, dynamically truncated to DIGITS decimal digits."""
+    digest = hmac.new(secret, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    value = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
+    return str(value % 10**digits).zfill(digits)
+
+
+def totp(secret: bytes, now: float, digits: int = TOTP_DIGITS, step: int = TOTP_STEP) -> str:
+    """RFC 6238: the HOTP code of the time step NOW falls in."""
+    return hotp(secret, int(now // step), digits)
+
+
+def totp_uri(name: str, secret: bytes, issuer: str = "ezauth") -> str:
+    """The otpauth:// URI authenticator apps read (usually from a QR code)."""
+    label = urllib.parse.quote(f"{issuer}:{name}", safe="")
+    query = urllib.parse.urlencode({"secret": base64.b32encode(secret).decode().rstrip("="), "issuer": issuer,
+                                    "algorithm": "SHA1", "digits": TOTP_DIGITS, "period": TOTP_STEP})
+    return f"otpauth://totp/{label}?{query}"
+
+
+def matching_step(secret: bytes, code: str, now: float, last_used: int) -> int | None:
+    """The time step (now, or one either side for clock drift) whose code is CODE and not used yet."""
+    current = int(now // TOTP_STEP)
+    for step in (current - 1, current, current + 1):
+        if step > last_used and hmac.compare_digest(hotp(secret, step), code):
+            return step
+    return None
+
+
+def parse_totp(data: bytes) -> dict[str, tuple[bytes, int] | None]:
+    """name -> (secret, last used step); a line we cannot read maps its user to None, which
+    no code matches: a damaged line must lock its user out, not drop their second factor."""
+    entries: dict[str, tuple[bytes, int] | None] = {}
+    for number, raw in enumerate(data.splitlines(), 1):
+        line = raw.decode("utf-8", "replace").strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition(":")
+        secret, _, step = rest.partition(":")
+        try:
+            entries[name] = (base64.b32decode(secret + "=" * (-len(secret) % 8)), int(step or -1))
+        except (binascii.Error, ValueError):
+            log.error("event=totp_line_unreadable line=%d user=%s action=code_step_refuses", number, _logval(name))
+            entries[name] = None
+    return entries
+
+
+class TotpStore:
+    """The totp file (name:base32secret:last_used_step), reloaded when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[bytes, int] | None] = {}
+        self._stamp: tuple | None = ()
+        self.load()
+
+    def load(self) -> None:
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        try:
+            data = self.path.read_bytes() if stamp else b""
+        except OSError as err:
+            log.error("event=totp_unreadable path=%s error=%s", self.path, _logval(str(err)))
+            return
+        self._entries, self._stamp = parse_totp(data), stamp
+
+    def enrolled(self, name: str) -> bool:
+        return name in self._entries
+
+    def enroll(self, name: str) -> bytes:
+        """A new secret for NAME, replacing any old one."""
+        secret = secrets.token_bytes(20)
+        line = f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:-1".encode()
+        self._rewrite(lambda lines: [ln for ln in lines if _line_name(ln) != name] + [line])
+        return secret
+
+    def remove(self, name: str) -> bool:
+        """Drop NAME's second factor; False when they had none."""
+        found = []
+
+        def drop(lines: list[bytes]) -> list[bytes]:
+            kept = [ln for ln in lines if _line_name(ln) != name]
+            found.append(len(kept) != len(lines))
+            return kept
+
+        self._rewrite(drop)
+        return found[0]
+
+    def accept(self, name: str, code: str, now: float) -> bool:
+        """Check CODE and burn its time step, under the lock, so no worker accepts it twice."""
+        used: list[int] = []
+
+        def burn(lines: list[bytes]) -> list[bytes]:
+            entry = parse_totp(b"\n".join(ln for ln in lines if _line_name(ln) == name)).get(name)
+            step = matching_step(entry[0], code, now, entry[1]) if entry and CODE_RE.fullmatch(code) else None
+            if step is None:
+                return lines
+            used.append(step)
+            line = f"{name}:{base64.b32encode(entry[0]).decode().rstrip('=')}:{step}".encode()
+            return [line if _line_name(ln) == name else ln for ln in lines]
+
+        self._rewrite(burn)
+        return bool(used)
+
+    def _rewrite(self, change: Callable[[list[bytes]], list[bytes]]) -> None:
+        with locked(self.path):
+            try:
+                lines = self.path.read_bytes().splitlines()
+            except FileNotFoundError:
+                lines = []
+            new = change(lines)
+            if new != lines:
+                write_atomic(self.path, b"".join(ln + b"\n" for ln in new))
+                with contextlib.suppress(OSError):
+                    self.path.chmod(0o600)
+        self._stamp = ()
+        self.load()
+
+
+def _pending_secret(key: SigningKey) -> bytes:
+    # Derived, not the ring key itself: a pending login can never pass as a session, nor a session as one.
+    return hmac.new(key.secret, b"ezauth totp pending", hashlib.sha256).digest()
+
+
+def issue_pending(user: str, fingerprint: str, remember: bool, key: SigningKey, now: float) -> str:
+    """A short-lived token saying: this user gave the right password and owes a code."""
+    claims = {"sub": user, "fp": fingerprint, "rem": int(remember), "pur": "totp",
+              "iat": int(now), "exp": int(now) + PENDING_TTL}
+    return jwt.encode(claims, _pending_secret(key), algorithm="HS256", headers={"kid": key.kid})
+
+
+def read_pending(token: str, keys: KeyRing, now: float) -> tuple[str, str, bool]:
+    """(user, fingerprint, remember) from a pending token, or InvalidSession."""
+    if len(token) > MAX_TOKEN:
+        raise InvalidSession("too long")
+    try:
+        key = keys.get(jwt.get_unverified_header(token).get("kid"))
+        if key is None:
+            raise InvalidSession("unknown key id")
+        claims = jwt.decode(token, _pending_secret(key), algorithms=["HS256"],
+                            options={"require": ["sub", "iat", "exp"], "verify_exp": False, "verify_iat": False})
+    except jwt.InvalidTokenError as err:
+        raise InvalidSession(err.__class__.__name__) from None
+    user, fp, exp = claims.get("sub"), claims.get("fp"), claims.get("exp")
+    if claims.get("pur") != "totp" or not isinstance(user, str) or not isinstance(fp, str):
+        raise InvalidSession("not a pending login")
+    if not isinstance(exp, int) or exp <= now:
+        raise InvalidSession("expired")
+    return user, fp, bool(claims.get("rem"))
+
+
+# -- Access rules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    allow: bool
+    who: str  # a user name, @group or *
+    host: str  # a host name, *.domain or *
+    prefix: str
+
+
+class Rules:
+    """Who may reach which host and path: the first matching rule decides, no match denies."""
+
+    def __init__(self, rules: tuple[Rule, ...], groups: Mapping[str, frozenset[str]]) -> None:
+        self.count = len(rules)
+        named = {r.who for r in rules if r.who != "*" and not r.who.startswith("@")}
+        named.update(*groups.values())
+
+        def applies(rule: Rule, user: str) -> bool:
+            return rule.who in ("*", user) or (rule.who.startswith("@") and user in groups[rule.who[1:]])
+
+        # Each user's own list, worked out once per load, so a check only walks the rules that concern them.
+        self._anyone = tuple(r for r in rules if r.who == "*")
+        self._by_user = {user: tuple(r for r in rules if applies(r, user)) for user in named}
+
+    def allows(self, user: str, host: str, path: str) -> bool:
+        for rule in self._by_user.get(user, self._anyone):
+            if path.startswith(rule.prefix) and (rule.host in ("*", host) or (
+                    rule.host.startswith("*.") and host.endswith(rule.host[1:]))):
+                return rule.allow
+        return False
+
+
+def parse_rules(text: str) -> Rules:
+    """Rules from the rules file; ValueError naming the line when anything is off."""
+    rules, groups, used_groups = [], {}, {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "group" and len(words) >= 2 and words[1].endswith(":"):
+            name, members = words[1][:-1], words[2:]
+            if not NAME_RE.fullmatch(name) or not all(NAME_RE.fullmatch(m) for m in members):
+                raise ValueError(f"line {number}: bad group name or member")
+            groups[name] = frozenset(members)
+        elif words[0] in ("allow", "deny") and len(words) == 4:
+            _, who, host, prefix = words
+            name = who.removeprefix("@")
+            if not (who == "*" or NAME_RE.fullmatch(name)):
+                raise ValueError(f"line {number}: {who!r} is not a user, @group or *")
+            if not (host == "*" or DOMAIN_RE.fullmatch(host.lower().removeprefix("*."))) or not prefix.startswith("/"):
+                raise ValueError(f"line {number}: expected a host (or *) and a path starting with /")
+            if who.startswith("@"):
+                used_groups.setdefault(name, number)
+            rules.append(Rule(words[0] == "allow", who, host.lower(), prefix))
+        else:
+            raise ValueError(f"line {number}: expected 'allow|deny WHO HOST /PATH' or 'group NAME: USERS'")
+    for name, number in used_groups.items():
+        if name not in groups:
+            raise ValueError(f"line {number}: no group {name!r}")
+    return Rules(tuple(rules), groups)
+
+
+def rules_path(uri: str) -> str:
+    """The path of an original request URI as rules see it: decoded, with . and .. and // resolved,
+    so /a/../admin, //admin and /%61dmin all meet the rules for /admin."""
+    path = urllib.parse.urlsplit(uri).path if "://" in uri else uri.partition("?")[0].partition("#")[0]
+    for _ in range(3):  # double encoding too, in case the app decodes twice
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    segments: list[str] = []
+    for segment in path.replace("\\", "/").split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    trailing = "/" if segments and path.endswith(("/", "/.", "/..")) else ""
+    return "/" + "/".join(segments) + trailing
+
+
+class AccessRules:
+    """The rules file, reloaded when it changes. `rules` is None while there is no file: everyone in."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rules: Rules | None = None
+        self._stamp: tuple | None = ()
+        self.load()
+
+    def load(self) -> None:
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        if stamp is None:
+            if self.rules is not None:
+                log.warning("event=rules_removed action=every_user_allowed_everywhere")
+            self.rules = None
+            return
+        try:
+            rules = parse_rules(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            # A broken edit keeps the rules that worked; with none to keep, fail closed.
+            action = "keeping_previous_rules" if self.rules is not None else "denying_everyone"
+            log.error("event=rules_rejected path=%s error=%s action=%s", self.path, _logval(str(err)), action)
+            self.rules = self.rules or Rules((), {})
+            return
+        self.rules = rules
+        log.info("event=rules_loaded rules=%d", rules.count)
+
+
+# -- API clients (HTTP Basic) ---------------------------------------------------------------
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """(name, password) from an `Authorization: Basic` header, or None."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic" or len(value) > 1024:
+        return None
+    try:
+        name, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return (name, password) if sep and name and password else None
+
+
+class BasicCache:
+    """API credentials verified in the last TTL seconds, so a script's every call does not pay scrypt.
+    Keyed by an HMAC under a random per-process key: the passwords themselves are never kept."""
+
+    TTL = 60
+    MAX = 1000
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._entries: dict[bytes, tuple[str, str, float]] = {}
+
+    def digest(self, name: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{name}:{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+    def get(self, digest: bytes, users: Users, now: float) -> str | None:
+        """The user these credentials proved recently, if their password has not changed since."""
+        entry = self._entries.get(digest)
+        if entry is None or entry[2] <= now or users.fingerprint(entry[0]) != entry[1]:
+            return None
+        return entry[0]
+
+    def put(self, digest: bytes, name: str, fingerprint: str, now: float) -> None:
+        if len(self._entries) >= self.MAX:
+            self._entries = {d: e for d, e in list(self._entries.items()) if e[2] > now}
+            if len(self._entries) >= self.MAX:
+                self._entries = {}
+        self._entries[digest] = (name, fingerprint, now + self.TTL)
+
+
+# -- Metrics --------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """Counts for /ezauth/metrics. Plain ints bumped without a lock (verify must stay cheap), so they
+    are per process (each gunicorn worker counts its own) and a rare race may lose one."""
+
+    started: float
+    logins_ok: int = 0
+    logins_failed: int = 0
+    logins_locked: int = 0
+    verify_allowed: int = 0
+    verify_denied: int = 0
+    sessions_renewed: int = 0
+    key_rotations: int = 0
+
+    def render(self, visits: int | None) -> str:
+        """The Prometheus text exposition format, version 0.0.4."""
+        lines = ["# HELP ezauth_logins_total Login attempts (form and HTTP Basic) by outcome.",
+                 "# TYPE ezauth_logins_total counter"]
+        lines += [f'ezauth_logins_total{{result="{r}"}} {getattr(self, f"logins_{r}")}'
+                  for r in ("ok", "failed", "locked")]
+        lines += ["# HELP ezauth_verify_total Verify answers to nginx by outcome.",
+                  "# TYPE ezauth_verify_total counter",
+                  f'ezauth_verify_total{{result="allowed"}} {self.verify_allowed}',
+                  f'ezauth_verify_total{{result="denied"}} {self.verify_denied}']
+        for name, value, text in (
+                ("ezauth_sessions_renewed_total", self.sessions_renewed, "Sessions renewed past half their life."),
+                ("ezauth_key_rotations_total", self.key_rotations, "New signing keys this process picked up.")):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
+        if visits is not None:
+            lines += ["# HELP ezauth_visits The login page visit counter.", "# TYPE ezauth_visits gauge",
+                      f"ezauth_visits {visits}"]
+        lines += ["# HELP process_start_time_seconds Start time of the process since the epoch.",
+                  "# TYPE process_start_time_seconds gauge", f"process_start_time_seconds {self.started:.3f}"]
+        return "\n".join(lines) + "\n"
+
+
 # -- HTTP plumbing --------------------------------------------------------------------------
 
 MAX_FORM = 16 * 1024
@@ -990,6 +1357,9 @@ def cookie_values(header: str, name: str) -> list[str]:
         if sep and key == name:
             values.append(value.strip().strip('"'))
     return values
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def valid_ip(text: str) -> bool:
@@ -1135,6 +1505,12 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "msg_missing": "Please enter your username and password.",
         "msg_too_large": "That was far too much to type into a login form.",
         "msg_visits": "This page has been visited {count} times.",
+        "t_code": "6-digit code from your authenticator app",
+        "msg_wrong_code": "Wrong code. Try the newest one from your app.",
+        "forbidden_title": "Not for you",
+        "forbidden_text": "You are logged in, but this page is not open to your account.",
+        "forbidden_home": "Go to the start page",
+        "forbidden_switch": "Log in as someone else",
     },
     "zh-CN": {
         "t_username": "用户名",
@@ -1154,10 +1530,39 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "msg_missing": "请输入用户名和密码。",
         "msg_too_large": "登录表单里的内容太多了。",
         "msg_visits": "本页已被访问 {count} 次。",
+        "t_code": "身份验证器应用中的 6 位验证码",
+        "msg_wrong_code": "验证码错误，请使用应用中最新的验证码。",
+        "forbidden_title": "无权访问",
+        "forbidden_text": "你已登录，但你的账号无权访问此页面。",
+        "forbidden_home": "返回首页",
+        "forbidden_switch": "切换账号登录",
     },
 }
 PAGE_FIELDS = ("lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
-               "remember", "error", "error_state", "footer")
+               "remember", "error", "error_state", "footer", "password_step", "code_step", "pending")
+# The page nginx shows (error_page 403) when access rules keep a logged-in user out.
+FORBIDDEN_PAGE = string.Template("""<!doctype html>
+<html lang="$lang">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>$title</title>
+<script src="$static/theme.js"></script>
+<link rel="stylesheet" href="$static/login.css">
+</head>
+<body>
+<main class="card" data-state="error">
+  <h1>$title</h1>
+  <div class="oops" role="alert">
+    <img class="cat" src="$static/cat.svg" alt="" width="96" height="96">
+    <p class="bubble">$text</p>
+  </div>
+  <p class="links"><a href="/">$home</a> · <a href="$logout">$switch</a></p>
+</main>
+</body>
+</html>
+""")
 
 
 def load_template(data_dir: Path) -> string.Template:
@@ -1214,6 +1619,9 @@ class EzauthApp:
     counter: VisitCounter
     throttle: Throttle
     clock: Clock
+    totp: TotpStore
+    rules: AccessRules
+    metrics: Metrics
     _next_refresh: float = 0.0
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1253,7 +1661,11 @@ class EzauthApp:
         try:
             self._next_refresh = now + REFRESH_EVERY
             self.users.load()
+            signer = self.keys.keys[-1].kid
             self.keys.refresh(now)
+            self.metrics.key_rotations += self.keys.keys[-1].kid != signer
+            self.totp.load()
+            self.rules.load()
         finally:
             self._refresh_lock.release()
 
@@ -1270,6 +1682,10 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     counter = VisitCounter(data / "counter.txt", clock)
     throttle = Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
                         settings.lockout_time, now)
+    totp_store = TotpStore(data / "totp")
+    access = AccessRules(data / "rules")
+    basic_cache = BasicCache()
+    metrics = Metrics(started=now)
     template = load_template(data)
     static_roots = (data / "static", HERE / "static")
     cookie = settings.cookie_name
@@ -1288,8 +1704,10 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                                           domain=settings.cookie_domain, max_age=max_age))
 
     def page(request: Request, status: int, *, error: str = "", username: str = "", rd: str = "/",
-             remember: bool = False, visits: int | None = None, headers: Iterable = ()) -> Response:
-        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is."""
+             remember: bool = False, visits: int | None = None, headers: Iterable = (),
+             pending: str = "") -> Response:
+        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is.
+        With PENDING (a two-factor user's right password) it asks for the code instead."""
         visits = counter.current() if visits is None and request.method == "POST" else visits
         lang = choose_lang(request.header("Accept-Language"), settings.lang)
         text = PAGE_TEXT[lang]
@@ -1307,6 +1725,9 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
             "username": username, "remember": "checked" if remember else "",
             "error": error, "error_state": "error" if error else "none",
             "footer": text["msg_visits"].format(count=f"{visits:,}") if visits is not None else "",
+            # A disabled fieldset is neither validated nor sent, so the hidden step cannot block the form.
+            "password_step": "disabled hidden" if pending else "",
+            "code_step": "" if pending else "disabled hidden", "pending": pending,
         })
         return Response(status, body, [*page_headers, *extra])
 
@@ -1337,28 +1758,73 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                    for c in request.cookies(csrf_cookie)) or not form.get("csrf"):
             log.warning("event=login_rejected reason=csrf ip=%s user=%s", request.client_ip, _logval(name))
             return page(request, 403, error=message(request, "msg_csrf"), username=name, rd=rd)
+        if form.get("pending"):
+            return check_code(request, form["pending"], form.get("code", "").replace(" ", ""), rd)
         if not name or not password:
             return page(request, 400, error=message(request, "msg_missing"), username=name, rd=rd)
         return check_login(request, name, password, rd, form.get("remember") in ("1", "on", "yes"))
 
+    def reserve(request: Request, name: str, now: float, how: str = "") -> Attempt:
+        """Reserve one password or code check for this client and user; a refusal is logged and counted."""
+        attempt = throttle.begin([f"ip:{request.client_ip}", f"user:{name.lower()[:64]}"], now)
+        if attempt.locked:
+            metrics.logins_locked += 1
+            log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
+                        how, _logval(name), request.client_ip, attempt.retry_after)
+        return attempt
+
+    def refuse(request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
+        """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
+        throttle.failed(attempt, now)
+        metrics.logins_failed += 1
+        log.warning("event=login_failed %suser=%s ip=%s", how, _logval(name), request.client_ip)
+
+    def locked_page(request: Request, attempt: Attempt, **values: object) -> Response:
+        minutes = math.ceil(attempt.retry_after / 60)
+        return page(request, 429, error=message(request, "msg_locked", minutes=minutes),
+                    headers=[("Retry-After", str(attempt.retry_after))], **values)
+
     def check_login(request: Request, name: str, password: str, rd: str, remember: bool) -> Response:
         now, ip = clock(), request.client_ip
-        limits = [f"ip:{ip}", f"user:{name.lower()[:64]}"]
-        attempt = throttle.begin(limits, now)
+        attempt = reserve(request, name, now)
         if attempt.locked:
-            log.warning("event=%s user=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
-                        _logval(name), ip, attempt.retry_after)
-            minutes = math.ceil(attempt.retry_after / 60)
-            return page(request, 429, error=message(request, "msg_locked", minutes=minutes), username=name,
-                        rd=rd, remember=remember, headers=[("Retry-After", str(attempt.retry_after))])
+            return locked_page(request, attempt, username=name, rd=rd, remember=remember)
         if not users.check(name, password):
-            throttle.failed(attempt, now)
-            log.warning("event=login_failed user=%s ip=%s", _logval(name), ip)
+            refuse(request, attempt, name, now)
             return page(request, 401, error=message(request, "msg_wrong"), username=name, rd=rd,
                         remember=remember)
         throttle.succeeded(attempt)
+        if totp_store.enrolled(name):
+            log.info("event=login_code_asked user=%s ip=%s", name, ip)
+            pending = issue_pending(name, users.fingerprint(name) or "", remember, keys.signer(now), now)
+            return page(request, 200, username=name, rd=rd, pending=pending)
+        return logged_in(request, name, now, rd, remember)
+
+    def check_code(request: Request, pending: str, code: str, rd: str) -> Response:
+        """The second step: a valid pending login plus a fresh code from the user's app."""
+        now, ip = clock(), request.client_ip
+        try:
+            name, fingerprint, remember = read_pending(pending, keys, now)
+        except InvalidSession as err:
+            log.warning("event=login_rejected reason=pending_%s ip=%s", _logval(str(err)), ip)
+            return page(request, 403, error=message(request, "msg_csrf"), rd=rd)
+        if users.fingerprint(name) != fingerprint:
+            log.warning("event=login_rejected reason=password_changed user=%s ip=%s", name, ip)
+            return page(request, 403, error=message(request, "msg_csrf"), rd=rd)
+        attempt = reserve(request, name, now, "step=code ")
+        if attempt.locked:
+            return locked_page(request, attempt, username=name, rd=rd, pending=pending)
+        if not totp_store.accept(name, code, now):
+            refuse(request, attempt, name, now, "step=code ")
+            return page(request, 401, error=message(request, "msg_wrong_code"), username=name, rd=rd,
+                        pending=pending)
+        throttle.succeeded(attempt)
+        return logged_in(request, name, now, rd, remember)
+
+    def logged_in(request: Request, name: str, now: float, rd: str, remember: bool) -> Response:
         token, session = sessions.start(name, now, remember)
-        log.info("event=login_ok user=%s ip=%s remember=%d", name, ip, remember)
+        metrics.logins_ok += 1
+        log.info("event=login_ok user=%s ip=%s remember=%d", name, request.client_ip, remember)
         return Response(303, b"", [("Location", rd), session_cookie(request, token, session),
                                    ("Cache-Control", "no-store"), *SECURITY_HEADERS])
 
@@ -1371,10 +1837,53 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                 headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
                 renewed = sessions.renew(session, now)
                 if renewed:
+                    metrics.sessions_renewed += 1
                     headers.append(session_cookie(request, *renewed))
-                return Response(200, b"", headers)
+                return grant(request, session.user, headers)
+        if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
+            return verify_basic(request, now, bool(tokens))
+        metrics.verify_denied += 1
         return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), bool(tokens))),
                                    ("Cache-Control", "no-cache")])
+
+    def grant(request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
+        """200 for a proven USER, unless access rules keep them off this host and path (403)."""
+        if access.rules is not None and not access.rules.allows(
+                user, (request.header("X-Original-Host") or request.host).lower(),
+                rules_path(request.header("X-Original-URI") or "/")):
+            metrics.verify_denied += 1
+            return Response(403, b"", [("Cache-Control", "no-cache")])
+        if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
+            headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps the password from the app
+        metrics.verify_allowed += 1
+        return Response(200, b"", headers)
+
+    def verify_basic(request: Request, now: float, had_cookie: bool) -> Response:
+        """HTTP Basic for API clients: checked once (scrypt, lockout), then cached for a minute."""
+        credentials = parse_basic(request.header("Authorization"))
+        if credentials is not None:
+            digest = basic_cache.digest(*credentials)
+            user = basic_cache.get(digest, users, now) or check_basic(request, *credentials, digest, now)
+            if user is not None:
+                return grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")])
+        metrics.verify_denied += 1
+        # WWW-Authenticate only for a client that sent credentials: a browser must get the login page.
+        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), had_cookie)),
+                                   ("WWW-Authenticate", 'Basic realm="ezauth"'), ("Cache-Control", "no-cache")])
+
+    def check_basic(request: Request, name: str, password: str, digest: bytes, now: float) -> str | None:
+        attempt = reserve(request, name, now, "via=basic ")
+        if attempt.locked:
+            return None
+        # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
+        if not users.check(name, password) or totp_store.enrolled(name):
+            refuse(request, attempt, name, now, "via=basic ")
+            return None
+        throttle.succeeded(attempt)
+        metrics.logins_ok += 1
+        log.info("event=login_ok via=basic user=%s ip=%s", name, request.client_ip)
+        basic_cache.put(digest, name, users.fingerprint(name) or "", now)
+        return name
 
     def logout(request: Request) -> Response:
         clear = [("Set-Cookie", make_cookie(cookie, "", secure=secure(request), max_age=0))]
@@ -1386,6 +1895,23 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
 
     def healthz(request: Request) -> Response:
         return text_response(200, "ok")
+
+    def forbidden(request: Request) -> Response:
+        """The page nginx shows instead of the app when access rules keep a logged-in user out."""
+        lang = choose_lang(request.header("Accept-Language"), settings.lang)
+        text = PAGE_TEXT[lang]
+        body = render_page(FORBIDDEN_PAGE, lang, {
+            "title": text["forbidden_title"], "text": text["forbidden_text"], "home": text["forbidden_home"],
+            "switch": text["forbidden_switch"], "logout": f"{PREFIX}/logout", "static": f"{PREFIX}/static"})
+        return Response(403, body, page_headers)
+
+    def metrics_page(request: Request) -> Response:
+        # The visitor as resolved through trusted proxies: via nginx the peer is always loopback.
+        client = request.client_ip
+        if not settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, settings.trusted_proxies)):
+            return text_response(404, "not found")
+        return Response(200, metrics.render(counter.current()).encode(),
+                        [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
 
     def static(request: Request) -> Response:
         path = find_static(request.path[len(f"{PREFIX}/static/"):], static_roots)
@@ -1408,11 +1934,14 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         ("GET", f"{PREFIX}/logout"): logout,
         ("POST", f"{PREFIX}/logout"): logout,
         ("GET", f"{PREFIX}/healthz"): healthz,
+        ("GET", f"{PREFIX}/forbidden"): forbidden,
+        ("GET", f"{PREFIX}/metrics"): metrics_page,
     }
     for name, _ in settings.legacy_users:
         log.warning("event=legacy_env_user user=%s note=password_from_.env_run_'python ezauth.py passwd %s'",
                     _logval(name), _logval(name))
-    return EzauthApp(settings, routes, static, users, keys, sessions, counter, throttle, clock)
+    return EzauthApp(settings, routes, static, users, keys, sessions, counter, throttle, clock,
+                     totp=totp_store, rules=access, metrics=metrics)
 
 
 # -- Server and CLI -------------------------------------------------------------------------
@@ -1672,7 +2201,8 @@ class EventServer:
                 return
             conn.started, conn.continued = None, False
             environ, keep_alive = request
-            if environ["PATH_INFO"] in self.inline_paths:
+            # An HTTP Basic check may have to hash a password: never on the event-loop thread.
+            if environ["PATH_INFO"] in self.inline_paths and "HTTP_AUTHORIZATION" not in environ:
                 self._send(conn, *self._respond(environ, keep_alive))
             else:
                 conn.busy = True
@@ -1878,6 +2408,28 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
+    """Enroll a user in two-factor login (a new secret each time), or --remove it."""
+    prepare_data_dir(settings.data_dir)
+    store = TotpStore(settings.data_dir / "totp")
+    if args.remove:
+        if not store.remove(args.name):
+            raise CliError(f"{args.name!r} has no second factor")
+        print(f"removed the second factor of {args.name}; they log in with the password alone")
+        return 0
+    if open_users(settings).fingerprint(args.name) is None:
+        raise CliError(f"no user {args.name!r}; create it first with: python ezauth.py passwd {args.name}")
+    uri = totp_uri(args.name, store.enroll(args.name))
+    print(f"{args.name} now needs a 6-digit code after the password. Add this to an authenticator app:\n{uri}")
+    try:
+        import segno
+    except ImportError:
+        print("(pip install segno to get a QR code here)")
+    else:
+        segno.make(uri, error="m").terminal(compact=True)
+    return 0
+
+
 def render_nginx_config(template: str, app: str, listen: int, server_name: str | None,
                         ezauth_address: str) -> str:
     """nginx.conf.example with the app, listen port, server name and ezauth address filled in."""
@@ -1909,7 +2461,7 @@ def cmd_nginx_config(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "serve": serve, "passwd": cmd_passwd, "deluser": cmd_deluser, "users": cmd_users,
-    "rotate": cmd_rotate, "nginx-config": cmd_nginx_config,
+    "rotate": cmd_rotate, "nginx-config": cmd_nginx_config, "totp": cmd_totp,
 }
 
 
@@ -1934,6 +2486,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("deluser", parents=[common], help="delete a user").add_argument("name")
     sub.add_parser("users", parents=[common], help="list users")
     sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
+    totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
+    totp_p.add_argument("name")
+    totp_p.add_argument("--remove", action="store_true", help="log in with the password alone again")
     nginx_p = sub.add_parser("nginx-config", parents=[common], help="print nginx.conf.example filled in")
     nginx_p.add_argument("--app", required=True, help="the protected app, e.g. http://127.0.0.1:7860")
     nginx_p.add_argument("--listen", type=int, required=True, help="port nginx listens on, e.g. 80")

@@ -193,7 +193,7 @@ def test_theme_script_is_synchronous_and_first_in_head():
 
 def test_every_placeholder_is_supplied_in_both_languages(page_text):
     supplied = {"lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
-                "remember", "error", "error_state", "footer"}
+                "remember", "error", "error_state", "footer", "password_step", "code_step", "pending"}
     used = {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", TEMPLATE.read_text())}
     t_keys = {lang: {k for k in texts if k.startswith("t_")} for lang, texts in page_text.items()}
     assert set(page_text) == {"en", "zh-CN"}

@@ -46,4 +46,9 @@
   if (username && password && username.value !== "") {
     password.focus();
   }
+  // The code step (two-factor users): the code is all that is left to type.
+  var code = document.getElementById("code");
+  if (code && !code.matches(":disabled")) {
+    code.focus();
+  }
 })();
