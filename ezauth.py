@@ -259,6 +259,41 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
+def rewrite_lines(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
+    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive."""
+    with locked(path):
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            lines = []
+        new = change(lines)
+        if new != lines:
+            write_atomic(path, b"".join(line + b"\n" for line in new))
+
+
+def line_name(line: bytes) -> str:
+    """The NAME of a `NAME:...` line."""
+    return line.strip().partition(b":")[0].decode("utf-8", "replace")
+
+
+def put_named_line(path: Path, name: str, line: bytes) -> None:
+    """Replace NAME's line in PATH, or add it."""
+    rewrite_lines(path, lambda lines: [ln for ln in lines if line_name(ln) != name] + [line])
+
+
+def drop_named_line(path: Path, name: str) -> bool:
+    """Remove NAME's line from PATH; False when there was none."""
+    found = []
+
+    def drop(lines: list[bytes]) -> list[bytes]:
+        kept = [ln for ln in lines if line_name(ln) != name]
+        found.append(len(kept) != len(lines))
+        return kept
+
+    rewrite_lines(path, drop)
+    return found[0]
+
+
 def move_aside(path: Path, now: float) -> Path:
     """Rename a file we cannot use to NAME.corrupt-TIME, keeping it for a human to look at."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
@@ -423,20 +458,14 @@ class Users:
         """Create the user or replace their hash; their existing sessions end."""
         if not NAME_RE.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
-        line = f"{name}:{hash_password(password)}".encode()
-        self._rewrite(lambda lines: [ln for ln in lines if _line_name(ln) != name] + [line])
+        put_named_line(self.path, name, f"{name}:{hash_password(password)}".encode())
+        self.reload()
 
     def delete(self, name: str) -> bool:
         """Remove the user; False when there was no such user in the file."""
-        found = []
-
-        def drop(lines: list[bytes]) -> list[bytes]:
-            kept = [ln for ln in lines if _line_name(ln) != name]
-            found.append(len(kept) != len(lines))
-            return kept
-
-        self._rewrite(drop)
-        return found[0]
+        found = drop_named_line(self.path, name)
+        self.reload()
+        return found
 
     def create_first_admin(self) -> str | None:
         """On a first start (no users, no users file), create admin and return its password."""
@@ -447,26 +476,14 @@ class Users:
             if self._hashes or (file_stamp(self.path) or (0, 0, 0))[2] > 0:
                 return None  # never replace a users file we merely failed to understand
             password = secrets.token_urlsafe(16)
-            self._write_lines([f"admin:{hash_password(password)}".encode()])
+            write_atomic(self.path, f"admin:{hash_password(password)}\n".encode())
+        self.reload()
         return password
 
-    def _rewrite(self, change: Callable[[list[bytes]], list[bytes]]) -> None:
-        """Apply CHANGE to the file's lines as bytes, so lines we cannot parse survive untouched."""
-        with locked(self.path):
-            try:
-                lines = self.path.read_bytes().splitlines()
-            except FileNotFoundError:
-                lines = []
-            self._write_lines(change(lines))
-
-    def _write_lines(self, lines: list[bytes]) -> None:
-        write_atomic(self.path, b"".join(ln + b"\n" for ln in lines))
+    def reload(self) -> None:
+        """Read the file now, not when its stamp next changes (this process just wrote it)."""
         self._stamp = ()
         self.load()
-
-
-def _line_name(line: bytes) -> str:
-    return line.strip().partition(b":")[0].decode("utf-8", "replace")
 
 
 # -- Signing keys ---------------------------------------------------------------------------
@@ -971,49 +988,39 @@ class TotpStore:
     def enroll(self, name: str) -> bytes:
         """A new secret for NAME, replacing any old one."""
         secret = secrets.token_bytes(20)
-        line = f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:-1".encode()
-        self._rewrite(lambda lines: [ln for ln in lines if _line_name(ln) != name] + [line])
+        put_named_line(self.path, name, f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:-1".encode())
+        self.reload()
         return secret
 
     def remove(self, name: str) -> bool:
         """Drop NAME's second factor; False when they had none."""
-        found = []
-
-        def drop(lines: list[bytes]) -> list[bytes]:
-            kept = [ln for ln in lines if _line_name(ln) != name]
-            found.append(len(kept) != len(lines))
-            return kept
-
-        self._rewrite(drop)
-        return found[0]
+        found = drop_named_line(self.path, name)
+        self.reload()
+        return found
 
     def accept(self, name: str, code: str, now: float) -> bool:
-        """Check CODE and burn its time step, under the lock, so no worker accepts it twice."""
+        """Check CODE and burn its time step, under the lock, so no worker accepts it twice.
+        A code that cannot be burnt (read-only data dir) is refused: replay protection first."""
         used: list[int] = []
 
         def burn(lines: list[bytes]) -> list[bytes]:
-            entry = parse_totp(b"\n".join(ln for ln in lines if _line_name(ln) == name)).get(name)
+            entry = parse_totp(b"\n".join(ln for ln in lines if line_name(ln) == name)).get(name)
             step = matching_step(entry[0], code, now, entry[1]) if entry and CODE_RE.fullmatch(code) else None
             if step is None:
                 return lines
             used.append(step)
             line = f"{name}:{base64.b32encode(entry[0]).decode().rstrip('=')}:{step}".encode()
-            return [line if _line_name(ln) == name else ln for ln in lines]
+            return [line if line_name(ln) == name else ln for ln in lines]
 
-        self._rewrite(burn)
+        try:
+            rewrite_lines(self.path, burn)
+        except OSError as err:
+            log.error("event=totp_unwritable error=%s action=code_refused", _logval(str(err)))
+            return False
+        self.reload()
         return bool(used)
 
-    def _rewrite(self, change: Callable[[list[bytes]], list[bytes]]) -> None:
-        with locked(self.path):
-            try:
-                lines = self.path.read_bytes().splitlines()
-            except FileNotFoundError:
-                lines = []
-            new = change(lines)
-            if new != lines:
-                write_atomic(self.path, b"".join(ln + b"\n" for ln in new))
-                with contextlib.suppress(OSError):
-                    self.path.chmod(0o600)
+    def reload(self) -> None:
         self._stamp = ()
         self.load()
 
