@@ -294,6 +294,38 @@ def drop_named_line(path: Path, name: str) -> bool:
     return found[0]
 
 
+class WatchedFile:
+    """A file in the data dir that is reread when it changes (at most as often as load() is called)."""
+
+    event = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple | None = ()
+        self.load()
+
+    def load(self) -> None:
+        """Reread the file if it changed since the last look; keep what we have if it cannot be read."""
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        try:
+            data = self.path.read_bytes() if stamp else b""
+        except OSError as err:
+            log.error("event=%s_unreadable path=%s error=%s", self.event, self.path, _logval(str(err)))
+            return
+        self.use(data)
+        self._stamp = stamp
+
+    def reload(self) -> None:
+        """Read the file now, not when its stamp next changes (this process just wrote it)."""
+        self._stamp = ()
+        self.load()
+
+    def use(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
 def move_aside(path: Path, now: float) -> Path:
     """Rename a file we cannot use to NAME.corrupt-TIME, keeping it for a human to look at."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
@@ -417,30 +449,21 @@ def parse_users(data: bytes) -> dict[str, str]:
     return users
 
 
-class Users:
+class Users(WatchedFile):
     """The users file (name:hash lines), reloaded when it changes; writes keep every other line."""
 
+    event = "users"
+
     def __init__(self, path: Path, extra: Mapping[str, str] | None = None) -> None:
-        self.path = path
         self._extra = dict(extra or {})
         self._hashes: dict[str, str] = dict(self._extra)
         self._fingerprints: dict[str, str] = {}
-        self._stamp: tuple | None = ()
-        self.load()
+        super().__init__(path)
 
-    def load(self) -> None:
-        """Reread the file if it changed since the last look."""
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        try:
-            data = self.path.read_bytes() if stamp else b""
-        except OSError as err:
-            log.error("event=users_unreadable path=%s error=%s", self.path, _logval(str(err)))
-            return
+    def use(self, data: bytes) -> None:
         hashes = {**self._extra, **parse_users(data)}
         self._fingerprints = {name: credential_fingerprint(h) for name, h in hashes.items()}
-        self._hashes, self._stamp = hashes, stamp
+        self._hashes = hashes
 
     def names(self) -> list[str]:
         return sorted(self._hashes)
@@ -479,11 +502,6 @@ class Users:
             write_atomic(self.path, f"admin:{hash_password(password)}\n".encode())
         self.reload()
         return password
-
-    def reload(self) -> None:
-        """Read the file now, not when its stamp next changes (this process just wrote it)."""
-        self._stamp = ()
-        self.load()
 
 
 # -- Signing keys ---------------------------------------------------------------------------
@@ -962,25 +980,17 @@ def parse_totp(data: bytes) -> dict[str, tuple[bytes, int] | None]:
     return entries
 
 
-class TotpStore:
+class TotpStore(WatchedFile):
     """The totp file (name:base32secret:last_used_step), reloaded when it changes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._entries: dict[str, tuple[bytes, int] | None] = {}
-        self._stamp: tuple | None = ()
-        self.load()
+    event = "totp"
 
-    def load(self) -> None:
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        try:
-            data = self.path.read_bytes() if stamp else b""
-        except OSError as err:
-            log.error("event=totp_unreadable path=%s error=%s", self.path, _logval(str(err)))
-            return
-        self._entries, self._stamp = parse_totp(data), stamp
+    def __init__(self, path: Path) -> None:
+        self._entries: dict[str, tuple[bytes, int] | None] = {}
+        super().__init__(path)
+
+    def use(self, data: bytes) -> None:
+        self._entries = parse_totp(data)
 
     def enrolled(self, name: str) -> bool:
         return name in self._entries
@@ -1019,10 +1029,6 @@ class TotpStore:
             return False
         self.reload()
         return bool(used)
-
-    def reload(self) -> None:
-        self._stamp = ()
-        self.load()
 
 
 def _pending_secret(key: SigningKey) -> bytes:
