@@ -64,6 +64,19 @@ def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
     assert done.returncode == 0, done.stderr
 
 
+class FakeClock:
+    """Time that only moves when a test says so (ezauth takes any callable as its clock)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Server:
     """A running `python ezauth.py serve` on a free loopback port."""

@@ -16,7 +16,7 @@ import pytest
 import webtest
 
 import ezauth
-from conftest import PASSWORD, add_user, require_tool, run_cli
+from conftest import PASSWORD, FakeClock, add_user, require_tool, run_cli
 from test_browser import AXE, CHROMIUM_ARGS, finish_animations, login_url, open_page, run_axe, submit
 from test_nginx import Browser, build_stack, echo_header, log_in, parse_page, start_stub_app
 from test_security import FAIL2BAN_RE
@@ -25,17 +25,9 @@ T0 = 1_700_000_000.0
 RFC_SECRET = b"12345678901234567890"
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -48,7 +40,7 @@ def settings(tmp_path) -> ezauth.Settings:
     return ezauth.Settings(data_dir=data)
 
 
-def make_client(settings: ezauth.Settings, clock: Clock, **changes) -> webtest.TestApp:
+def make_client(settings: ezauth.Settings, clock: FakeClock, **changes) -> webtest.TestApp:
     app = ezauth.make_app(dataclasses.replace(settings, **changes), clock=clock)
     return webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
 

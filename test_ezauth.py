@@ -34,7 +34,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import EZAUTH, PASSWORD, add_user, clean_env, free_port, run_cli, wait_healthy
+from conftest import EZAUTH, PASSWORD, FakeClock, add_user, clean_env, free_port, run_cli, wait_healthy
 from ezauth import (
     PUBLISH_DELAY,
     REFRESH_EVERY,
@@ -70,19 +70,6 @@ UNTRUSTED_PEER = {"REMOTE_ADDR": "198.51.100.7"}
 
 
 # -- Helpers ----------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """Time that only moves when a test says so."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def fast_hash(password: str) -> str:
@@ -187,7 +174,7 @@ def forge(header: dict, claims: dict, secret: bytes, digest: str = "sha256") -> 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -683,14 +670,14 @@ def test_session_for_an_unknown_user_is_refused(sessions):
 
 
 def test_counter_counts_in_decimal_text(tmp_path):
-    counter = VisitCounter(tmp_path / "counter.txt", FakeClock())
+    counter = VisitCounter(tmp_path / "counter.txt", FakeClock(T0))
     assert [counter.increment() for _ in range(3)] == [1, 2, 3]
     assert (tmp_path / "counter.txt").read_text().strip() == "3"
 
 
 def test_counter_continues_from_an_existing_file(tmp_path):
     (tmp_path / "counter.txt").write_text("41")
-    counter = VisitCounter(tmp_path / "counter.txt", FakeClock())
+    counter = VisitCounter(tmp_path / "counter.txt", FakeClock(T0))
     assert counter.current() == 41
     assert counter.increment() == 42
     assert counter.current() == 42
@@ -700,7 +687,7 @@ def test_counter_continues_from_an_existing_file(tmp_path):
 def test_corrupt_counter_is_moved_aside_and_restarts(tmp_path, caplog, content):
     path = tmp_path / "counter.txt"
     path.write_bytes(content)
-    assert VisitCounter(path, FakeClock()).increment() == 1
+    assert VisitCounter(path, FakeClock(T0)).increment() == 1
     aside = list(tmp_path.glob("counter.txt.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert events(caplog, "counter_corrupt")
@@ -708,13 +695,13 @@ def test_corrupt_counter_is_moved_aside_and_restarts(tmp_path, caplog, content):
 
 def test_unusable_counter_returns_none_and_logs(tmp_path, caplog):
     (tmp_path / "counter.txt.lock").mkdir()
-    assert VisitCounter(tmp_path / "counter.txt", FakeClock()).increment() is None
-    assert VisitCounter(tmp_path / "missing-dir" / "counter.txt", FakeClock()).increment() is None
+    assert VisitCounter(tmp_path / "counter.txt", FakeClock(T0)).increment() is None
+    assert VisitCounter(tmp_path / "missing-dir" / "counter.txt", FakeClock(T0)).increment() is None
     assert len(events(caplog, "counter_skipped")) == 2
 
 
 def test_counter_is_exact_across_threads(tmp_path):
-    counter = VisitCounter(tmp_path / "counter.txt", FakeClock())
+    counter = VisitCounter(tmp_path / "counter.txt", FakeClock(T0))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         seen = list(pool.map(lambda _: counter.increment(), range(400)))
     assert sorted(seen) == list(range(1, 401))
@@ -993,7 +980,7 @@ def test_legacy_secret_key_and_last_updated_are_ignored_with_a_note(tmp_path, ca
     env_file = tmp_path / ".env"
     env_file.write_text("SECRET_KEY=0123456789abcdef\nLAST_UPDATED=2023-05-01\n")
     settings = Settings.from_env(environ={}, env_file=env_file)
-    make_app(dataclasses.replace(settings, data_dir=tmp_path / "data"), clock=FakeClock())
+    make_app(dataclasses.replace(settings, data_dir=tmp_path / "data"), clock=FakeClock(T0))
     notes = " ".join(r.getMessage() for r in caplog.records if r.name == "ezauth")
     assert "SECRET_KEY" in notes and "LAST_UPDATED" in notes
 

@@ -23,24 +23,13 @@ import pytest
 import webtest
 
 import ezauth
-from conftest import HERE, PASSWORD, clean_env, run_cli, start_server
+from conftest import HERE, PASSWORD, FakeClock, clean_env, run_cli, start_server
 
 pytestmark = pytest.mark.slow
 CSRF = "c" * 43
 
 
 # -- Helpers -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def write_users(data_dir: Path, text: bytes) -> None:

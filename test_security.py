@@ -32,26 +32,13 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import PASSWORD, start_server
+from conftest import PASSWORD, FakeClock, start_server
 
 HOST = "localhost"
 CSRF = "c" * 43  # any value works as long as the cookie and the form field agree
 
 
 # -- Helpers -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """An injectable clock that tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def cheap_hash(password: str) -> str:
