@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -17,10 +18,9 @@ import json
 import logging
 import math
 import os
-import queue
 import re
+import resource
 import secrets
-import selectors
 import signal
 import socket
 import sqlite3
@@ -38,6 +38,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple, cast
 
 import jwt
 
@@ -48,6 +49,16 @@ PREFIX = "/ezauth"
 log = logging.getLogger("ezauth")
 
 Clock = Callable[[], float]
+
+
+def logval(value: str) -> str:
+    """A log field that cannot break the line or forge another field."""
+    if re.fullmatch(r"[A-Za-z0-9._@+:/-]{1,80}", value):
+        return value
+    return json.dumps(value[:80], ensure_ascii=True)
+
+
+WSGIApp = Callable[[dict[str, object], Callable[..., object]], Iterable[bytes]]
 
 
 # -- Settings -------------------------------------------------------------------------------
@@ -312,7 +323,7 @@ class WatchedFile:
         try:
             data = self.path.read_bytes() if stamp else b""
         except OSError as err:
-            log.error("event=%s_unreadable path=%s error=%s", self.event, self.path, _logval(str(err)))
+            log.error("event=%s_unreadable path=%s error=%s", self.event, self.path, logval(str(err)))
             return
         self.use(data)
         self._stamp = stamp
@@ -571,10 +582,10 @@ class KeyRing:
             with contextlib.suppress(OSError, ValueError):
                 self._reload()
             if self.keys:
-                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", _logval(str(err)))
+                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err)))
                 return
             log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
-                      _logval(str(err)))
+                      logval(str(err)))
             self._use((new_key(now, now),), None)
 
     def _load_or_replace(self, now: float) -> None:
@@ -583,7 +594,7 @@ class KeyRing:
         except (OSError, ValueError) as err:
             aside = move_aside(self.path, now)
             log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
-                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, _logval(str(err)))
+                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err)))
         if not self.keys:
             self._write((new_key(now, now),))
 
@@ -609,7 +620,7 @@ class KeyRing:
         except (OSError, ValueError) as err:
             if file_stamp(self.path) != self._bad_stamp:  # once per bad version, not every second
                 self._bad_stamp = file_stamp(self.path)
-                log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", _logval(str(err)))
+                log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", logval(str(err)))
         if now - self.keys[-1].created >= self.rotate_every and now >= self._retry_rotation_at:
             self.rotate(now, only_if_due=True)
 
@@ -624,7 +635,7 @@ class KeyRing:
                 self._write((*keys_to_keep(self.keys, now, self.longest_ttl), key))
         except (OSError, ValueError) as err:
             self._retry_rotation_at = now + 60
-            log.error("event=rotation_failed error=%s action=keeping_current_keys", _logval(str(err)))
+            log.error("event=rotation_failed error=%s action=keeping_current_keys", logval(str(err)))
             return None
         log.info("event=key_rotated kid=%s signs_from=%d", key.kid, key.signs_from)
         return key
@@ -763,7 +774,7 @@ class VisitCounter:
                 write_atomic(self.path, f"{count}\n".encode())
                 return count
         except OSError as err:
-            log.warning("event=counter_skipped error=%s", _logval(str(err)))
+            log.warning("event=counter_skipped error=%s", logval(str(err)))
             return None
 
     def current(self) -> int | None:
@@ -845,7 +856,7 @@ class Throttle:
         return sqlite3.connect(self.path, timeout=10, isolation_level=None)
 
     def _fall_back(self, err: Exception) -> None:
-        log.error("event=throttle_unwritable error=%s action=per_process_memory", _logval(str(err)))
+        log.error("event=throttle_unwritable error=%s action=per_process_memory", logval(str(err)))
         self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self._memory.executescript(self.SCHEMA)
 
@@ -975,7 +986,7 @@ def parse_totp(data: bytes) -> dict[str, tuple[bytes, int] | None]:
         try:
             entries[name] = (base64.b32decode(secret + "=" * (-len(secret) % 8)), int(step or -1))
         except (binascii.Error, ValueError):
-            log.error("event=totp_line_unreadable line=%d user=%s action=code_step_refuses", number, _logval(name))
+            log.error("event=totp_line_unreadable line=%d user=%s action=code_step_refuses", number, logval(name))
             entries[name] = None
     return entries
 
@@ -1025,7 +1036,7 @@ class TotpStore(WatchedFile):
         try:
             rewrite_lines(self.path, burn)
         except OSError as err:
-            log.error("event=totp_unwritable error=%s action=code_refused", _logval(str(err)))
+            log.error("event=totp_unwritable error=%s action=code_refused", logval(str(err)))
             return False
         self.reload()
         return bool(used)
@@ -1171,7 +1182,7 @@ class AccessRules:
         except (OSError, UnicodeDecodeError, ValueError) as err:
             # A broken edit keeps the rules that worked; with none to keep, fail closed.
             action = "keeping_previous_rules" if self.rules is not None else "denying_everyone"
-            log.error("event=rules_rejected path=%s error=%s action=%s", self.path, _logval(str(err)), action)
+            log.error("event=rules_rejected path=%s error=%s action=%s", self.path, logval(str(err)), action)
             self.rules = self.rules or Rules((), {})
             return
         self.rules = rules
@@ -1493,13 +1504,6 @@ def content_length(environ: dict) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def _logval(value: str) -> str:
-    """A log field that cannot break the line or forge another field."""
-    if re.fullmatch(r"[A-Za-z0-9._@+:/-]{1,80}", value):
-        return value
-    return json.dumps(value[:80], ensure_ascii=True)
-
-
 # -- Login page -----------------------------------------------------------------------------
 
 PAGE_TEXT: dict[str, dict[str, str]] = {
@@ -1647,7 +1651,7 @@ class EzauthApp:
             self.refresh()
             response = self.dispatch(request)
         except Exception:
-            log.exception("event=error method=%s path=%s", request.method, _logval(request.path))
+            log.exception("event=error method=%s path=%s", request.method, logval(request.path))
             response = text_response(500, "internal error")
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
         start_response(response.status_line, headers)
@@ -1664,6 +1668,17 @@ class EzauthApp:
         if allowed:
             return self.not_allowed((*allowed, "HEAD") if "GET" in allowed else allowed)
         return text_response(404, "not found")
+
+    def answers_inline(self, environ: Mapping[str, object]) -> bool:
+        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
+        path = environ.get("PATH_INFO")
+        if path == f"{PREFIX}/healthz":
+            return True
+        return path == f"{PREFIX}/verify" and str(environ.get("HTTP_AUTHORIZATION", ""))[:6].lower() != "basic "
+
+    def body_limit(self, environ: Mapping[str, object]) -> int:
+        """The largest request body any route reads: the login form."""
+        return MAX_FORM
 
     @staticmethod
     def not_allowed(methods: Iterable[str]) -> Response:
@@ -1772,7 +1787,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         name, password = form.get("username", "").strip(), form.get("password", "")
         if not any(hmac.compare_digest(c.encode(), form.get("csrf", "").encode())
                    for c in request.cookies(csrf_cookie)) or not form.get("csrf"):
-            log.warning("event=login_rejected reason=csrf ip=%s user=%s", request.client_ip, _logval(name))
+            log.warning("event=login_rejected reason=csrf ip=%s user=%s", request.client_ip, logval(name))
             return page(request, 403, error=message(request, "msg_csrf"), username=name, rd=rd)
         if form.get("pending"):
             return check_code(request, form["pending"], form.get("code", "").replace(" ", ""), rd)
@@ -1786,14 +1801,14 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         if attempt.locked:
             metrics.logins_locked += 1
             log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
-                        how, _logval(name), request.client_ip, attempt.retry_after)
+                        how, logval(name), request.client_ip, attempt.retry_after)
         return attempt
 
     def refuse(request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
         """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
         throttle.failed(attempt, now)
         metrics.logins_failed += 1
-        log.warning("event=login_failed %suser=%s ip=%s", how, _logval(name), request.client_ip)
+        log.warning("event=login_failed %suser=%s ip=%s", how, logval(name), request.client_ip)
 
     def locked_page(request: Request, attempt: Attempt, **values: object) -> Response:
         minutes = math.ceil(attempt.retry_after / 60)
@@ -1822,7 +1837,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         try:
             name, fingerprint, remember = read_pending(pending, keys, now)
         except InvalidSession as err:
-            log.warning("event=login_rejected reason=pending_%s ip=%s", _logval(str(err)), ip)
+            log.warning("event=login_rejected reason=pending_%s ip=%s", logval(str(err)), ip)
             return page(request, 403, error=message(request, "msg_csrf"), rd=rd)
         if users.fingerprint(name) != fingerprint:
             log.warning("event=login_rejected reason=password_changed user=%s ip=%s", name, ip)
@@ -1955,86 +1970,154 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     }
     for name, _ in settings.legacy_users:
         log.warning("event=legacy_env_user user=%s note=password_from_.env_run_'python ezauth.py passwd %s'",
-                    _logval(name), _logval(name))
+                    logval(name), logval(name))
     return EzauthApp(settings, routes, static, users, keys, sessions, counter, throttle, clock,
                      totp=totp_store, rules=access, metrics=metrics)
 
 
-# -- Server and CLI -------------------------------------------------------------------------
+# -- HTTP server ----------------------------------------------------------------------------
+# Our own because wsgiref serves one request per connection. The parsing and the answers'
+# bytes are ours and strict; the connection machinery (buffers, partial writes, timers,
+# the hand-off to threads, shutdown) is asyncio's.
 
-# Routes cheap enough to answer on the event-loop thread; everything else goes to the pool.
-FAST_PATHS = (f"{PREFIX}/verify", f"{PREFIX}/healthz")
-IDLE_TIMEOUT = 75.0  # longer than nginx's upstream keepalive_timeout (60 s), so nginx closes first
-HEAD_TIMEOUT = 10.0  # a whole request must arrive this fast, however slowly it dribbles
+FIRST_BYTE_TIMEOUT = 5.0  # a new connection that says nothing is dropped this soon
+HEAD_TIMEOUT = 10.0  # a whole request head must arrive this fast after its first byte
 BODY_TIMEOUT = 30.0
-MAX_HEAD = 64 * 1024
-MAX_BODY = 1024 * 1024
+IDLE_TIMEOUT = 75.0  # between requests; longer than nginx's upstream keepalive_timeout (60 s)
+MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100
+MAX_BLANK_BYTES = 8  # CR/LF before a request line (RFC 9112 2.2 asks to skip "at least one" empty line)
 MAX_CONNECTIONS = 1000
+MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every connection
+POOL_THREADS = 8
+RECEIVE_SIZE = 64 * 1024
 HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
-TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE_RE = re.compile(rf"({TCHARS}) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?")
+FIELD_NAMES_RE = re.compile(rf"{TCHARS}(:{TCHARS})*")
+HEAD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])  # what a request head may hold
+DIGITS_RE = re.compile(r"[0-9]+")
+HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
 
 
 class HTTPError(Exception):
-    """A request the server answers itself, then closes the connection."""
+    """A request the server refuses itself (status), then closes the connection."""
 
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
 
 
-def parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
-    """Method, target, version and headers of a request head; HTTPError when it is malformed."""
-    text = head.decode("latin-1")
-    request_line, *lines = text.split("\n")
-    parts = request_line.rstrip("\r").split(" ")
-    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0]) or "\0" in text:
+class RequestHead(NamedTuple):
+    method: str
+    target: str
+    version: str
+    headers: tuple[tuple[str, str], ...]
+
+
+def parse_head(head: bytes) -> RequestHead:
+    """The request line and header fields of HEAD (without its blank line), strictly per RFC 9112."""
+    head = head.removesuffix(b"\r")  # the CR of the last line's CRLF
+    # No NUL or other control bytes anywhere, and no CR that does not end a line.
+    if head.translate(None, HEAD_BYTES) or head.count(b"\r") != head.count(b"\r\n"):
         raise HTTPError(400)
-    method, target, version = parts
+    request_line, _, fields = head.decode("latin-1").partition("\n")
+    line = REQUEST_LINE_RE.fullmatch(request_line)
+    if line is None:
+        raise HTTPError(400)
+    method, target, version = line.groups()
     if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise HTTPError(505 if re.fullmatch(r"HTTP/\d\.\d", version) else 400)
+        raise HTTPError(505)
     headers = []
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if not sep or not TOKEN_RE.fullmatch(name):
+    for field_line in fields.split("\n") if fields else ():
+        name, colon, value = field_line.partition(":")
+        if not colon:
             raise HTTPError(400)
         headers.append((name, value.strip(" \t\r")))
-    return method, target, version, headers
-
-
-def build_environ(base: dict, method: str, target: str, version: str,
-                  headers: list[tuple[str, str]], peer: tuple) -> dict:
-    """A WSGI environ (PEP 3333) for one request."""
-    if target.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(target)
-        path, query = parts.path or "/", parts.query
-    elif target.startswith("/"):
-        path, _, query = target.partition("?")
-    else:
+    if len(headers) > MAX_HEADERS:
+        raise HTTPError(431)
+    # Every name a token with its colon right after it: no "Name : value", no obs-fold, no empty name.
+    if headers and not FIELD_NAMES_RE.fullmatch(":".join(name for name, _ in headers)):
         raise HTTPError(400)
-    environ = dict(base)
-    environ.update(REQUEST_METHOD=method, SERVER_PROTOCOL=version, QUERY_STRING=query,
-                   PATH_INFO=urllib.parse.unquote_to_bytes(path).decode("latin-1"),
-                   REMOTE_ADDR=peer[0], REMOTE_PORT=str(peer[1]))
+    return RequestHead(method, target, version, tuple(headers))
+
+
+def split_target(target: str) -> tuple[str, str, str | None]:
+    """(path, query, authority) of an origin-form or absolute-form target; the authority,
+    when there is one, overrides Host (RFC 9112 3.2.2)."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query, None
+    if not target.lower().startswith(("http://", "https://")):
+        raise HTTPError(400)  # authority-form (CONNECT) and asterisk-form are not served here
+    try:
+        parts = urllib.parse.urlsplit(target)
+        _ = parts.port
+    except ValueError:
+        raise HTTPError(400) from None
+    if not parts.hostname or "@" in parts.netloc or not HOST_RE.fullmatch(parts.netloc):
+        raise HTTPError(400)
+    return parts.path or "/", parts.query, parts.netloc
+
+
+def header_environ(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """HTTP_* keys (PEP 3333) from header fields; repeats joined once, in linear time."""
+    environ: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     for name, value in headers:
-        if "_" in name:  # X_Forwarded_For and X-Forwarded-For would share one key: refuse the ambiguity
+        key = ENVIRON_KEYS.get(name) or environ_key(name)
+        if not key:
             continue
-        key = name.upper().replace("-", "_")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if key in environ and environ[key] not in ("", value):
-                raise HTTPError(400)
+        if key in environ:
+            repeated.setdefault(key, [environ[key]]).append(value)
+        else:
             environ[key] = value
-            continue
-        key = "HTTP_" + key
-        environ[key] = f"{environ[key]}{'; ' if key == 'HTTP_COOKIE' else ', '}{value}" if key in environ else value
+    for key, values in repeated.items():
+        if key in ("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE"):
+            raise HTTPError(400)  # even `Content-Length:` then `Content-Length: 5`: a smuggling classic
+        environ[key] = ("; " if key == "HTTP_COOKIE" else ", ").join(values)
     return environ
 
 
-def run_wsgi(app: Callable, environ: dict) -> tuple[str, list[tuple[str, str]], bytes]:
+ENVIRON_KEYS: dict[str, str] = {}  # header name -> environ key, for the names nginx sends every time
+
+
+def environ_key(name: str) -> str:
+    """The environ key of header NAME; "" for a name with "_" (X_Forwarded_For and
+    X-Forwarded-For would share one key: the ambiguity is refused by dropping it)."""
+    key = "" if "_" in name else name.upper().replace("-", "_")
+    key = key if key in ("", "CONTENT_LENGTH", "CONTENT_TYPE") else f"HTTP_{key}"
+    if len(ENVIRON_KEYS) < 256:
+        ENVIRON_KEYS[name] = key
+    return key
+
+
+def build_environ(base: Mapping[str, object], head: RequestHead, peer: tuple[str, int]) -> dict[str, object]:
+    """A WSGI environ (PEP 3333) for one request; HTTPError for one that must not be answered."""
+    path, query, authority = split_target(head.target)
+    environ: dict[str, object] = dict(base)
+    environ.update(header_environ(head.headers))
+    if authority is not None:
+        environ["HTTP_HOST"] = authority
+    host = environ.get("HTTP_HOST")
+    if (host is None and head.version == "HTTP/1.1") or (host is not None and not HOST_RE.fullmatch(str(host))):
+        raise HTTPError(400)
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        raise HTTPError(400 if "CONTENT_LENGTH" in environ else 411)
+    if "CONTENT_LENGTH" in environ and not DIGITS_RE.fullmatch(str(environ["CONTENT_LENGTH"])):
+        raise HTTPError(400)
+    environ.update(REQUEST_METHOD=head.method, SERVER_PROTOCOL=head.version, QUERY_STRING=query,
+                   PATH_INFO=urllib.parse.unquote_to_bytes(path).decode("latin-1") if "%" in path else path,
+                   REMOTE_ADDR=peer[0], REMOTE_PORT=str(peer[1]))
+    return environ
+
+
+def run_wsgi(app: WSGIApp, environ: dict[str, object]) -> tuple[str, list[tuple[str, str]], bytes]:
     """Call a WSGI app and collect its whole response (ezauth's responses are small)."""
-    started: list = []
+    started: list[object] = []
     chunks: list[bytes] = []
 
-    def start_response(status: str, headers: list, exc_info: object = None) -> Callable:
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> Callable[[bytes], None]:
         started[:] = [status, headers]
         return chunks.append
 
@@ -2042,286 +2125,355 @@ def run_wsgi(app: Callable, environ: dict) -> tuple[str, list[tuple[str, str]], 
     try:
         chunks.extend(result)
     finally:
-        if hasattr(result, "close"):
-            result.close()
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
     if not started:
         raise RuntimeError("the application did not call start_response")
-    return started[0], started[1], b"".join(chunks)
+    return cast(str, started[0]), cast("list[tuple[str, str]]", started[1]), b"".join(chunks)
 
 
-_date_cache: list = [0, ""]
+_date_cache: list[object] = [0, ""]
 
 
 def http_date() -> str:
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[:] = [now, formatdate(now, usegmt=True)]
-    return _date_cache[1]
+    return cast(str, _date_cache[1])
 
 
 def serialize_response(status: str, headers: list[tuple[str, str]], body: bytes, keep_alive: bool,
                        head_only: bool) -> bytes:
     """Status line, headers and body as one buffer: one send, so no Nagle/delayed-ACK stall."""
     lines = [f"HTTP/1.1 {status}"]
-    for name, value in headers:
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"header {name!r} holds a line break")
-        lines.append(f"{name}: {value}")
-    if not any(name.lower() == "content-length" for name, _ in headers):
+    lines += [f"{name}: {value}" for name, value in headers]
+    # ezauth's app puts Content-Length last; any other WSGI app gets it counted here when missing.
+    if not (headers and headers[-1][0] == "Content-Length") and not any(
+            name.lower() == "content-length" for name, _ in headers):
         lines.append(f"Content-Length: {len(body)}")
     lines.append(f"Date: {http_date()}")
     if not keep_alive:
         lines.append("Connection: close")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise ValueError("a response header holds a line break")
+    head = (text + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
 
 
 def error_bytes(status: int) -> bytes:
     phrase = HTTPStatus(status).phrase
-    return serialize_response(f"{status} {phrase}", [("Content-Type", "text/plain; charset=utf-8")],
+    return serialize_response(STATUS_LINES[status], [("Content-Type", "text/plain; charset=utf-8")],
                               f"{phrase.lower()}\n".encode(), keep_alive=False, head_only=False)
 
 
-@dataclass(eq=False)
-class Conn:
-    """One client connection as the event loop sees it."""
+@dataclass(frozen=True)
+class Routing:
+    """What the app tells the server about a request before it is answered."""
 
-    sock: socket.socket
-    peer: tuple
-    buf: bytearray = field(default_factory=bytearray)
-    out: bytes = b""
-    busy: bool = False  # a pool thread is answering its request
-    closed: bool = False
-    close_after_send: bool = False
-    continued: bool = False
-    started: float | None = None  # when the unfinished request began to arrive
-    deadline: float = 0.0
+    inline: Callable[[Mapping[str, object]], bool]  # cheap enough to answer on the event loop
+    body_limit: Callable[[Mapping[str, object]], int]  # the largest body the route accepts
 
 
-class EventServer:
-    """HTTP/1.1 keep-alive server. One thread watches every socket, so idle or slow clients
-    cost no thread; it answers the fast routes itself and hands the rest (password hashing,
-    file writes) to a small thread pool. Responses go out in one send with TCP_NODELAY."""
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: its requests in order, each answered before the next is read."""
 
-    def __init__(self, address: tuple[str, int], app: Callable, *, access_log: bool = False,
-                 inline_paths: Iterable[str] = (), workers: int = 8) -> None:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+    transport: asyncio.Transport
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.peer: tuple[str, int] = ("", 0)
+        self.buffer = bytearray()
+        self.scanned = 0  # how much of the buffer holds no head end: dribbled heads are searched once
+        self.waiting: tuple[dict[str, object], int] | None = None  # a head whose body is still arriving
+        self.busy = self.paused = self.eof = self.closed = False
+        self.request_started: float | None = None
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # asyncio's callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        if not self.server.admit(self):
+            self.transport.write(error_bytes(503))
+            self.transport.close()
+            return
+        self.set_deadline(FIRST_BYTE_TIMEOUT)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Received into one buffer shared by every connection (the loop runs one callback at a
+        # time): asyncio's default recv() of 256 KiB costs an mmap per read, 8 us on every verify.
+        return self.server.receive_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buffer += self.server.receive_buffer[:nbytes]
+        self.process()
+        if self.buffer:
+            self.start_head_timer()
+
+    def eof_received(self) -> bool:
+        """A half-closed client still gets answers to every request it sent, then we close."""
+        self.eof = True
+        self.process()
+        return self.busy
+
+    def pause_writing(self) -> None:
+        self.paused = True  # the client is not reading: stop answering until it catches up
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server.forget(self)
+
+    # requests --------------------------------------------------------------------------------
+
+    def fail(self, err: Exception) -> None:
+        """Whatever goes wrong with one request ends its connection (400 or 500), never the server."""
+        if isinstance(err, HTTPError):
+            self.refuse(err.status)
+            return
+        log.error("event=connection_error ip=%s error=%s", logval(self.peer[0]), logval(repr(err)), exc_info=err)
+        self.refuse(500)
+
+    def process(self) -> None:
+        """Answer every complete request in the buffer, in order."""
         try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and address[0] == "::":
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            self.socket.bind(address)
-            self.socket.listen(1024)
-        except OSError:
-            self.socket.close()
-            raise
-        self.socket.setblocking(False)
-        self.server_port = self.socket.getsockname()[1]
-        self.app, self.access_log, self.inline_paths = app, access_log, frozenset(inline_paths)
-        self.base_environ = {
-            "SERVER_NAME": address[0], "SERVER_PORT": str(self.server_port), "SCRIPT_NAME": "",
+            while not (self.busy or self.paused or self.closed):
+                if self.waiting is None:
+                    self.waiting = self.read_head()
+                    if self.waiting is None:
+                        break
+                environ, length = self.waiting
+                if len(self.buffer) < length:
+                    break
+                self.waiting = None
+                environ["wsgi.input"] = BytesIO(bytes(self.buffer[:length]))
+                del self.buffer[:length]
+                self.answer(environ)
+        except Exception as err:
+            self.fail(err)
+        if self.eof and not self.busy and not self.closed:
+            self.close()
+
+    def read_head(self) -> tuple[dict[str, object], int] | None:
+        """(environ, body length) of the next request head in the buffer, or None until it has arrived."""
+        if not self.buffer:
+            return None
+        blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n")) if self.buffer[0] in b"\r\n" else 0
+        if blank > MAX_BLANK_BYTES:
+            raise HTTPError(400)
+        end = HEAD_END_RE.search(self.buffer, max(self.scanned, blank))
+        if end is None:
+            if len(self.buffer) > MAX_HEAD:
+                raise HTTPError(431)
+            self.scanned = max(blank, len(self.buffer) - 2)
+            return None
+        if end.start() > MAX_HEAD:
+            raise HTTPError(431)
+        head = parse_head(bytes(self.buffer[blank:end.start()]))
+        del self.buffer[:end.end()]
+        self.scanned = 0
+        environ = build_environ(self.server.base_environ, head, self.peer)
+        length = int(cast(str, environ.get("CONTENT_LENGTH") or "0"))
+        if length and length > self.server.body_limit(environ):
+            raise HTTPError(413)  # refused before a byte of it is buffered
+        if len(self.buffer) < length:
+            self.set_deadline(BODY_TIMEOUT)
+            if head.version == "HTTP/1.1" and str(environ.get("HTTP_EXPECT", "")).lower() == "100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return environ, length
+
+    def answer(self, environ: dict[str, object]) -> None:
+        keep_alive = environ["SERVER_PROTOCOL"] == "HTTP/1.1" and "close" not in str(
+            environ.get("HTTP_CONNECTION", "")).lower()
+        if self.server.inline(environ):
+            self.send(self.server.respond(environ, keep_alive), keep_alive)
+            return
+        self.busy = True
+        self.transport.pause_reading()
+        done = self.server.loop.run_in_executor(self.server.pool, self.server.respond, environ, keep_alive)
+        done.add_done_callback(lambda future: self.pool_done(future, keep_alive))
+
+    def pool_done(self, future: asyncio.Future[bytes], keep_alive: bool) -> None:
+        self.busy = False
+        if self.closed:
+            return
+        try:
+            data = future.result()
+        except Exception as err:
+            self.fail(err)
+            return
+        self.transport.resume_reading()
+        self.send(data, keep_alive)
+        self.process()
+
+    def send(self, data: bytes, keep_alive: bool) -> None:
+        self.transport.write(data)
+        self.request_started = None
+        if keep_alive and not self.eof:
+            self.deadline = time.monotonic() + IDLE_TIMEOUT  # the loop's clock; later: the timer re-arms when it fires
+            if self.buffer:
+                self.start_head_timer()  # a pipelined request may already be part-way in
+        else:
+            self.close()
+
+    def refuse(self, status: int) -> None:
+        if not self.closed:
+            self.transport.write(error_bytes(status))
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.transport.close()  # after what is buffered has been sent
+
+    # timeouts: one timer per connection, moved forward by plain assignment on the fast path ------
+
+    def start_head_timer(self) -> None:
+        """A request has begun to arrive (blank lines count): from now on it has HEAD_TIMEOUT."""
+        if self.buffer and self.request_started is None and self.waiting is None and not self.closed:
+            self.request_started = self.server.loop.time()
+            self.set_deadline(HEAD_TIMEOUT)
+
+    def set_deadline(self, seconds: float) -> None:
+        """Move the deadline. A later one costs an assignment (the timer re-arms when it fires);
+        only an earlier one re-arms the timer now."""
+        self.deadline = self.server.loop.time() + seconds
+        if self.timer is not None and self.timer.when() > self.deadline:
+            self.timer.cancel()
+            self.timer = None
+        if self.timer is None:
+            self.timer = self.server.loop.call_at(self.deadline, self.check_deadline)
+
+    def check_deadline(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self.busy or self.server.loop.time() < self.deadline:
+            self.timer = self.server.loop.call_at(max(self.deadline, self.server.loop.time() + 1),
+                                                  self.check_deadline)
+            return
+        if (self.buffer or self.waiting) and not self.eof:
+            self.refuse(408)
+        else:
+            self.close()
+
+    @property
+    def idle(self) -> bool:
+        return not (self.buffer or self.waiting or self.busy or self.closed)
+
+
+class HTTPServer:
+    """HTTP/1.1 keep-alive server for one WSGI app. One event-loop thread holds every connection
+    (idle or slow clients cost no thread) and answers the requests the app calls cheap itself;
+    the rest (password hashing, file writes) go to a small thread pool."""
+
+    def __init__(self, sock: socket.socket, app: WSGIApp, routing: Routing, *, access_log: bool = False,
+                 exempt: Callable[[str], bool] = lambda address: False) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.app, self.access_log, self.exempt = app, access_log, exempt
+        self.inline, self.body_limit = routing.inline, routing.body_limit
+        self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ezauth-worker")
+        self.receive_buffer = memoryview(bytearray(RECEIVE_SIZE))
+        self.connections: set[Connection] = set()
+        self.per_address: dict[str, int] = {}
+        self.max_connections = max_connections()
+        host, port = sock.getsockname()[:2]
+        self.base_environ: dict[str, object] = {
+            "SERVER_NAME": host, "SERVER_PORT": str(port), "SCRIPT_NAME": "",
             "GATEWAY_INTERFACE": "CGI/1.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
             "wsgi.run_once": False,
         }
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.socket, selectors.EVENT_READ, None)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ezauth-worker")
-        self._conns: dict[socket.socket, Conn] = {}
-        self._running = False
+        self.listener = self.loop.run_until_complete(
+            self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
 
     def serve_forever(self) -> None:
-        self._running = True
-        next_sweep = time.monotonic() + 1
-        while self._running:
-            for key, mask in self.selector.select(timeout=0.5):
-                if key.data is None:
-                    self._accept()
-                elif key.data == "wake":
-                    self._finish_pool_work()
-                elif mask & selectors.EVENT_WRITE:
-                    self._flush(key.data)
-                else:
-                    self._read(key.data)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + 1
-                self._sweep()
+        """Serve until SIGTERM or SIGINT."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.loop.stop)
+        self.loop.run_forever()
 
-    def shutdown(self) -> None:
-        self._running = False
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+    def close(self) -> None:
+        self.listener.close()
+        for conn in list(self.connections):
+            conn.transport.abort()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
 
-    def server_close(self) -> None:
-        for conn in list(self._conns.values()):
-            self._close(conn)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.selector.close()
-        for sock in (self.socket, self._wake_r, self._wake_w):
-            sock.close()
+    def admit(self, conn: Connection) -> bool:
+        """Room for one more connection? A full server first drops the connection idle the longest."""
+        address = conn.peer[0]
+        if self.per_address.get(address, 0) >= MAX_PER_ADDRESS and not self.exempt(address):
+            log.warning("event=connection_refused reason=per_address_limit ip=%s", logval(address))
+            return False
+        if len(self.connections) >= self.max_connections:
+            idle = [c for c in self.connections if c.idle]
+            if not idle:
+                log.warning("event=connection_refused reason=server_full ip=%s", logval(address))
+                return False
+            min(idle, key=lambda c: c.deadline).close()
+        self.connections.add(conn)
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        return True
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, peer = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:  # e.g. out of file descriptors: keep serving the others
-                log.warning("event=accept_failed error=%s", _logval(str(err)))
-                return
-            sock.setblocking(False)
-            if len(self._conns) >= MAX_CONNECTIONS:
-                with contextlib.suppress(OSError):
-                    sock.send(error_bytes(503))
-                sock.close()
-                continue
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Conn(sock, peer, deadline=time.monotonic() + IDLE_TIMEOUT)
-            self._conns[sock] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn)
+    def forget(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_address.pop(conn.peer[0], 1) - 1
+            if left:
+                self.per_address[conn.peer[0]] = left
 
-    def _read(self, conn: Conn) -> None:
-        try:
-            chunk = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk or len(conn.buf) > MAX_HEAD + MAX_BODY:
-            self._close(conn)
-            return
-        conn.buf += chunk
-        self._process(conn)
-
-    def _process(self, conn: Conn) -> None:
-        """Answer every complete request in the buffer, in order, one at a time."""
-        while not (conn.busy or conn.out or conn.closed):
-            try:
-                request = self._next_request(conn)
-            except HTTPError as err:
-                self._send(conn, error_bytes(err.status), keep_alive=False)
-                return
-            now = time.monotonic()
-            if request is None:
-                if conn.buf.strip():
-                    conn.started = conn.started or now
-                    conn.deadline = conn.started + (HEAD_TIMEOUT if not conn.continued else BODY_TIMEOUT)
-                else:
-                    conn.started, conn.deadline = None, now + IDLE_TIMEOUT
-                return
-            conn.started, conn.continued = None, False
-            environ, keep_alive = request
-            # An HTTP Basic check may have to hash a password: never on the event-loop thread.
-            if environ["PATH_INFO"] in self.inline_paths and "HTTP_AUTHORIZATION" not in environ:
-                self._send(conn, *self._respond(environ, keep_alive))
-            else:
-                conn.busy = True
-                self._pool.submit(self._answer_in_pool, conn, environ, keep_alive)
-
-    def _next_request(self, conn: Conn) -> tuple[dict, bool] | None:
-        """The next whole request (environ, keep-alive) from the buffer, or None until it has arrived."""
-        while conn.buf[:1] in (b"\r", b"\n"):
-            del conn.buf[:1]
-        end = HEAD_END_RE.search(conn.buf)
-        if (end.start() if end else len(conn.buf)) > MAX_HEAD:
-            raise HTTPError(431)
-        if end is None:
-            return None
-        method, target, version, headers = parse_head(bytes(conn.buf[:end.start()]))
-        environ = build_environ(self.base_environ, method, target, version, headers, conn.peer)
-        if "HTTP_TRANSFER_ENCODING" in environ:
-            raise HTTPError(411)
-        length = environ.get("CONTENT_LENGTH", "") or "0"
-        if not length.isdigit():
-            raise HTTPError(400)
-        if int(length) > MAX_BODY:
-            raise HTTPError(413)
-        total = end.end() + int(length)
-        if len(conn.buf) < total:
-            if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and not conn.continued:
-                with contextlib.suppress(OSError):
-                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            conn.continued = True
-            return None
-        environ["wsgi.input"] = BytesIO(bytes(conn.buf[end.end():total]))
-        del conn.buf[:total]
-        keep_alive = version == "HTTP/1.1" and "close" not in environ.get("HTTP_CONNECTION", "").lower()
-        return environ, keep_alive
-
-    def _respond(self, environ: dict, keep_alive: bool) -> tuple[bytes, bool]:
-        started = time.monotonic()
-        try:
-            status, headers, body = run_wsgi(self.app, environ)
-            data = serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
-        except Exception:
-            log.exception("event=error method=%s path=%s", environ["REQUEST_METHOD"], _logval(environ["PATH_INFO"]))
-            return error_bytes(500), False
+    def respond(self, environ: dict[str, object], keep_alive: bool) -> bytes:
+        """The whole answer to one request, as bytes (on the loop, or on a pool thread)."""
+        started = time.monotonic() if self.access_log else 0.0
+        status, headers, body = run_wsgi(self.app, environ)
+        data = serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
         if self.access_log:
-            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", environ["REQUEST_METHOD"],
-                     _logval(environ["PATH_INFO"]), status[:3], environ["REMOTE_ADDR"],
+            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", logval(str(environ["REQUEST_METHOD"])),
+                     logval(str(environ["PATH_INFO"])), status[:3], logval(str(environ["REMOTE_ADDR"])),
                      (time.monotonic() - started) * 1000)
-        return data, keep_alive
+        return data
 
-    def _answer_in_pool(self, conn: Conn, environ: dict, keep_alive: bool) -> None:
-        self._done.put((conn, *self._respond(environ, keep_alive)))
-        with contextlib.suppress(OSError):  # a full wake-up pipe already holds a wake-up
-            self._wake_w.send(b"\0")
 
-    def _finish_pool_work(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_r.recv(4096)
-        while not self._done.empty():
-            conn, data, keep_alive = self._done.get_nowait()
-            conn.busy = False
-            if not conn.closed:
-                self._send(conn, data, keep_alive)
-                self._process(conn)
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or fewer when the file-descriptor limit cannot be raised that far."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + 64  # the data dir's files, the pool's SQLite handles, stdio
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    return max(16, min(MAX_CONNECTIONS, soft - 64))
 
-    def _send(self, conn: Conn, data: bytes, keep_alive: bool) -> None:
-        try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        conn.deadline = time.monotonic() + IDLE_TIMEOUT
-        if sent < len(data):
-            conn.out, conn.close_after_send = data[sent:], not keep_alive
-            self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
-        elif not keep_alive:
-            self._close(conn)
 
-    def _flush(self, conn: Conn) -> None:
-        data, conn.out = conn.out, b""
-        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        self._send(conn, data, not conn.close_after_send)
-        if not conn.out:
-            self._process(conn)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening socket; `::` takes IPv4 too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
-    def _sweep(self) -> None:
-        """Close connections that stayed idle too long or send their request too slowly."""
-        now = time.monotonic()
-        for conn in [c for c in self._conns.values() if not c.busy and c.deadline < now]:
-            if conn.started is not None and not conn.out:
-                with contextlib.suppress(OSError):
-                    conn.sock.send(error_bytes(408))
-            self._close(conn)
 
-    def _close(self, conn: Conn) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self._conns.pop(conn.sock, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(conn.sock)
-        conn.sock.close()
+# -- CLI ------------------------------------------------------------------------------------
 
 
 class CliError(Exception):
@@ -2333,20 +2485,19 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     service = make_app(settings)
     announce_first_admin(service.users)
     try:
-        server = EventServer((settings.host, settings.port), service, access_log=settings.access_log,
-                             inline_paths=FAST_PATHS)
+        sock = listening_socket(settings.host, settings.port)
     except OSError as err:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = HTTPServer(sock, service, Routing(service.answers_inline, service.body_limit),
+                        access_log=settings.access_log,
+                        exempt=lambda address: ip_in(address, settings.trusted_proxies))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("event=start url=http://%s:%d/ezauth/login data_dir=%s version=%s",
-             host, server.server_port, settings.data_dir.resolve(), __version__)
+             host, sock.getsockname()[1], settings.data_dir.resolve(), __version__)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        server.server_close()
+        server.close()
         log.info("event=stop")
     return 0
 
@@ -2356,7 +2507,7 @@ def announce_first_admin(users: Users) -> None:
     try:
         password = users.create_first_admin()
     except OSError as err:
-        log.error("event=first_admin_failed error=%s", _logval(str(err)))
+        log.error("event=first_admin_failed error=%s", logval(str(err)))
         return
     if password:
         print(f"\nezauth: no users yet, so I created one.\n  user:     admin\n  password: {password}\n"
