@@ -386,9 +386,10 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
                           maxmem=256 * n * r * p, dklen=32)
 
 
-def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P,
+                  salt: bytes | None = None) -> str:
     """A self-describing scrypt hash: scrypt:N:r:p$salt$hash, so the cost can be raised later."""
-    salt = secrets.token_bytes(16)
+    salt = secrets.token_bytes(16) if salt is None else salt
     return f"scrypt:{n}:{r}:{p}${_b64(salt)}${_b64(_scrypt(password, salt, n, r, p))}"
 
 
@@ -429,6 +430,12 @@ def bcrypt_available() -> bool:
 
 # Costs the same scrypt as a real check, so an unknown user answers as slowly as a known one.
 DUMMY_HASH = f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}${_b64(bytes(16))}${_b64(bytes(32))}"
+
+
+def legacy_hash(name: str, password: str) -> str:
+    """The hash of a password from the original blog post's .env, the same in every worker and after
+    every restart (a salt derived from the name), so its sessions survive both."""
+    return hash_password(password, salt=hashlib.sha256(f"ezauth legacy .env user {name}".encode()).digest()[:16])
 
 
 def credential_fingerprint(encoded: str) -> str:
@@ -584,6 +591,8 @@ class KeyRing:
             if self.keys:
                 log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err)))
                 return
+            if file_stamp(self.path) is not None:
+                raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
             log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
                       logval(str(err)))
             self._use((new_key(now, now),), None)
@@ -591,7 +600,7 @@ class KeyRing:
     def _load_or_replace(self, now: float) -> None:
         try:
             self._reload()
-        except (OSError, ValueError) as err:
+        except (ValueError, IsADirectoryError) as err:  # not a key ring; EACCES and the like go up
             aside = move_aside(self.path, now)
             log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
                       "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err)))
@@ -654,6 +663,9 @@ class KeyRing:
 # -- Sessions -------------------------------------------------------------------------------
 
 MAX_TOKEN = 4096
+# A browser holds at most two: host-only, and one for EZAUTH_COOKIE_DOMAIN. Trying thousands
+# would cost the one thread that answers every verify 30 ms a request.
+MAX_SESSION_COOKIES = 2
 CLOCK_SKEW = 30
 
 
@@ -760,6 +772,9 @@ class Sessions:
 # -- Visit counter --------------------------------------------------------------------------
 
 
+COUNT_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and fewer than int() refuses
+
+
 class VisitCounter:
     """Page views as decimal text in a file, exact across threads and processes."""
 
@@ -785,7 +800,7 @@ class VisitCounter:
             return 0
         except (OSError, UnicodeDecodeError):
             return None
-        return int(text) if text.isdigit() else None
+        return int(text) if COUNT_RE.fullmatch(text) else None
 
     def _read(self) -> int:
         try:
@@ -794,7 +809,7 @@ class VisitCounter:
             return 0
         except UnicodeDecodeError:
             text = "?"
-        if text.isdigit():
+        if COUNT_RE.fullmatch(text):
             return int(text)
         aside = move_aside(self.path, self.clock())
         log.error("event=counter_corrupt moved_to=%s action=restart_from_zero", aside)
@@ -811,10 +826,19 @@ class Attempt:
     row_ids: tuple[int, ...] = ()
     retry_after: int = 0
     busy: bool = False  # not locked out: other checks in flight fill the limit for a moment
+    at: float = 0.0
 
     @property
     def locked(self) -> bool:
         return self.retry_after > 0
+
+
+BUSY_WAIT = 5.0  # a right password waits this long for checks in flight rather than being refused
+BUSY_POLL = 0.05  # how often a waiting check looks again for other workers' checks
+
+
+def corrupt_database(err: sqlite3.DatabaseError) -> bool:
+    return "not a database" in str(err) or "malformed" in str(err)
 
 
 class Throttle:
@@ -832,6 +856,7 @@ class Throttle:
         self.path, self.max_attempts, self.window, self.lockout = path, max_attempts, window, lockout
         self._memory: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._settled = threading.Condition()  # a check of this process finished: waiting ones look again
         try:
             self._init_file(now)
         except sqlite3.Error as err:
@@ -844,9 +869,17 @@ class Throttle:
             with contextlib.suppress(OSError):
                 self.path.chmod(0o600)
         except sqlite3.DatabaseError as err:
-            if "not a database" not in str(err) and "malformed" not in str(err):
+            if not corrupt_database(err):
                 raise
-            log.error("event=throttle_corrupt moved_to=%s", move_aside(self.path, now))
+            self._replace_corrupt(now)
+
+    def _replace_corrupt(self, now: float) -> None:
+        """Move a damaged database aside and start an empty one (once, whichever worker sees it first)."""
+        with locked(self.path):
+            with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(self._connect()) as db:
+                db.execute("SELECT COUNT(*) FROM attempts").fetchone()
+                return  # another worker has already replaced it
+            log.error("event=throttle_corrupt moved_to=%s action=new_empty_database", move_aside(self.path, now))
             with contextlib.closing(self._connect()) as db:
                 db.executescript(self.SCHEMA)
 
@@ -860,14 +893,17 @@ class Throttle:
         self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self._memory.executescript(self.SCHEMA)
 
-    def _run(self, work: Callable[[sqlite3.Connection], object]) -> object:
+    def _run(self, work: Callable[[sqlite3.Connection], object], now: float) -> object:
         with self._lock:
             try:
                 return self._transaction(work)
-            except sqlite3.OperationalError as err:
+            except sqlite3.DatabaseError as err:
                 if self._memory is not None:
                     raise
-                self._fall_back(err)
+                if corrupt_database(err):  # damaged while running: as at start-up
+                    self._replace_corrupt(now)
+                else:
+                    self._fall_back(err)
                 return self._transaction(work)
 
     def _transaction(self, work: Callable[[sqlite3.Connection], object]) -> object:
@@ -885,12 +921,22 @@ class Throttle:
             if db is not self._memory:
                 db.close()
 
-    def begin(self, keys: list[str], now: float) -> Attempt:
+    def begin(self, keys: list[str], now: float, wait: float = BUSY_WAIT) -> Attempt:
         """Reserve one attempt for every key, or say how long to wait.
 
         Failures and checks still in flight both count toward the limit, so parallel guesses
         cannot exceed it; only failures lock a key out, so parallel right passwords never do.
+        When checks in flight fill the limit, wait (up to WAIT seconds) for them to finish.
         """
+        give_up = time.monotonic() + wait
+        attempt = self._reserve(keys, now)
+        while attempt.busy and time.monotonic() < give_up:
+            with self._settled:  # woken by this process's checks; other workers' are polled
+                self._settled.wait(min(BUSY_POLL, max(0.0, give_up - time.monotonic())))
+            attempt = self._reserve(keys, now)
+        return attempt
+
+    def _reserve(self, keys: list[str], now: float) -> Attempt:
         def work(db: sqlite3.Connection) -> Attempt:
             db.execute("DELETE FROM attempts WHERE at <= ?", (now - self.window,))
             db.execute("DELETE FROM locks WHERE until <= ?", (now,))
@@ -906,13 +952,18 @@ class Throttle:
                 if failures + in_flight >= self.max_attempts:
                     return Attempt(retry_after=1, busy=True)
             ids = tuple(db.execute("INSERT INTO attempts VALUES (?, ?, 1)", (key, now)).lastrowid for key in keys)
-            return Attempt(row_ids=ids)
-        return self._run(work)
+            return Attempt(row_ids=ids, at=now)
+        return cast(Attempt, self._run(work, now))
 
     def succeeded(self, attempt: Attempt) -> None:
         """A right password: its reservation does not count as a failure."""
         self._run(lambda db: db.executemany("DELETE FROM attempts WHERE rowid = ?",
-                                            [(rowid,) for rowid in attempt.row_ids]))
+                                            [(rowid,) for rowid in attempt.row_ids]), attempt.at)
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._settled:
+            self._settled.notify_all()
 
     def failed(self, attempt: Attempt, now: float) -> None:
         """A wrong password: its reservation becomes a failure; a key out of attempts is locked."""
@@ -922,7 +973,8 @@ class Throttle:
                 for (key,) in db.execute("SELECT key FROM attempts WHERE rowid = ?", (rowid,)).fetchall():
                     if self._counts(db, key)[0] >= self.max_attempts:
                         self._lock_out(db, key, now)
-        self._run(work)
+        self._run(work, now)
+        self._settle()
 
     def _counts(self, db: sqlite3.Connection, key: str) -> tuple[int, int]:
         """(failures, checks in flight) for KEY within the window."""
@@ -1085,6 +1137,13 @@ class Rule:
     prefix: str
 
 
+READING_WORK_RE = re.compile(r"[%\\\\;#]|//|/\.")  # what can make two apps read one path differently
+ENCODED_SEPARATOR_RE = re.compile(r"%(?![2][fF]|[5][cC])[0-9A-Fa-f]{2}")
+PARAMS_RE = re.compile(r";[^/]*")
+SLASHES_RE = re.compile(r"/{2,}")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class Rules:
     """Who may reach which host and path: the first matching rule decides, no match denies."""
 
@@ -1100,12 +1159,22 @@ class Rules:
         self._anyone = tuple(r for r in rules if r.who == "*")
         self._by_user = {user: tuple(r for r in rules if applies(r, user)) for user in named}
 
-    def allows(self, user: str, host: str, path: str) -> bool:
+    def allows(self, user: str, host: str, path: str, fold: bool = False) -> bool:
+        """The decision for one reading of the path; FOLD compares it as a case-insensitive app would."""
         for rule in self._by_user.get(user, self._anyone):
-            if path.startswith(rule.prefix) and (rule.host in ("*", host) or (
+            matched = path.lower().startswith(rule.prefix.lower()) if fold else path.startswith(rule.prefix)
+            if matched and (rule.host in ("*", host) or (
                     rule.host.startswith("*.") and host.endswith(rule.host[1:]))):
                 return rule.allow
         return False
+
+    def allows_every(self, user: str, host: str, uri: str) -> bool:
+        """True only when every reading of URI's path is allowed: an app that decodes, splits or
+        resolves the path differently from these rules must still land somewhere allowed."""
+        readings = path_readings(uri)
+        if any(CONTROL_RE.search(path) for path in readings):
+            return False  # a decoded NUL or line break: no app should get such a path
+        return all(self.allows(user, host, path) and self.allows(user, host, path, fold=True) for path in readings)
 
 
 def parse_rules(text: str) -> Rules:
@@ -1138,24 +1207,62 @@ def parse_rules(text: str) -> Rules:
     return Rules(tuple(rules), groups)
 
 
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 for an absolute path: `.` and `..` resolved, empty segments kept (`/.//x` is `//x`)."""
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for number, segment in enumerate(segments, 1):
+        if segment in (".", ".."):
+            if segment == ".." and kept:
+                kept.pop()
+            if number == len(segments):
+                kept.append("")  # `/a/.` is the folder `/a/`
+        else:
+            kept.append(segment)
+    return "/" + "/".join(kept)
+
+
+def decodings(path: str) -> set[str]:
+    """PATH undecoded, percent-decoded once, twice and three times (an app may decode again), and
+    decoded once but with %2F and %5C kept (as nginx and many routers do)."""
+    found = {path, ENCODED_SEPARATOR_RE.sub(lambda m: urllib.parse.unquote(m.group()), path)}
+    for _ in range(3):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        found.add(decoded)
+        path = decoded
+    return found
+
+
+def path_readings(uri: str) -> frozenset[str]:
+    """Every reasonable reading of an original request URI's path by the app behind nginx: decoded or
+    not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not, repeated
+    slashes merged or not, cut at `#` or not."""
+    path = urllib.parse.urlsplit(uri).path if "://" in uri else uri.partition("?")[0]
+    if not READING_WORK_RE.search(path):
+        return frozenset((path or "/",))  # nothing any app could read differently: the common case
+    readings: set[str] = set()
+    for decoded in decodings(path) | decodings(path.partition("#")[0]):
+        for text in {decoded, decoded.replace("\\", "/")}:
+            for unparam in {text, PARAMS_RE.sub("", text)}:
+                rooted = unparam if unparam.startswith("/") else "/" + unparam
+                for resolved in {rooted, remove_dot_segments(rooted)}:
+                    readings.update((resolved, SLASHES_RE.sub("/", resolved)))
+    return frozenset(readings)
+
+
 def rules_path(uri: str) -> str:
-    """The path of an original request URI as rules see it: decoded, with . and .. and // resolved,
-    so /a/../admin, //admin and /%61dmin all meet the rules for /admin."""
+    """The canonical reading of a URI's path: decoded, with . and .. and // resolved, so /a/../admin,
+    //admin and /%61dmin all read as /admin (path_readings holds this and every other reading)."""
     path = urllib.parse.urlsplit(uri).path if "://" in uri else uri.partition("?")[0].partition("#")[0]
-    for _ in range(3):  # double encoding too, in case the app decodes twice
+    for _ in range(3):
         decoded = urllib.parse.unquote(path)
         if decoded == path:
             break
         path = decoded
-    segments: list[str] = []
-    for segment in path.replace("\\", "/").split("/"):
-        if segment == "..":
-            if segments:
-                segments.pop()
-        elif segment not in ("", "."):
-            segments.append(segment)
-    trailing = "/" if segments and path.endswith(("/", "/.", "/..")) else ""
-    return "/" + "/".join(segments) + trailing
+    rooted = "/" + path.replace("\\", "/")
+    return SLASHES_RE.sub("/", remove_dot_segments(SLASHES_RE.sub("/", rooted)))
 
 
 class AccessRules:
@@ -1218,14 +1325,15 @@ class BasicCache:
     def digest(self, name: str, password: str) -> bytes:
         return hmac.new(self._key, f"{name}:{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
-    def get(self, digest: bytes, users: Users, now: float) -> str | None:
-        """The user these credentials proved recently, if their password has not changed since."""
+    def get(self, digest: bytes, factors: Callable[[str], str | None], now: float) -> str | None:
+        """The user these credentials proved recently, if none of their factors has changed since."""
         entry = self._entries.get(digest)
-        if entry is None or entry[2] <= now or users.fingerprint(entry[0]) != entry[1]:
+        if entry is None or entry[2] <= now or factors(entry[0]) != entry[1]:
             return None
         return entry[0]
 
     def put(self, digest: bytes, name: str, fingerprint: str, now: float) -> None:
+        """Remember NAME for a minute, with the FINGERPRINT of all their factors (see `get`)."""
         if len(self._entries) >= self.MAX:
             self._entries = {d: e for d, e in list(self._entries.items()) if e[2] > now}
             if len(self._entries) >= self.MAX:
@@ -1275,6 +1383,7 @@ class Metrics:
 # -- HTTP plumbing --------------------------------------------------------------------------
 
 MAX_FORM = 16 * 1024
+MAX_QUERY_FIELDS = 50
 MAX_TARGET = 2048
 TARGET_CHARS_RE = re.compile(r"[\x21-\x7e]+")
 SECURITY_HEADERS = [
@@ -1331,7 +1440,8 @@ class Request:
         return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
 
     def query(self, name: str) -> str:
-        values = urllib.parse.parse_qs(self.environ.get("QUERY_STRING", ""), max_num_fields=50)
+        """The first value of NAME in the query string; ValueError for one with too many fields."""
+        values = urllib.parse.parse_qs(self.environ.get("QUERY_STRING", ""), max_num_fields=MAX_QUERY_FIELDS)
         return values.get(name, [""])[0]
 
     def cookies(self, name: str) -> list[str]:
@@ -1346,7 +1456,12 @@ class Request:
 
     @property
     def from_trusted_proxy(self) -> bool:
-        return ip_in(self.environ.get("REMOTE_ADDR", ""), self._trusted)
+        """A trusted proxy, or a peer on a unix socket (gunicorn --bind unix:...), which only a local
+        proxy can reach: gunicorn gives such a peer an empty REMOTE_ADDR (or the socket's path)."""
+        peer = self.environ.get("REMOTE_ADDR")
+        if peer == "" or (isinstance(peer, str) and peer.startswith("/")):
+            return True
+        return ip_in(peer or "", self._trusted)
 
     @property
     def is_https(self) -> bool:
@@ -1358,9 +1473,16 @@ class Request:
     @property
     def client_ip(self) -> str:
         """The visitor's address: forwarding headers count only when the peer is a trusted proxy."""
-        peer = self.environ.get("REMOTE_ADDR", "") or "unknown"
-        if not self.from_trusted_proxy:
-            return peer
+        peer = self.environ.get("REMOTE_ADDR") or ""
+        client = self._forwarded_client(peer) if self.from_trusted_proxy else peer
+        if valid_ip(client):
+            return str(ipaddress.ip_address(client))
+        warn_once("client_ip_unknown", "event=client_ip_unknown peer=%s note=clients_share_one_lockout_and_"
+                  "fail2ban_cannot_ban_them_make_the_proxy_send_X-Forwarded-For", logval(peer))
+        return "unknown"
+
+    def _forwarded_client(self, peer: str) -> str:
+        """The rightmost X-Forwarded-For hop that is not a trusted proxy (or X-Real-IP without one)."""
         hops = [h.strip() for h in self.header("X-Forwarded-For").split(",") if h.strip()]
         client = peer
         for hop in reversed(hops):
@@ -1371,7 +1493,17 @@ class Request:
                 break
         if not hops and valid_ip(self.header("X-Real-IP").strip()):
             client = self.header("X-Real-IP").strip()
-        return str(ipaddress.ip_address(client)) if valid_ip(client) else client
+        return client
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """Log MESSAGE the first time KEY comes up in this process, never again."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 def cookie_values(header: str, name: str) -> list[str]:
@@ -1390,6 +1522,9 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 
 
 def valid_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address, without an IPv6 scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
+    if "%" in text:
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -1435,9 +1570,10 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
 
 
 def _same_site_path(path: str) -> str:
-    if not path.startswith("/") or path.startswith("//"):
+    # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
+    if not path.startswith("/") or any(reading.startswith("//") for reading in path_readings(path)):
         return "/"
-    if path.startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
+    if rules_path(path).startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
         return "/"
     return path
 
@@ -1501,7 +1637,7 @@ def read_form(environ: dict) -> dict[str, str] | None:
 
 def content_length(environ: dict) -> int | None:
     raw = environ.get("CONTENT_LENGTH") or "0"
-    return int(raw) if raw.isdigit() else None
+    return int(raw) if re.fullmatch(r"[0-9]{1,18}", raw) else None
 
 
 # -- Login page -----------------------------------------------------------------------------
@@ -1706,7 +1842,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     data = settings.data_dir
     prepare_data_dir(data)
     now = clock()
-    legacy = {name: hash_password(password) for name, password in settings.legacy_users}
+    legacy = {name: legacy_hash(name, password) for name, password in settings.legacy_users}
     users = Users(data / "users", legacy)
     keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
     sessions = Sessions(users, keys, settings.session_ttl, settings.remember_ttl)
@@ -1725,6 +1861,11 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     page_headers = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
                     ("Content-Security-Policy", PAGE_CSP.format(extra=extra_form_action)),
                     ("Vary", "Accept-Language"), *SECURITY_HEADERS]
+
+    def factors(name: str) -> str | None:
+        """What proves NAME: their password hash and whether they have a second factor."""
+        fingerprint = users.fingerprint(name)
+        return None if fingerprint is None else f"{fingerprint}:{int(totp_store.enrolled(name))}"
 
     def secure(request: Request) -> bool:
         return settings.cookie_secure == "1" or (settings.cookie_secure == "auto" and request.is_https)
@@ -1769,8 +1910,12 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         return safe_return_target(raw, request.host, settings.cookie_domain)
 
     def login_page(request: Request) -> Response:
-        expired = request.query("expired") == "1"
-        return page(request, 200, rd=target_of(request, request.query("rd")),
+        try:
+            expired, rd = request.query("expired") == "1", request.query("rd")
+        except ValueError:
+            log.warning("event=login_rejected reason=bad_query ip=%s", logval(request.client_ip))
+            return page(request, 400, error=message(request, "msg_bad_form"))
+        return page(request, 200, rd=target_of(request, rd),
                     error=message(request, "msg_expired") if expired else "",
                     visits=counter.increment())
 
@@ -1862,6 +2007,10 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     def verify(request: Request) -> Response:
         now = clock()
         tokens = request.cookies(cookie)
+        if len(tokens) > MAX_SESSION_COOKIES:
+            log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
+                        len(tokens), logval(request.client_ip))
+            return deny(request, True)
         for token in tokens:
             session = sessions.check(token, now)
             if session is not None:
@@ -1873,15 +2022,18 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
                 return grant(request, session.user, headers)
         if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
             return verify_basic(request, now, bool(tokens))
+        return deny(request, bool(tokens))
+
+    def deny(request: Request, had_cookie: bool) -> Response:
         metrics.verify_denied += 1
-        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), bool(tokens))),
+        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), had_cookie)),
                                    ("Cache-Control", "no-cache")])
 
     def grant(request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
         """200 for a proven USER, unless access rules keep them off this host and path (403)."""
-        if access.rules is not None and not access.rules.allows(
+        if access.rules is not None and not access.rules.allows_every(
                 user, (request.header("X-Original-Host") or request.host).lower(),
-                rules_path(request.header("X-Original-URI") or "/")):
+                request.header("X-Original-URI") or "/"):
             metrics.verify_denied += 1
             return Response(403, b"", [("Cache-Control", "no-cache")])
         if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
@@ -1894,7 +2046,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         credentials = parse_basic(request.header("Authorization"))
         if credentials is not None:
             digest = basic_cache.digest(*credentials)
-            user = basic_cache.get(digest, users, now) or check_basic(request, *credentials, digest, now)
+            user = basic_cache.get(digest, factors, now) or check_basic(request, *credentials, digest, now)
             if user is not None:
                 return grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")])
         metrics.verify_denied += 1
@@ -1906,6 +2058,9 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         attempt = reserve(request, name, now, "via=basic ")
         if attempt.locked:
             return None
+        if basic_cache.get(digest, factors, now):  # proved by a parallel request while this one waited
+            throttle.succeeded(attempt)
+            return name
         # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
         if not users.check(name, password) or totp_store.enrolled(name):
             refuse(request, attempt, name, now, "via=basic ")
@@ -1913,7 +2068,7 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         throttle.succeeded(attempt)
         metrics.logins_ok += 1
         log.info("event=login_ok via=basic user=%s ip=%s", name, request.client_ip)
-        basic_cache.put(digest, name, users.fingerprint(name) or "", now)
+        basic_cache.put(digest, name, factors(name) or "", now)
         return name
 
     def logout(request: Request) -> Response:
