@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import time
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from conftest import HERE, PASSWORD, require_tool
+from conftest import (
+    AXE,
+    HERE,
+    LOGIN,
+    PASSWORD,
+    expect,
+    finish_animations,
+    login_url,
+    missing,
+    open_page,
+    run_axe,
+    submit,
+)
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
 ARTIFACTS = HERE / "artifacts"
 TEMPLATE = HERE / "login.html"
 STATIC = HERE / "static"
 WEIGHT_LIMIT = 50 * 1024
-LOGIN = "/ezauth/login"
 
 # Records, in order, whether data-theme was set on <html> before <body> was inserted.
 THEME_PROBE = """
@@ -50,96 +53,11 @@ LUMINANCE = """(el) => {
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """One headless Debian chromium for the whole module (never a downloaded browser)."""
-    path = require_tool("chromium", "EZAUTH_REQUIRE_BROWSER", "chromium")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def page_text() -> dict:
     """ezauth's PAGE_TEXT, the single source of every string the page shows."""
     import ezauth
 
     return ezauth.PAGE_TEXT
-
-
-@pytest.fixture
-def server(server_factory):
-    """A real ezauth with alice; generous lockout so several wrong attempts in one test are fine."""
-    return server_factory(EZAUTH_MAX_ATTEMPTS="50")
-
-
-class Watch:
-    """Everything that went wrong on a page: console errors, page errors, failed or foreign requests."""
-
-    def __init__(self, page: Page, origin: str):
-        self.page = page
-        self.origin = origin
-        self.problems: list[str] = []
-        self.responses = []
-        page.on("console", self._console)
-        page.on("pageerror", lambda err: self.problems.append(f"page error: {err}"))
-        page.on("requestfailed", lambda req: self.problems.append(f"failed: {req.url} {req.failure}"))
-        page.on("request", self._request)
-        page.on("response", self._response)
-
-    def _console(self, msg) -> None:
-        # Chromium logs the intended 401 of a wrong password as a console error, and asks for
-        # /favicon.ico on the plain-text return target (not our page): both are expected.
-        source = urlsplit(msg.location.get("url", "")).path
-        expected = (
-            (source == LOGIN and msg.text.endswith("status of 401 (Unauthorized)"))
-            or (source == "/favicon.ico" and urlsplit(self.page.url).path != LOGIN)
-        )
-        if msg.type in ("error", "warning") and not expected:
-            self.problems.append(f"console {msg.type}: {msg.text}")
-
-    def _request(self, req) -> None:
-        parts = urlsplit(req.url)
-        if f"{parts.scheme}://{parts.netloc}" != self.origin:
-            self.problems.append(f"foreign request: {req.url}")
-
-    def _response(self, resp) -> None:
-        self.responses.append(resp)
-        wrong_password = (resp.status == 401 and resp.request.method == "POST"
-                          and urlsplit(resp.url).path == LOGIN)
-        if resp.status >= 400 and not wrong_password:
-            self.problems.append(f"HTTP {resp.status}: {resp.request.method} {resp.url}")
-
-    def assert_clean(self) -> None:
-        assert self.problems == []
-
-
-@contextlib.contextmanager
-def open_page(browser: Browser, server, **options):
-    """A fresh context (empty storage) and page on the server, watched; closed afterwards."""
-    options.setdefault("viewport", {"width": 1280, "height": 800})
-    context = browser.new_context(**options)
-    try:
-        page = context.new_page()
-        watch = Watch(page, server.url)
-        yield page, watch
-    finally:
-        context.close()
-
-
-def login_url(server, target: str | None = None) -> str:
-    return server.url + LOGIN + ("" if target is None else "?rd=" + quote(target, safe=""))
-
-
-def submit(page: Page, username: str, password: str, remember: bool = False):
-    """Fill the form and press Enter in the password field; the navigation's response."""
-    page.fill("#username", username)
-    page.fill("#password", password)
-    if remember:
-        page.check("#remember")
-    with page.expect_navigation() as nav:
-        page.press("#password", "Enter")
-    return nav.value
 
 
 def theme(page: Page) -> str | None:
@@ -148,10 +66,6 @@ def theme(page: Page) -> str | None:
 
 def luminance(page: Page) -> float:
     return page.eval_on_selector("body", LUMINANCE)
-
-
-def finish_animations(page: Page) -> None:
-    page.evaluate("Promise.all(document.getAnimations().map((a) => a.finished))")
 
 
 def path_and_query(url: str) -> str:
@@ -192,22 +106,29 @@ def test_theme_script_is_synchronous_and_first_in_head():
 
 
 def test_every_placeholder_is_supplied_in_both_languages(page_text):
-    supplied = {"lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
-                "remember", "error", "error_state", "footer", "password_step", "code_step", "pending"}
-    used = {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", TEMPLATE.read_text())}
+    import ezauth
+
+    def used(template: str) -> set[str]:
+        return {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", template)}
+
+    fragments = "".join(v.template for v in vars(ezauth).values() if isinstance(v, ezauth.string.Template))
+    login_page, account_page = used(TEMPLATE.read_text()), used((TEMPLATE.parent / "account.html").read_text())
     t_keys = {lang: {k for k in texts if k.startswith("t_")} for lang, texts in page_text.items()}
     assert set(page_text) == {"en", "zh-CN"}
     assert t_keys["en"] == t_keys["zh-CN"], "both languages need the same t_ keys"
-    assert used - supplied == t_keys["en"], "every t_ key is used and nothing else is missing"
+    assert login_page - set(ezauth.PAGE_FIELDS) <= t_keys["en"], "the login page uses nothing unsupplied"
+    assert account_page - set(ezauth.ACCOUNT_FIELDS) <= t_keys["en"], "the account page uses nothing unsupplied"
+    assert t_keys["en"] <= login_page | account_page | used(fragments), "every t_ key is used somewhere"
     assert all(page_text["zh-CN"][k] != page_text["en"][k] for k in t_keys["en"]), "untranslated t_ key"
 
 
 # -- Error state ------------------------------------------------------------------
 
 
-def test_wrong_password_shows_the_cat_and_it_stays(browser, server, page_text):
-    with open_page(browser, server) as (page, watch):
-        page.goto(login_url(server, "/ezauth/healthz"))
+@pytest.mark.browser
+def test_wrong_password_shows_the_cat_and_it_stays(chromium, lenient_server, page_text):
+    with open_page(chromium, lenient_server) as (page, watch):
+        page.goto(login_url(lenient_server, "/ezauth/healthz"))
         expect(page.locator(".oops")).to_be_hidden()
         response = submit(page, "alice", "not the password", remember=True)
         assert response.status == 401
@@ -241,14 +162,15 @@ def test_wrong_password_shows_the_cat_and_it_stays(browser, server, page_text):
 RUNNING_ANIMATIONS = "document.getAnimations().map((a) => a.animationName || a.transitionProperty)"
 
 
-def test_entrance_animation_is_off_under_reduced_motion(browser, server):
-    with open_page(browser, server, reduced_motion="no-preference") as (page, watch):
-        page.goto(login_url(server))
+@pytest.mark.browser
+def test_entrance_animation_is_off_under_reduced_motion(chromium, lenient_server):
+    with open_page(chromium, lenient_server, reduced_motion="no-preference") as (page, watch):
+        page.goto(login_url(lenient_server))
         submit(page, "alice", "nope")
         assert {"cat-peek", "bubble-pop"} <= set(page.evaluate(RUNNING_ANIMATIONS))
         watch.assert_clean()
-    with open_page(browser, server, reduced_motion="reduce") as (page, watch):
-        page.goto(login_url(server))
+    with open_page(chromium, lenient_server, reduced_motion="reduce") as (page, watch):
+        page.goto(login_url(lenient_server))
         submit(page, "alice", "nope")
         assert page.evaluate(RUNNING_ANIMATIONS) == []
         bubble = page.locator(".oops .bubble")
@@ -260,9 +182,10 @@ def test_entrance_animation_is_off_under_reduced_motion(browser, server):
 # -- Themes ------------------------------------------------------------------------
 
 
-def test_theme_toggle_flips_and_the_choice_survives_reload(browser, server, page_text):
-    with open_page(browser, server, color_scheme="light") as (page, watch):
-        page.goto(login_url(server))
+@pytest.mark.browser
+def test_theme_toggle_flips_and_the_choice_survives_reload(chromium, lenient_server, page_text):
+    with open_page(chromium, lenient_server, color_scheme="light") as (page, watch):
+        page.goto(login_url(lenient_server))
         toggle = page.locator("#theme-toggle")
         expect(toggle).to_be_visible()
         assert toggle.get_attribute("aria-label") == page_text["en"]["t_theme"]
@@ -284,10 +207,11 @@ def test_theme_toggle_flips_and_the_choice_survives_reload(browser, server, page
         watch.assert_clean()
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["dark", "light"])
-def test_first_visit_follows_the_system_theme(browser, server, scheme):
-    with open_page(browser, server, color_scheme=scheme) as (page, watch):
-        page.goto(login_url(server))
+def test_first_visit_follows_the_system_theme(chromium, lenient_server, scheme):
+    with open_page(chromium, lenient_server, color_scheme=scheme) as (page, watch):
+        page.goto(login_url(lenient_server))
         assert theme(page) == scheme
         assert page.evaluate("localStorage.getItem('ezauth-theme')") is None
         lum = luminance(page)
@@ -308,13 +232,14 @@ def test_first_visit_follows_the_system_theme(browser, server, scheme):
         watch.assert_clean()
 
 
-def test_stored_theme_is_set_before_the_body_exists(browser, server):
+@pytest.mark.browser
+def test_stored_theme_is_set_before_the_body_exists(chromium, lenient_server):
     """No flash: the saved choice wins over the system and is applied before anything can paint."""
     stored = {"cookies": [], "origins": [
-        {"origin": server.url, "localStorage": [{"name": "ezauth-theme", "value": "dark"}]}]}
-    with open_page(browser, server, color_scheme="light", storage_state=stored) as (page, watch):
+        {"origin": lenient_server.url, "localStorage": [{"name": "ezauth-theme", "value": "dark"}]}]}
+    with open_page(chromium, lenient_server, color_scheme="light", storage_state=stored) as (page, watch):
         page.context.add_init_script(THEME_PROBE)
-        page.goto(login_url(server))
+        page.goto(login_url(lenient_server))
         events = page.evaluate("window.__themeEvents")
         assert "body" in events and "theme" in events[: events.index("body")], events
         assert theme(page) == "dark"
@@ -325,10 +250,11 @@ def test_stored_theme_is_set_before_the_body_exists(browser, server):
 # -- Logging in ---------------------------------------------------------------------
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("target,remember", [("/ezauth/healthz", False), ("/ezauth/healthz?a=1&b=2", True)])
-def test_right_password_lands_on_the_return_target(browser, server, target, remember):
-    with open_page(browser, server) as (page, watch):
-        page.goto(login_url(server, target))
+def test_right_password_lands_on_the_return_target(chromium, lenient_server, target, remember):
+    with open_page(chromium, lenient_server) as (page, watch):
+        page.goto(login_url(lenient_server, target))
         assert page.input_value("input[name=rd]") == target
         response = submit(page, "alice", PASSWORD, remember=remember)
         assert path_and_query(page.url) == target
@@ -344,9 +270,10 @@ def test_right_password_lands_on_the_return_target(browser, server, target, reme
         watch.assert_clean()
 
 
-def test_login_works_without_javascript(browser, server):
-    with open_page(browser, server, java_script_enabled=False, color_scheme="dark") as (page, watch):
-        page.goto(login_url(server, "/ezauth/healthz?from=nojs"))
+@pytest.mark.browser
+def test_login_works_without_javascript(chromium, lenient_server):
+    with open_page(chromium, lenient_server, java_script_enabled=False, color_scheme="dark") as (page, watch):
+        page.goto(login_url(lenient_server, "/ezauth/healthz?from=nojs"))
         assert theme(page) is None  # no script ran
         expect(page.locator("#theme-toggle")).to_be_hidden()
         assert luminance(page) < 0.05  # the CSS alone follows the system's dark scheme
@@ -371,12 +298,13 @@ def visible_strings(page: Page) -> dict[str, str]:
     }
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
-def test_page_speaks_the_browser_language(browser, server, page_text, locale):
+def test_page_speaks_the_browser_language(chromium, lenient_server, page_text, locale):
     lang = "zh-CN" if locale == "zh-CN" else "en"
     texts = page_text[lang]
-    with open_page(browser, server, locale=locale) as (page, watch):
-        page.goto(login_url(server))
+    with open_page(chromium, lenient_server, locale=locale) as (page, watch):
+        page.goto(login_url(lenient_server))
         expect(page.locator("#username")).to_be_focused()
         expect(page.locator(".oops")).to_be_hidden()
         assert page.get_attribute("html", "lang") == lang
@@ -397,7 +325,7 @@ def test_page_speaks_the_browser_language(browser, server, page_text, locale):
             english = [v for k, v in page_text["en"].items() if k.startswith("t_") and v in body]
             assert english == []
         # A session that ran out: the same cat, on an ordinary 200 page.
-        response = page.goto(login_url(server) + "?expired=1")
+        response = page.goto(login_url(lenient_server) + "?expired=1")
         assert response.status == 200
         expect(page.get_by_role("alert")).to_contain_text(texts["msg_expired"])
         watch.assert_clean()
@@ -406,27 +334,16 @@ def test_page_speaks_the_browser_language(browser, server, page_text, locale):
 # -- Accessibility ------------------------------------------------------------------
 
 
-def run_axe(page: Page) -> list[dict]:
-    page.add_script_tag(path=str(AXE))
-    result = page.evaluate(
-        "async () => await axe.run(document, {resultTypes: ['violations'],"
-        " runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']}})"
-    )
-    return result["violations"]
-
-
+@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_axe_finds_no_violations(browser, server, scheme):
+def test_axe_finds_no_violations(chromium, lenient_server, scheme):
     if not AXE.exists():
-        message = f"{AXE} missing; run `npm ci` in {HERE}"
-        if os.environ.get("EZAUTH_REQUIRE_BROWSER") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{AXE} missing; run `npm ci` in {HERE}", "EZAUTH_REQUIRE_BROWSER")
     found = {}
     for locale in ("en-US", "zh-CN"):
         # bypass_csp only so that axe itself can be injected; the page is unchanged.
-        with open_page(browser, server, color_scheme=scheme, locale=locale, bypass_csp=True) as (page, watch):
-            page.goto(login_url(server))
+        with open_page(chromium, lenient_server, color_scheme=scheme, locale=locale, bypass_csp=True) as (page, watch):
+            page.goto(login_url(lenient_server))
             assert theme(page) == scheme
             found[f"{locale} form"] = run_axe(page)
             submit(page, "alice", "wrong")
@@ -446,14 +363,15 @@ def test_axe_finds_no_violations(browser, server, scheme):
 # -- Layout, screenshots and weight ---------------------------------------------------
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("width,height", [(1280, 800), (375, 740), (320, 568)])
-def test_screenshots_and_the_form_fits(browser, server, width, height):
+def test_screenshots_and_the_form_fits(chromium, lenient_server, width, height):
     ARTIFACTS.mkdir(exist_ok=True)
     for scheme in ("light", "dark"):
         options = {"viewport": {"width": width, "height": height}, "color_scheme": scheme,
                    "reduced_motion": "reduce"}  # the final state at once
-        with open_page(browser, server, **options) as (page, watch):
-            page.goto(login_url(server))
+        with open_page(chromium, lenient_server, **options) as (page, watch):
+            page.goto(login_url(lenient_server))
             page.screenshot(path=str(ARTIFACTS / f"login-{scheme}-{width}x{height}.png"))
             submit(page, "alice", "wrong")
             page.screenshot(path=str(ARTIFACTS / f"login-{scheme}-error-{width}x{height}.png"))
@@ -469,8 +387,9 @@ def test_screenshots_and_the_form_fits(browser, server, width, height):
             watch.assert_clean()
 
 
-def test_page_and_assets_weigh_under_50_kb(browser, server):
-    with open_page(browser, server) as (page, watch):
+@pytest.mark.browser
+def test_page_and_assets_weigh_under_50_kb(chromium, lenient_server):
+    with open_page(chromium, lenient_server) as (page, watch):
         sizes: dict[str, int] = {}
 
         def measure() -> None:
@@ -481,7 +400,7 @@ def test_page_and_assets_weigh_under_50_kb(browser, server):
                 sizes[key] = max(sizes.get(key, 0), len(response.body()))
             watch.responses.clear()
 
-        page.goto(login_url(server))
+        page.goto(login_url(lenient_server))
         measure()
         submit(page, "alice", "wrong")  # the error page, with the cat
         measure()
@@ -490,6 +409,6 @@ def test_page_and_assets_weigh_under_50_kb(browser, server):
         page_size = max(sizes.pop(f"GET {LOGIN}"), sizes.pop(f"POST {LOGIN}"))
         total = page_size + sum(sizes.values())
         assert total < WEIGHT_LIMIT, (total, sizes)
-        favicon = page.request.get(server.url + "/ezauth/static/favicon.svg")
+        favicon = page.request.get(lenient_server.url + "/ezauth/static/favicon.svg")
         assert favicon.ok and favicon.headers["content-type"].startswith("image/svg+xml")
         watch.assert_clean()

@@ -15,49 +15,33 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import webtest
 
 import ezauth
-from conftest import HERE, PASSWORD, FakeClock, clean_env, run_cli, start_server
+from conftest import (
+    CSRF,
+    HERE,
+    PASSWORD,
+    FakeClock,
+    build,
+    cheap_hash,
+    clean_env,
+    login,
+    real_login,
+    real_verify,
+    run_cli,
+    session_token,
+    start_server,
+    verify,
+    write_users,
+)
 
 pytestmark = pytest.mark.slow
-CSRF = "c" * 43
 
 
 # -- Helpers -------------------------------------------------------------------------------
-
-
-def write_users(data_dir: Path, text: bytes) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "users").write_bytes(text)
-
-
-def alice_line(password: str = PASSWORD) -> bytes:
-    return f"alice:{ezauth.hash_password(password, n=16)}\n".encode()  # cheap hash: fast tests
-
-
-def build(data_dir: Path, clock: FakeClock | None = None, **overrides) -> tuple[ezauth.EzauthApp, webtest.TestApp]:
-    if not (data_dir / "users").exists():
-        write_users(data_dir, alice_line())
-    app = ezauth.make_app(replace(ezauth.Settings(data_dir=data_dir), **overrides), clock=clock or FakeClock())
-    return app, webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
-
-
-def log_in(client: webtest.TestApp, password: str = PASSWORD, status: int = 303) -> str | None:
-    reply = client.post("/ezauth/login", {"username": "alice", "password": password, "csrf": CSRF, "rd": "/"},
-                        headers={"Cookie": f"ezauth_csrf={CSRF}"}, status="*", expect_errors=True)
-    assert reply.status_int == status, reply.status
-    cookies = [v for v in reply.headers.getall("Set-Cookie") if v.startswith("ezauth=")]
-    return cookies[0].split(";")[0].partition("=")[2] if cookies else None
-
-
-def verify_status(client: webtest.TestApp, token: str) -> int:
-    return client.get("/ezauth/verify", headers={"Cookie": f"ezauth={token}"}, expect_errors=True).status_int
 
 
 def counter_value(data_dir: Path) -> int | None:
@@ -144,12 +128,12 @@ def test_kill_9_during_counter_and_key_ring_writes_200_times(tmp_path):
     finally:
         driver.stdin.close()
         driver.wait(timeout=10)
-    assert last > 0 and assert_keyring_valid(data)
-    assert corrupt_files(data) == [], "a killed writer left a file its successor could not read"
+    assert last > 0 and assert_keyring_valid(data), f"seed {seed}: counter {last}"
+    assert corrupt_files(data) == [], (f"seed {seed}: a killed writer left a file its successor could not read "
+                                       f"({mid_write} rounds ended with a temp file)")
     # the last write of a later writer sweeps temp files a killed one left behind
     ezauth.VisitCounter(data / "counter.txt", time.time).increment()
-    assert not [p.name for p in data.iterdir() if p.name.startswith(".counter.txt.")]
-    print(f"seed={seed} counter={last} rounds_with_a_stale_temp_file={mid_write}")
+    assert not [p.name for p in data.iterdir() if p.name.startswith(".counter.txt.")], f"seed {seed}"
 
 
 def page_loads(port: int, stop: threading.Event, seen: list[int]) -> None:
@@ -170,7 +154,7 @@ def page_loads(port: int, stop: threading.Event, seen: list[int]) -> None:
 
 def test_kill_9_of_the_real_server_under_load_keeps_files_valid(tmp_path):
     data = tmp_path / "data"
-    write_users(data, alice_line())
+    write_users(data, alice=PASSWORD)
     rng = random.Random()
     last, logs = 0, []
     for round_ in range(6):
@@ -238,24 +222,25 @@ def test_read_only_data_dir_keeps_verify_and_login_working(tmp_path, monkeypatch
     data = tmp_path / "data"
     app, client = build(data, clock, max_attempts=3, rotate_every=60)
     client.get("/ezauth/login", status=200)
-    before = log_in(client)
+    before = session_token(client, csrf=CSRF)
     count_before = counter_value(data)
     make_unwritable(monkeypatch, data)
 
     page = client.get("/ezauth/login", status=200)
     assert "visited" not in page.text and 'name="csrf"' in page.text  # the page, without the number
     assert "event=counter_skipped" in caplog.text
-    assert verify_status(client, before) == 200
-    after = log_in(client)
-    assert verify_status(client, after) == 200
-    log_in(client, "wrong password", status=401)
+    verify(client, 200, before)
+    after = session_token(client, csrf=CSRF)
+    verify(client, 200, after)
+    login(client, password="wrong password", csrf=CSRF, status=401)
     assert "event=throttle_unwritable" in caplog.text
-    log_in(client, "wrong password", status=401)
-    log_in(client, "wrong password", status=401)
-    log_in(client, "wrong password", status=429)  # the lockout still holds, in memory
+    login(client, password="wrong password", csrf=CSRF, status=401)
+    login(client, password="wrong password", csrf=CSRF, status=401)
+    login(client, password="wrong password", csrf=CSRF, status=429)  # the lockout still holds, in memory
 
     clock.advance(app.settings.rotate_every + 5)  # a rotation is due and cannot be written
-    assert verify_status(client, before) == 200 and verify_status(client, after) == 200
+    verify(client, 200, before)
+    verify(client, 200, after)
     assert "event=rotation_failed" in caplog.text
     client.get("/ezauth/logout", status=303)
     assert counter_value(data) == count_before
@@ -266,13 +251,13 @@ def test_start_on_a_read_only_data_dir_keeps_the_existing_sessions(tmp_path, mon
     caplog.set_level(logging.INFO, logger="ezauth")
     data = tmp_path / "data"
     _, first = build(data)
-    token = log_in(first)
+    token = session_token(first, csrf=CSRF)
     make_unwritable(monkeypatch, data)
     _, client = build(data)  # a restart on the now read-only dir
-    assert verify_status(client, token) == 200
-    fresh = log_in(client)
-    assert verify_status(client, fresh) == 200
-    assert verify_status(first, fresh) == 200  # signed by the shared file key, not a private one
+    verify(client, 200, token)
+    fresh = session_token(client, csrf=CSRF)
+    verify(client, 200, fresh)
+    verify(first, 200, fresh)  # signed by the shared file key, not a private one
     client.get("/ezauth/login", status=200)
     assert re.search(r"event=keyring_readonly error=.*Read-only file system.* action=using_loaded_keys", caplog.text)
 
@@ -283,13 +268,13 @@ def test_full_disk_skips_the_counter_and_rotation_but_not_logins(tmp_path, monke
     data = tmp_path / "data"
     app, client = build(data, clock, rotate_every=60)
     client.get("/ezauth/login", status=200)
-    token = log_in(client)
+    token = session_token(client, csrf=CSRF)
     make_unwritable(monkeypatch, data, errno.ENOSPC, throttle=False)
     assert "visited" not in client.get("/ezauth/login", status=200).text
     assert "No space left on device" in caplog.text and "event=counter_skipped" in caplog.text
     clock.advance(app.settings.rotate_every + 5)
-    assert verify_status(client, token) == 200
-    assert verify_status(client, log_in(client)) == 200
+    verify(client, 200, token)
+    verify(client, 200, session_token(client, csrf=CSRF))
     monkeypatch.undo()
     clock.advance(61)  # after the retry pause, a freed disk gets its rotation and its counter back
     client.get("/ezauth/login", status=200)
@@ -310,24 +295,10 @@ def test_unusable_counter_file_never_breaks_the_page(tmp_path, caplog):
 # -- Rotation while sessions are being verified ----------------------------------------------
 
 
-def real_login(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        form = urllib.parse.urlencode({"username": "alice", "password": PASSWORD, "csrf": CSRF, "rd": "/"})
-        conn.request("POST", "/ezauth/login", form, {"Cookie": f"ezauth_csrf={CSRF}",
-                                                    "Content-Type": "application/x-www-form-urlencoded"})
-        reply = conn.getresponse()
-        reply.read()
-        assert reply.status == 303, reply.status
-        return re.search(r"ezauth=([^;]+)", reply.getheader("Set-Cookie")).group(1)
-    finally:
-        conn.close()
-
-
 def test_rotation_while_8_threads_verify_gives_no_false_401(server_factory):
     a = server_factory()
     b = start_server(a.data_dir)  # a second worker process on the same data dir
-    tokens = [real_login(a.port), real_login(b.port)]
+    tokens = [real_login(a.port, csrf=CSRF).cookie(), real_login(b.port, csrf=CSRF).cookie()]
     stop = threading.Event()
     failures: list[tuple] = []
     checks = [0] * 8
@@ -359,7 +330,7 @@ def test_rotation_while_8_threads_verify_gives_no_false_401(server_factory):
                 assert done.returncode == 0, done.stderr
                 rotations += 1
             for port in (a.port, b.port):
-                token = real_login(port)
+                token = real_login(port, csrf=CSRF).cookie()
                 tokens.append(token)
                 kids.add(json.loads(ezauth._unb64(token.split(".")[0]))["kid"])
             time.sleep(0.3)
@@ -401,24 +372,18 @@ def test_corrupt_key_ring_at_start_up_is_moved_aside(tmp_path, caplog, name):
     assert len(aside) == 1 and aside[0].read_bytes() == BAD_KEYRINGS[name]
     assert_keyring_valid(data)
     assert f"moved_to={aside[0]}" in caplog.text and "event=keyring_corrupt" in caplog.text
-    assert verify_status(client, log_in(client)) == 200
+    verify(client, 200, session_token(client, csrf=CSRF))
 
 
 def test_corrupt_key_ring_on_the_real_server_ends_old_sessions_with_a_clear_line(server_factory):
     server = server_factory()
-    old = real_login(server.port)
+    old = real_login(server.port, csrf=CSRF).cookie()
     server.stop()
     (server.data_dir / "keys.json").write_text("{ oops")
     again = start_server(server.data_dir)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", again.port, timeout=10)
-        conn.request("GET", "/ezauth/verify", headers={"Cookie": f"ezauth={old}"})
-        assert conn.getresponse().status == 401
-        conn.close()
-        conn = http.client.HTTPConnection("127.0.0.1", again.port, timeout=10)
-        conn.request("GET", "/ezauth/verify", headers={"Cookie": f"ezauth={real_login(again.port)}"})
-        assert conn.getresponse().status == 200
-        conn.close()
+        assert real_verify(again.port, old) == 401
+        assert real_verify(again.port, real_login(again.port, csrf=CSRF).cookie()) == 200
     finally:
         again.stop()
     line = next(ln for ln in again.log().splitlines() if "event=keyring_corrupt" in ln)
@@ -437,20 +402,15 @@ def test_users_file_with_bad_lines_skips_them_and_keeps_the_rest(server_factory,
             b"# caf\xe9 - a latin-1 comment\n"                   # 7 not UTF-8
             b"\xff\xfe\xfd:garbage\n"                            # 8 not UTF-8
             b"trent:scrypt:garbage\n"                            # 9 never verifies
-            + alice_line()                                       # 10 good
+            + f"alice:{cheap_hash()}\n".encode()                   # 10 good
             + b"\r\n\t\n")
     write_users(data, text)
     server = start_server(data)
     try:
-        assert real_login(server.port)
+        assert real_login(server.port, csrf=CSRF).cookie()
         for user, password in (("eve", "plaintext-password"), ("trent", "garbage"), ("mallory", "x" * 8),
                                ("admin", "")):
-            form = urllib.parse.urlencode({"username": user, "password": password or "x", "csrf": CSRF})
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            conn.request("POST", "/ezauth/login", form, {"Cookie": f"ezauth_csrf={CSRF}",
-                                                        "Content-Type": "application/x-www-form-urlencoded"})
-            assert conn.getresponse().status == 401, user
-            conn.close()
+            real_login(server.port, user, password or "x", csrf=CSRF, status=401)
     finally:
         server.stop()
     log = server.log()
@@ -479,9 +439,9 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
     data.mkdir()
     (data / "throttle.sqlite3").write_bytes(b"definitely not sqlite" * 100)
     _, client = build(data, max_attempts=2)
-    log_in(client, "wrong password", status=401)
-    log_in(client, "wrong password", status=401)
-    log_in(client, "wrong password", status=429)
+    login(client, password="wrong password", csrf=CSRF, status=401)
+    login(client, password="wrong password", csrf=CSRF, status=401)
+    login(client, password="wrong password", csrf=CSRF, status=429)
     assert any(p.name.startswith("throttle.sqlite3.corrupt-") for p in data.iterdir())
     assert "event=throttle_corrupt" in caplog.text
 
@@ -489,12 +449,12 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
 def test_stale_temp_and_lock_files_from_a_crash_do_not_block_start_up(tmp_path):
     data = tmp_path / "data"
     _, client = build(data)
-    log_in(client)
+    login(client, csrf=CSRF)
     for name in (".keys.json.abc.tmp", ".counter.txt.abc.tmp", ".users.abc.tmp"):
         (data / name).write_bytes(b"half-written")
     server = start_server(data)
     try:
-        assert real_login(server.port)
+        assert real_login(server.port, csrf=CSRF).cookie()
     finally:
         server.stop()
     assert_keyring_valid(data)
