@@ -31,14 +31,14 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jwt
 
@@ -49,6 +49,8 @@ PREFIX = "/ezauth"
 log = logging.getLogger("ezauth")
 
 Clock = Callable[[], float]
+R = TypeVar("R")
+WSGIApp = Callable[[dict[str, object], Callable[..., object]], Iterable[bytes]]
 
 
 def logval(value: str) -> str:
@@ -58,104 +60,56 @@ def logval(value: str) -> str:
     return json.dumps(value[:80], ensure_ascii=True)
 
 
-WSGIApp = Callable[[dict[str, object], Callable[..., object]], Iterable[bytes]]
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    """Log MESSAGE the first time KEY comes up in this process, never again."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 # -- Settings -------------------------------------------------------------------------------
+# Each setting is declared once, as a field of Settings whose metadata holds its parser, check
+# and help text. That one table drives the environment and .env reading, the `serve` flags and
+# the settings list in --help (and a test holds the README's table to it).
 
 ENV_FILE = ".env"
 LEGACY_IGNORED = ("SECRET_KEY", "LAST_UPDATED")  # from the original blog post's .env
 COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN_RE = re.compile(r"\.?([a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
 LANGS = ("en", "zh-CN")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
     """A bad setting; the message names it."""
 
 
-def _default_proxies() -> tuple:
-    return (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
-
-
 @dataclass(frozen=True)
-class Settings:
-    """Every knob ezauth has, validated once at construction."""
+class Spec:
+    """How one setting is read, checked and explained."""
 
-    host: str = "127.0.0.1"
-    port: int = 2424
-    data_dir: Path = Path("ezauth-data")
-    session_ttl: int = 1800
-    remember_ttl: int = 2592000
-    rotate_every: int = 86400
-    trusted_proxies: tuple = field(default_factory=_default_proxies)
-    max_attempts: int = 5
-    lockout_window: int = 300
-    lockout_time: int = 300
-    cookie_name: str = "ezauth"
-    cookie_domain: str = ""
-    cookie_secure: str = "auto"
-    title: str = ""
-    subtitle: str = ""
-    slogan: str = ""
-    lang: str = ""
-    access_log: bool = False
-    metrics: bool = False
-    basic_auth: bool = False
-    legacy_users: tuple = field(default=(), repr=False)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"EZAUTH_PORT: {self.port} is not a port number (0-65535)")
-        for name in ("session_ttl", "remember_ttl", "rotate_every", "max_attempts",
-                     "lockout_window", "lockout_time"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"EZAUTH_{name.upper()}: must be at least 1, got {getattr(self, name)}")
-        if not COOKIE_NAME_RE.fullmatch(self.cookie_name):
-            raise SettingsError(f"EZAUTH_COOKIE_NAME: {self.cookie_name!r} is not a cookie name "
-                                "(letters, digits, _ and -)")
-        if self.cookie_domain and not DOMAIN_RE.fullmatch(self.cookie_domain):
-            raise SettingsError(f"EZAUTH_COOKIE_DOMAIN: {self.cookie_domain!r} is not a domain name")
-        if self.cookie_secure not in ("auto", "1", "0"):
-            raise SettingsError(f"EZAUTH_COOKIE_SECURE: {self.cookie_secure!r} is not auto, 1 or 0")
-        if self.lang and self.lang not in LANGS:
-            raise SettingsError(f"EZAUTH_LANG: {self.lang!r} is not one of {', '.join(LANGS)}")
-        for name in ("metrics", "basic_auth"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"EZAUTH_{name.upper()}: {getattr(self, name)!r} is not 1 or 0")
-
-    @property
-    def longest_ttl(self) -> int:
-        return max(self.session_ttl, self.remember_ttl)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping | None = None,
-                 env_file: Path | None = None) -> Settings:
-        """Flags override environment variables, which override a .env file in the working directory."""
-        environ = os.environ if environ is None else environ
-        dotenv = read_env_file(env_file or Path(ENV_FILE))
-        merged = {**dotenv, **{k: v for k, v in environ.items() if k.startswith("EZAUTH_")}}
-        values: dict = {}
-        for env_name, (attr, parse) in ENV_SETTINGS.items():
-            if merged.get(env_name, "") != "":
-                values[attr] = parse(env_name, merged[env_name])
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
-        values["legacy_users"] = legacy_users(dotenv)
-        ignored = [key for key in LEGACY_IGNORED if key in dotenv]
-        if ignored:
-            log.warning("event=legacy_env_ignored keys=%s note=the_key_ring_in_the_data_dir_replaces_them",
-                        ",".join(ignored))
-        return cls(**values)
+    help: str
+    parse: Callable[[str, str], Any]  # (variable, raw text) -> value; SettingsError naming the variable
+    check: Callable[[Any], str] | None = None  # the value -> "" when fine, else what is wrong with it
+    shown: str = ""  # the default as --help and the README show it, when not the value itself
 
 
-def _int(name: str, raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a whole number") from None
+def spec(help: str, parse: Callable[[str, str], Any], check: Callable[[Any], str] | None = None,
+         shown: str = "") -> dict[str, Spec]:
+    """The metadata that makes a field of Settings a setting."""
+    return {"spec": Spec(help, parse, check, shown)}
 
 
-def _bool(name: str, raw: str) -> bool:
+def parse_int(name: str, raw: str) -> int:
+    if not re.fullmatch(r"\s*-?[0-9]{1,12}\s*", raw):
+        raise SettingsError(f"{name}: {raw!r} is not a whole number")
+    return int(raw)
+
+
+def parse_bool(name: str, raw: str) -> bool:
     if raw.strip().lower() in ("1", "true", "yes", "on"):
         return True
     if raw.strip().lower() in ("0", "false", "no", "off"):
@@ -163,46 +117,176 @@ def _bool(name: str, raw: str) -> bool:
     raise SettingsError(f"{name}: {raw!r} is not 1 or 0")
 
 
-def _networks(name: str, raw: str) -> tuple:
+def parse_networks(name: str, raw: str) -> tuple[IPNetwork, ...]:
     try:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False)
-                     for part in raw.split(",") if part.strip())
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
     except ValueError as err:
         raise SettingsError(f"{name}: {err}") from None
 
 
-def _text(name: str, raw: str) -> str:
-    if len(raw) > 300:
-        raise SettingsError(f"{name}: longer than 300 characters")
+def parse_text(name: str, raw: str) -> str:
     return raw
 
 
-def _lang(name: str, raw: str) -> str:
+def parse_word(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def parse_lower(name: str, raw: str) -> str:
+    return raw.strip().lower()
+
+
+def parse_lang(name: str, raw: str) -> str:
     return "zh-CN" if raw.strip().lower() in ("zh", "zh-cn", "zh_cn", "zh-hans") else raw.strip()
 
 
-ENV_SETTINGS: dict[str, tuple[str, Callable]] = {
-    "EZAUTH_HOST": ("host", lambda _, raw: raw.strip()),
-    "EZAUTH_PORT": ("port", _int),
-    "EZAUTH_DATA_DIR": ("data_dir", lambda _, raw: Path(raw)),
-    "EZAUTH_SESSION_TTL": ("session_ttl", _int),
-    "EZAUTH_REMEMBER_TTL": ("remember_ttl", _int),
-    "EZAUTH_ROTATE_EVERY": ("rotate_every", _int),
-    "EZAUTH_TRUSTED_PROXIES": ("trusted_proxies", _networks),
-    "EZAUTH_MAX_ATTEMPTS": ("max_attempts", _int),
-    "EZAUTH_LOCKOUT_WINDOW": ("lockout_window", _int),
-    "EZAUTH_LOCKOUT_TIME": ("lockout_time", _int),
-    "EZAUTH_COOKIE_NAME": ("cookie_name", lambda _, raw: raw.strip()),
-    "EZAUTH_COOKIE_DOMAIN": ("cookie_domain", lambda _, raw: raw.strip().lower()),
-    "EZAUTH_COOKIE_SECURE": ("cookie_secure", lambda _, raw: raw.strip().lower()),
-    "EZAUTH_TITLE": ("title", _text),
-    "EZAUTH_SUBTITLE": ("subtitle", _text),
-    "EZAUTH_SLOGAN": ("slogan", _text),
-    "EZAUTH_LANG": ("lang", _lang),
-    "EZAUTH_ACCESS_LOG": ("access_log", _bool),
-    "EZAUTH_METRICS": ("metrics", _bool),
-    "EZAUTH_BASIC_AUTH": ("basic_auth", _bool),
-}
+def parse_path(name: str, raw: str) -> Path:
+    return Path(raw.strip())
+
+
+def check_port(port: int) -> str:
+    return "" if 0 <= port <= 65535 else f"{port} is not a port number (0-65535)"
+
+
+def check_positive(value: int) -> str:
+    return "" if value >= 1 else f"must be at least 1, got {value}"
+
+
+def check_cookie_name(name: str) -> str:
+    return "" if COOKIE_NAME_RE.fullmatch(name) else f"{name!r} is not a cookie name (letters, digits, _ and -)"
+
+
+def check_domain(domain: str) -> str:
+    return "" if not domain or DOMAIN_RE.fullmatch(domain) else f"{domain!r} is not a domain name"
+
+
+def check_secure(value: str) -> str:
+    return "" if value in ("auto", "1", "0") else f"{value!r} is not auto, 1 or 0"
+
+
+def check_lang(lang: str) -> str:
+    return "" if not lang or lang in LANGS else f"{lang!r} is not one of {', '.join(LANGS)}"
+
+
+def check_text(text: str) -> str:
+    return "" if len(text) <= 300 else "longer than 300 characters"
+
+
+def check_bool(value: object) -> str:
+    return "" if isinstance(value, bool) else f"{value!r} is not 1 or 0"
+
+
+DEFAULT_PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob ezauth has, validated once at construction."""
+
+    host: str = field(default="127.0.0.1", metadata=spec(
+        "address to listen on (`::` for IPv6 and IPv4)", parse_word))
+    port: int = field(default=2424, metadata=spec(
+        "port to listen on", parse_int, check_port))
+    data_dir: Path = field(default=Path("ezauth-data"), metadata=spec(
+        "where all state lives", parse_path, shown="./ezauth-data"))
+    session_ttl: int = field(default=1800, metadata=spec(
+        "a session ends after this many seconds without use (renewed while in use)", parse_int, check_positive))
+    remember_ttl: int = field(default=2592000, metadata=spec(
+        "lifetime of a session with 'remember me' (30 days)", parse_int, check_positive))
+    rotate_every: int = field(default=86400, metadata=spec(
+        "make a new signing key this often", parse_int, check_positive))
+    trusted_proxies: tuple[IPNetwork, ...] = field(default=DEFAULT_PROXIES, metadata=spec(
+        "IPs/CIDRs whose X-Forwarded-For, X-Real-IP and X-Forwarded-Proto are believed", parse_networks,
+        shown="127.0.0.1,::1"))
+    max_attempts: int = field(default=5, metadata=spec(
+        "failed logins allowed per client IP and per user name ...", parse_int, check_positive))
+    lockout_window: int = field(default=300, metadata=spec(
+        "... within this window ...", parse_int, check_positive))
+    lockout_time: int = field(default=300, metadata=spec(
+        "... before further attempts get 429 for this long", parse_int, check_positive))
+    cookie_name: str = field(default="ezauth", metadata=spec(
+        "session cookie name (change the two maps in the nginx config too)", parse_word, check_cookie_name))
+    cookie_domain: str = field(default="", metadata=spec(
+        "e.g. `.example.com` for one login across subdomains (unset: host-only)", parse_lower, check_domain,
+        shown="unset"))
+    cookie_secure: str = field(default="auto", metadata=spec(
+        "`auto`: Secure when the request came over https; `1` always; `0` never", parse_lower, check_secure))
+    title: str = field(default="", metadata=spec(
+        "title of the login page, shown as text (unset: a friendly default)", parse_text, check_text,
+        shown="unset"))
+    subtitle: str = field(default="", metadata=spec(
+        "line under the title, shown as text (unset: a friendly default)", parse_text, check_text,
+        shown="unset"))
+    slogan: str = field(default="", metadata=spec(
+        "small print under the form, shown as text (unset: a friendly default)", parse_text, check_text,
+        shown="unset"))
+    lang: str = field(default="", metadata=spec(
+        "`en` or `zh-CN` (unset: from the browser)", parse_lang, check_lang, shown="unset"))
+    access_log: bool = field(default=False, metadata=spec(
+        "`1` logs every request, verify included", parse_bool, check_bool))
+    metrics: bool = field(default=False, metadata=spec(
+        "`1` serves Prometheus metrics at /ezauth/metrics to loopback and trusted proxies", parse_bool,
+        check_bool))
+    basic_auth: bool = field(default=False, metadata=spec(
+        "`1` lets API clients send `Authorization: Basic`", parse_bool, check_bool))
+    legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
+
+    def __post_init__(self) -> None:
+        for item, spec in setting_specs():
+            problem = spec.check(getattr(self, item.name)) if spec.check else ""
+            if problem:
+                raise SettingsError(f"{variable(item)}: {problem}")
+
+    @property
+    def longest_ttl(self) -> int:
+        return max(self.session_ttl, self.remember_ttl)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, object] | None = None,
+                 env_file: Path | None = None) -> Settings:
+        """Flags override environment variables, which override a .env file in the working directory."""
+        environ = os.environ if environ is None else environ
+        dotenv = read_env_file(env_file or Path(ENV_FILE))
+        merged = {**dotenv, **{k: v for k, v in environ.items() if k.startswith("EZAUTH_")}}
+        values: dict[str, Any] = {}
+        for item, spec in setting_specs():
+            if merged.get(variable(item), "") != "":
+                values[item.name] = spec.parse(variable(item), merged[variable(item)])
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        values["legacy_users"] = legacy_users(dotenv)
+        known = {variable(item) for item, _ in setting_specs()}
+        for name in sorted(k for k in merged if k.startswith("EZAUTH_") and k not in known):
+            log.warning("event=setting_unknown name=%s note=ignored_see_python_ezauth.py_--help", logval(name))
+        ignored = [key for key in LEGACY_IGNORED if key in dotenv]
+        if ignored:
+            log.warning("event=legacy_env_ignored keys=%s note=the_key_ring_in_the_data_dir_replaces_them",
+                        ",".join(ignored))
+        return cls(**values)
+
+
+def setting_specs() -> list[tuple[Field[Any], Spec]]:
+    """The settings table: each field of Settings that is a setting, with its spec."""
+    return [(item, item.metadata["spec"]) for item in fields(Settings) if "spec" in item.metadata]
+
+
+def variable(item: Field[Any]) -> str:
+    """The environment variable of a setting: EZAUTH_ and its name in capitals."""
+    return f"EZAUTH_{item.name.upper()}"
+
+
+def shown_default(item: Field[Any], spec: Spec) -> str:
+    """A setting's default as --help and the README show it."""
+    if spec.shown:
+        return spec.shown
+    return str(int(item.default)) if isinstance(item.default, bool) else str(item.default)
+
+
+def settings_help() -> str:
+    """Every setting with its variable and default, for --help."""
+    lines = ["settings (flags of `serve` override EZAUTH_* variables, which override a .env file):"]
+    for item, spec in setting_specs():
+        lines.append(f"  {variable(item):<24} {shown_default(item, spec):<14} {spec.help}")
+    return "\n".join(lines)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -227,7 +311,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def legacy_users(dotenv: Mapping[str, str]) -> tuple:
+def legacy_users(dotenv: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The one user of a .env from the original blog post, as ((name, password),) or ()."""
     name, password = dotenv.get("chat_username", ""), dotenv.get("password", "")
     return ((name, password),) if name and password else ()
@@ -237,7 +321,7 @@ def legacy_users(dotenv: Mapping[str, str]) -> tuple:
 
 
 @contextlib.contextmanager
-def locked(path: Path):
+def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on PATH.lock: every writer of PATH in every process takes it."""
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -305,38 +389,6 @@ def drop_named_line(path: Path, name: str) -> bool:
     return found[0]
 
 
-class WatchedFile:
-    """A file in the data dir that is reread when it changes (at most as often as load() is called)."""
-
-    event = "file"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple | None = ()
-        self.load()
-
-    def load(self) -> None:
-        """Reread the file if it changed since the last look; keep what we have if it cannot be read."""
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        try:
-            data = self.path.read_bytes() if stamp else b""
-        except OSError as err:
-            log.error("event=%s_unreadable path=%s error=%s", self.event, self.path, logval(str(err)))
-            return
-        self.use(data)
-        self._stamp = stamp
-
-    def reload(self) -> None:
-        """Read the file now, not when its stamp next changes (this process just wrote it)."""
-        self._stamp = ()
-        self.load()
-
-    def use(self, data: bytes) -> None:
-        raise NotImplementedError
-
-
 def move_aside(path: Path, now: float) -> Path:
     """Rename a file we cannot use to NAME.corrupt-TIME, keeping it for a human to look at."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
@@ -349,13 +401,70 @@ def move_aside(path: Path, now: float) -> Path:
     return target
 
 
-def file_stamp(path: Path) -> tuple | None:
-    """What changes whenever PATH is replaced or edited; None when it is missing."""
+Stamp = tuple[int, int, int, int]
+NOT_READ: tuple[()] = ()  # the stamp of a file not looked at yet: never equal to a real one, nor to None
+
+
+def file_stamp(path: Path) -> Stamp | None:
+    """What changes whenever PATH is replaced, edited or chmod-ed; None when it is missing."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+
+class WatchedFile:
+    """A file in the data dir that is reread when it changes (at most as often as load() is called).
+    A version that cannot be read or understood is logged once and skipped: the owner keeps the last
+    good one. With FAIL_CLOSED, an unusable file with no good version before it (e.g. at start-up)
+    counts as an empty one, which for access rules means nobody is let in."""
+
+    event = "file"
+
+    def __init__(self, path: Path, fail_closed: bool = False) -> None:
+        self.path, self.fail_closed = path, fail_closed
+        self._stamp: Stamp | tuple[()] | None = NOT_READ
+        self._bad_stamp: Stamp | tuple[()] | None = NOT_READ
+        self._holds_a_file = False
+
+    def load(self) -> None:
+        """Reread the file if it changed since the last look."""
+        try:
+            self.read_if_changed()
+        except (OSError, ValueError) as err:
+            stamp = file_stamp(self.path)
+            if stamp == self._bad_stamp:
+                return  # logged once per bad version, not every second
+            self._bad_stamp = stamp
+            action = "keeping_the_last_good_version"
+            if self.fail_closed and not self._holds_a_file:
+                self.use(b"")
+                action = "treating_it_as_empty"
+            kind = "unreadable" if isinstance(err, OSError) else "rejected"
+            log.error("event=%s_%s path=%s error=%s action=%s", self.event, kind, self.path,
+                      logval(str(err)), action)
+
+    def read_if_changed(self) -> None:
+        """As load(), but a version that cannot be read (OSError) or understood (ValueError) raises."""
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self.use(self.path.read_bytes() if stamp is not None else None)
+        self._stamp, self._holds_a_file = stamp, stamp is not None
+
+    def reload(self) -> None:
+        """Read the file now, not when its stamp next changes (this process just wrote it)."""
+        self._stamp = NOT_READ
+        self.load()
+
+    def wrote(self) -> None:
+        """This process just wrote the file and uses what it wrote: no need to read it back."""
+        self._stamp, self._holds_a_file = file_stamp(self.path), True
+
+    def use(self, data: bytes | None) -> None:
+        """Take in a new version (None: there is no file); ValueError if it makes no sense."""
+        raise NotImplementedError
 
 
 def prepare_data_dir(path: Path) -> None:
@@ -399,8 +508,8 @@ def check_password(password: str, encoded: str) -> bool:
         return _check_bcrypt(password, encoded)
     try:
         method, salt, digest = encoded.split("$")
-        kind, n, r, p = method.split(":")
-        n, r, p = int(n), int(r), int(p)
+        kind, *costs = method.split(":")
+        n, r, p = (int(cost) for cost in costs)
         salt_raw, digest_raw = _unb64(salt), _unb64(digest)
     except ValueError:
         return False
@@ -415,7 +524,7 @@ def _check_bcrypt(password: str, encoded: str) -> bool:
     except ImportError:
         return False
     try:
-        return bcrypt.checkpw(password.encode("utf-8", "surrogatepass"), encoded.encode("ascii"))
+        return bool(bcrypt.checkpw(password.encode("utf-8", "surrogatepass"), encoded.encode("ascii")))
     except ValueError:
         return False
 
@@ -477,9 +586,10 @@ class Users(WatchedFile):
         self._hashes: dict[str, str] = dict(self._extra)
         self._fingerprints: dict[str, str] = {}
         super().__init__(path)
+        self.load()
 
-    def use(self, data: bytes) -> None:
-        hashes = {**self._extra, **parse_users(data)}
+    def use(self, data: bytes | None) -> None:
+        hashes = {**self._extra, **parse_users(data or b"")}
         self._fingerprints = {name: credential_fingerprint(h) for name, h in hashes.items()}
         self._hashes = hashes
 
@@ -522,7 +632,9 @@ class Users(WatchedFile):
         return password
 
 
-# -- Signing keys ---------------------------------------------------------------------------
+# -- Tokens ---------------------------------------------------------------------------------
+# Signing keys, and the two kinds of token they sign: sessions (the cookie) and pending logins
+# (a right password still owing its second-factor code). One decoder checks both.
 
 # A new key is only used for signing this long after it is written, so every worker has
 # reloaded it (they look once a second) before any token signed with it reaches them.
@@ -569,17 +681,22 @@ def keys_to_keep(keys: tuple[SigningKey, ...], now: float, longest_ttl: int) -> 
     return (*kept, keys[-1])
 
 
-class KeyRing:
+class KeyRing(WatchedFile):
     """HS256 keys in keys.json: the newest published key signs, every kept key verifies."""
 
+    event = "keyring"
+
     def __init__(self, path: Path, rotate_every: int, longest_ttl: int, now: float) -> None:
-        self.path, self.rotate_every, self.longest_ttl = path, rotate_every, longest_ttl
+        self.rotate_every, self.longest_ttl = rotate_every, longest_ttl
         self.keys: tuple[SigningKey, ...] = ()
         self._by_kid: dict[str, SigningKey] = {}
-        self._stamp: tuple | None = None
         self._retry_rotation_at = 0.0
-        self._bad_stamp: tuple | None = None
+        super().__init__(path)
         self._open(now)
+
+    def use(self, data: bytes | None) -> None:
+        if data is not None:  # a ring deleted while running: keep signing with what we have
+            self._use(parse_keyring(data.decode("utf-8")))
 
     def _open(self, now: float) -> None:
         try:
@@ -587,7 +704,7 @@ class KeyRing:
                 self._load_or_replace(now)
         except OSError as err:  # a read-only data dir: carry on with the keys that are there
             with contextlib.suppress(OSError, ValueError):
-                self._reload()
+                self.read_if_changed()
             if self.keys:
                 log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err)))
                 return
@@ -595,11 +712,11 @@ class KeyRing:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
             log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
                       logval(str(err)))
-            self._use((new_key(now, now),), None)
+            self._use((new_key(now, now),))
 
     def _load_or_replace(self, now: float) -> None:
         try:
-            self._reload()
+            self.read_if_changed()
         except (ValueError, IsADirectoryError) as err:  # not a key ring; EACCES and the like go up
             aside = move_aside(self.path, now)
             log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
@@ -607,29 +724,18 @@ class KeyRing:
         if not self.keys:
             self._write((new_key(now, now),))
 
-    def _reload(self) -> None:
-        """Load the file if it changed; ValueError if it is not a key ring."""
-        stamp = file_stamp(self.path)
-        if stamp is None or stamp == self._stamp:
-            return
-        self._use(parse_keyring(self.path.read_text(encoding="utf-8")), stamp)
-
-    def _use(self, keys: tuple[SigningKey, ...], stamp: tuple | None) -> None:
+    def _use(self, keys: tuple[SigningKey, ...]) -> None:
         self._by_kid = {k.kid: k for k in keys}
-        self.keys, self._stamp = keys, stamp
+        self.keys = keys
 
     def _write(self, keys: tuple[SigningKey, ...]) -> None:
         write_atomic(self.path, dump_keyring(keys))
-        self._use(keys, file_stamp(self.path))
+        self._use(keys)
+        self.wrote()
 
     def refresh(self, now: float) -> None:
         """Pick up changes from other processes, and rotate when the newest key is old enough."""
-        try:
-            self._reload()
-        except (OSError, ValueError) as err:
-            if file_stamp(self.path) != self._bad_stamp:  # once per bad version, not every second
-                self._bad_stamp = file_stamp(self.path)
-                log.error("event=keyring_unreadable error=%s action=keeping_loaded_keys", logval(str(err)))
+        self.load()
         if now - self.keys[-1].created >= self.rotate_every and now >= self._retry_rotation_at:
             self.rotate(now, only_if_due=True)
 
@@ -637,7 +743,7 @@ class KeyRing:
         """Add a new signing key (used from now + PUBLISH_DELAY) and drop retired ones."""
         try:
             with locked(self.path):
-                self._reload()
+                self.read_if_changed()
                 if only_if_due and now - self.keys[-1].created < self.rotate_every:
                     return None
                 key = new_key(now, now + PUBLISH_DELAY)
@@ -660,13 +766,13 @@ class KeyRing:
         return self._by_kid.get(kid) if isinstance(kid, str) else None
 
 
-# -- Sessions -------------------------------------------------------------------------------
-
 MAX_TOKEN = 4096
-# A browser holds at most two: host-only, and one for EZAUTH_COOKIE_DOMAIN. Trying thousands
-# would cost the one thread that answers every verify 30 ms a request.
-MAX_SESSION_COOKIES = 2
 CLOCK_SKEW = 30
+PENDING_TTL = 300  # how long the code step may take after the right password
+SESSION, PENDING, ENROLL = "session", "totp", "enroll"  # what a token is for; each kind has its own key
+ENROLL_TTL = 600  # how long the account page's two-factor set-up may take
+PURPOSE_LABELS = {PENDING: b"ezauth totp pending", ENROLL: b"ezauth totp enrolment"}
+SID_RE = re.compile(r"[A-Za-z0-9_-]{16,43}")
 
 
 class InvalidSession(Exception):
@@ -681,47 +787,336 @@ class Session:
     issued: int
     expires: int
     remember: bool
+    sid: str  # the session's id in the registry; renewed tokens keep it
 
     @property
     def renew_at(self) -> float:
         return self.issued + (self.expires - self.issued) / 2
 
 
+def token_secret(key: SigningKey, purpose: str) -> bytes:
+    """Sessions are signed with the ring key, the other kinds with keys derived from it: no kind
+    can ever pass as another."""
+    if purpose == SESSION:
+        return key.secret
+    return hmac.new(key.secret, PURPOSE_LABELS[purpose], hashlib.sha256).digest()
+
+
 def issue_token(session: Session, key: SigningKey) -> str:
     """Sign SESSION as an HS256 JWT with KEY's id in the header."""
     claims = {"sub": session.user, "iat": session.issued, "exp": session.expires,
-              "fp": session.fingerprint, "rem": int(session.remember)}
-    return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.kid})
+              "fp": session.fingerprint, "rem": int(session.remember), "sid": session.sid}
+    return jwt.encode(claims, token_secret(key, SESSION), algorithm="HS256", headers={"kid": key.kid})
 
 
-def read_token(token: str, keys: KeyRing, now: float) -> Session:
-    """The session in TOKEN, or InvalidSession; the algorithm is pinned and time is NOW."""
+def issue_pending(user: str, fingerprint: str, remember: bool, key: SigningKey, now: float) -> str:
+    """A short-lived token saying: this user gave the right password and owes a code."""
+    claims = {"sub": user, "fp": fingerprint, "rem": int(remember), "pur": PENDING,
+              "iat": int(now), "exp": int(now) + PENDING_TTL}
+    return jwt.encode(claims, token_secret(key, PENDING), algorithm="HS256", headers={"kid": key.kid})
+
+
+def issue_enrollment(user: str, fingerprint: str, secret: bytes, key: SigningKey, now: float) -> str:
+    """A short-lived token carrying a new second-factor secret until its first code confirms it."""
+    claims = {"sub": user, "fp": fingerprint, "pur": ENROLL, "sec": base64.b32encode(secret).decode(),
+              "iat": int(now), "exp": int(now) + ENROLL_TTL}
+    return jwt.encode(claims, token_secret(key, ENROLL), algorithm="HS256", headers={"kid": key.kid})
+
+
+def decode_token(token: str, keys: KeyRing, now: float, purpose: str) -> tuple[dict[str, Any], str]:
+    """(claims, key id) of a TOKEN made for PURPOSE, or InvalidSession. The one decoder of both kinds:
+    length capped, key looked up by `kid`, algorithm pinned to HS256, every time check against NOW."""
     if len(token) > MAX_TOKEN:
         raise InvalidSession("too long")
     try:
         key = keys.get(jwt.get_unverified_header(token).get("kid"))
         if key is None:
             raise InvalidSession("unknown key id")
-        claims = jwt.decode(token, key.secret, algorithms=["HS256"],
+        claims = jwt.decode(token, token_secret(key, purpose), algorithms=["HS256"],
                             options={"require": ["sub", "iat", "exp"], "verify_exp": False,
                                      "verify_iat": False, "verify_nbf": False})
     except jwt.InvalidTokenError as err:
         raise InvalidSession(err.__class__.__name__) from None
-    return _session_from_claims(claims, key.kid, now)
+    check_claims(claims, now, purpose)
+    return claims, key.kid
 
 
-def _session_from_claims(claims: dict, kid: str, now: float) -> Session:
+def check_claims(claims: dict[str, Any], now: float, purpose: str) -> None:
+    """InvalidSession unless CLAIMS are of the right kind and valid at NOW (give or take CLOCK_SKEW)."""
     sub, iat, exp, fp = claims.get("sub"), claims.get("iat"), claims.get("exp"), claims.get("fp")
+    if claims.get("pur", SESSION) != purpose:
+        raise InvalidSession("made for something else")
+    if purpose == SESSION and not (isinstance(claims.get("sid"), str) and SID_RE.fullmatch(claims["sid"])):
+        raise InvalidSession("no session id")
     if not (isinstance(sub, str) and isinstance(fp, str)):
         raise InvalidSession("bad subject or fingerprint")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iat, exp)):
+    if not (isinstance(iat, int) and isinstance(exp, int)) or isinstance(iat, bool) or isinstance(exp, bool):
         raise InvalidSession("bad times")
     if exp <= now:
         raise InvalidSession("expired")
     nbf = claims.get("nbf", iat)
     if iat > now + CLOCK_SKEW or not isinstance(nbf, (int, float)) or nbf > now + CLOCK_SKEW:
         raise InvalidSession("not yet valid")
-    return Session(sub, fp, kid, iat, exp, bool(claims.get("rem")))
+
+
+def read_token(token: str, keys: KeyRing, now: float) -> Session:
+    """The session in TOKEN, or InvalidSession."""
+    claims, kid = decode_token(token, keys, now, SESSION)
+    return Session(claims["sub"], claims["fp"], kid, claims["iat"], claims["exp"], bool(claims.get("rem")),
+                   claims["sid"])
+
+
+def read_pending(token: str, keys: KeyRing, now: float) -> tuple[str, str, bool]:
+    """(user, fingerprint, remember) from a pending login's token, or InvalidSession."""
+    claims, _ = decode_token(token, keys, now, PENDING)
+    return claims["sub"], claims["fp"], bool(claims.get("rem"))
+
+
+def read_enrollment(token: str, keys: KeyRing, now: float) -> tuple[str, str, bytes]:
+    """(user, fingerprint, secret) from an enrollment token, or InvalidSession."""
+    claims, _ = decode_token(token, keys, now, ENROLL)
+    try:
+        return claims["sub"], claims["fp"], base64.b32decode(str(claims.get("sec")))
+    except (binascii.Error, ValueError):
+        raise InvalidSession("no secret") from None
+
+
+# -- Shared databases -----------------------------------------------------------------------
+
+
+def corrupt_database(err: sqlite3.DatabaseError) -> bool:
+    return "not a database" in str(err) or "malformed" in str(err)
+
+
+class SharedDatabase:
+    """An SQLite file in the data dir that every worker process shares. Each transaction takes the
+    write lock first (BEGIN IMMEDIATE); a damaged file, at start-up or later, is moved aside and
+    started afresh; one that cannot be written falls back to a database in this process's memory."""
+
+    def __init__(self, path: Path, schema: str, event: str, now: float, wal: bool = False) -> None:
+        self.path, self.schema, self.event, self.wal = path, schema, event, wal
+        self._memory: sqlite3.Connection | None = None
+        self._watcher: sqlite3.Connection | None = None
+        self._version: int | None = None
+        self._lock = threading.Lock()
+        try:
+            self._init_file(now)
+        except sqlite3.Error as err:
+            self._fall_back(err)
+
+    def _init_file(self, now: float) -> None:
+        try:
+            with contextlib.closing(self.connect()) as db:
+                db.executescript(self.schema)
+            with contextlib.suppress(OSError):
+                self.path.chmod(0o600)
+        except sqlite3.DatabaseError as err:
+            if not corrupt_database(err):
+                raise
+            self._replace_corrupt(now)
+
+    def _replace_corrupt(self, now: float) -> None:
+        """Move a damaged database aside and start an empty one (once, whichever worker sees it first)."""
+        with locked(self.path):
+            with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(self.connect()) as db:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                return  # another worker has already replaced it
+            moved = move_aside(self.path, now)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            log.error("event=%s_corrupt moved_to=%s action=new_empty_database", self.event, moved)
+            with contextlib.closing(self.connect()) as db:
+                db.executescript(self.schema)
+
+    def read_if_changed(self, read: Callable[[sqlite3.Connection], None]) -> None:
+        """Call READ when some connection has committed since the last look. The look is one PRAGMA
+        on a connection kept for it, so the once-a-second refresh stays cheap."""
+        if self._memory is not None:
+            return  # one process: its own writes already updated what it holds
+        try:
+            if self._watcher is None:
+                self._watcher = self.connect()
+            version = self._watcher.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:
+                read(self._watcher)
+                self._version = version
+        except sqlite3.Error as err:
+            warn_once(f"{self.event}_unreadable", "event=%s_unreadable error=%s action=keeping_what_was_read",
+                      self.event, logval(str(err)))
+
+    def connect(self) -> sqlite3.Connection:
+        """A connection of its own for the caller (or the shared one in memory)."""
+        if self._memory is not None:
+            return self._memory
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        if self.wal:  # readers (verify's once-a-second look) never wait for a writer
+            db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def _fall_back(self, err: Exception) -> None:
+        log.error("event=%s_unwritable error=%s action=per_process_memory", self.event, logval(str(err)))
+        self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._memory.executescript(self.schema)
+
+    def run(self, work: Callable[[sqlite3.Connection], R], now: float) -> R:
+        """WORK in one write transaction; a database damaged meanwhile is replaced as at start-up."""
+        with self._lock:
+            try:
+                return self._transaction(work)
+            except sqlite3.DatabaseError as err:
+                if self._memory is not None:
+                    raise
+                if corrupt_database(err):
+                    self._replace_corrupt(now)
+                else:
+                    self._fall_back(err)
+                return self._transaction(work)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], R]) -> R:
+        db = self.connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        finally:
+            if db is not self._memory:
+                db.close()
+
+
+# -- Sessions -------------------------------------------------------------------------------
+# Every session token carries a random session id. The registry (sessions.sqlite3, shared by
+# every worker) records each session, and when and why it ended. Verify touches no disk: it
+# looks the id up in a set of ended sessions that is reloaded once a second, and notes "last
+# seen" in memory for a background write once a minute.
+
+# A browser holds at most two: host-only, and one for EZAUTH_COOKIE_DOMAIN. Trying thousands
+# would cost the one thread that answers every verify 30 ms a request.
+MAX_SESSION_COOKIES = 2
+SEEN_EVERY = 60.0  # last seen (and a renewed expiry) reach the registry this coarsely
+AGENT_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+                  ("Safari/", "Safari"), ("curl/", "curl"), ("python-requests", "Python requests"),
+                  ("python-httpx", "Python httpx"), ("Wget/", "Wget"))
+AGENT_SYSTEMS = (("Android", "Android"), ("iPhone", "iOS"), ("iPad", "iPadOS"), ("CrOS", "ChromeOS"),
+                 ("Windows", "Windows"), ("Mac OS X", "macOS"), ("Macintosh", "macOS"), ("Linux", "Linux"))
+
+
+def describe_agent(agent: str) -> str:
+    """A short browser/OS summary of a User-Agent: "Firefox on Linux", "Safari on iOS"."""
+    browser = next((name for mark, name in AGENT_BROWSERS if mark in agent), "")
+    system = next((name for mark, name in AGENT_SYSTEMS if mark in agent), "")
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system or "unknown"
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One row of the registry."""
+
+    sid: str
+    user: str
+    created: float
+    last_seen: float
+    ip: str
+    agent: str
+    remember: bool
+    expires: float
+    ended: float | None
+    reason: str
+    confirmed: float
+
+
+class SessionRegistry:
+    """The sessions of every worker, in SQLite; in memory only the ended ids and pending last-seen notes."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user TEXT NOT NULL, fp TEXT NOT NULL,"
+              " created REAL NOT NULL, last_seen REAL NOT NULL, ip TEXT NOT NULL, agent TEXT NOT NULL,"
+              " remember INTEGER NOT NULL, expires REAL NOT NULL, ended REAL, reason TEXT NOT NULL DEFAULT '',"
+              " confirmed REAL NOT NULL DEFAULT 0);"
+              "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);"
+              "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);")
+
+    def __init__(self, db: SharedDatabase) -> None:
+        self.db = db
+        self.ended: frozenset[str] = frozenset()
+        self._seen: dict[str, tuple[float, str, float]] = {}  # sid -> (when, ip, expires), not yet written
+        self._seen_at: dict[str, float] = {}
+
+    def start(self, session: Session, ip: str, agent: str, now: float) -> None:
+        """Record a session that has just begun (its password was entered now)."""
+        self.db.run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, '', ?)",
+            (session.sid, session.user, session.fingerprint, now, now, ip, describe_agent(agent),
+             int(session.remember), session.expires, now)), now)
+
+    def end(self, sids: Iterable[str], reason: str, now: float) -> int:
+        """End these sessions; how many were live."""
+        ended = [sid for sid in sids if sid]
+        count = self.db.run(lambda db: sum(db.execute(
+            "UPDATE sessions SET ended = ?, reason = ? WHERE sid = ? AND ended IS NULL", (now, reason, sid)).rowcount
+            for sid in ended), now)
+        self.ended = self.ended | frozenset(ended)
+        return count
+
+    def end_user(self, user: str, reason: str, now: float, keep: str = "") -> int:
+        """End every live session of USER but KEEP (this device); how many ended."""
+        return self.end([r.sid for r in self.live(now, user) if r.sid != keep], reason, now)
+
+    def live(self, now: float, user: str | None = None) -> list[SessionRecord]:
+        """Sessions that have neither ended nor expired, newest first."""
+        return [self._record(row) for row in self.db.run(lambda db: db.execute(
+            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed"
+            " FROM sessions WHERE ended IS NULL AND expires > ? AND (? IS NULL OR user = ?) ORDER BY created DESC",
+            (now, user, user)).fetchall(), now)]
+
+    def get(self, sid: str, now: float) -> SessionRecord | None:
+        rows = self.db.run(lambda db: db.execute(
+            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed"
+            " FROM sessions WHERE sid = ?", (sid,)).fetchall(), now)
+        return self._record(rows[0]) if rows else None
+
+    def confirm(self, sid: str, now: float) -> None:
+        """This session's password was entered again (sensitive account changes need it recently)."""
+        self.db.run(lambda db: db.execute("UPDATE sessions SET confirmed = ? WHERE sid = ?", (now, sid)), now)
+
+    def refingerprint(self, sid: str, fingerprint: str, now: float) -> None:
+        self.db.run(lambda db: db.execute("UPDATE sessions SET fp = ? WHERE sid = ?", (fingerprint, sid)), now)
+
+    def stale(self, sid: str, now: float) -> bool:
+        """Whether a verify of SID should note it as seen (at most once per SEEN_EVERY)."""
+        return now - self._seen_at.get(sid, 0.0) >= SEEN_EVERY
+
+    def seen(self, sid: str, now: float, ip: str, expires: float) -> None:
+        """Note SID as used now (memory only; `flush` writes it)."""
+        self._seen_at[sid] = now
+        self._seen[sid] = (now, ip, expires)
+
+    def reload(self, db: sqlite3.Connection, now: float) -> None:
+        """Take in which sessions other workers (or the CLI) have ended."""
+        rows = db.execute("SELECT sid FROM sessions WHERE ended IS NOT NULL AND expires > ?", (now,)).fetchall()
+        self.ended = frozenset(row[0] for row in rows)
+
+    def flush(self, now: float) -> None:
+        """Write the noted last-seen times, and forget sessions whose tokens have expired anyway."""
+        seen, self._seen = self._seen, {}
+        self._seen_at = {sid: at for sid, at in self._seen_at.items() if now - at < SEEN_EVERY}
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE sessions SET last_seen = ?, ip = ?, expires = MAX(expires, ?) WHERE sid = ?",
+                           [(at, ip, expires, sid) for sid, (at, ip, expires) in seen.items()])
+            db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+        self.db.run(work, now)
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> SessionRecord:
+        sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed = row
+        return SessionRecord(sid, user, created, last_seen, ip, agent, bool(remember), expires, ended, reason,
+                             confirmed)
 
 
 class Sessions:
@@ -729,21 +1124,28 @@ class Sessions:
 
     MAX_CACHED = 10_000
 
-    def __init__(self, users: Users, keys: KeyRing, session_ttl: int, remember_ttl: int) -> None:
-        self.users, self.keys = users, keys
+    def __init__(self, users: Users, keys: KeyRing, registry: SessionRegistry, session_ttl: int,
+                 remember_ttl: int) -> None:
+        self.users, self.keys, self.registry = users, keys, registry
         self.session_ttl, self.remember_ttl = session_ttl, remember_ttl
         self._verified: dict[str, Session] = {}
 
-    def start(self, user: str, now: float, remember: bool) -> tuple[str, Session]:
-        """A new token for USER, signed by the current key."""
+    def start(self, user: str, now: float, remember: bool, ip: str = "", agent: str = "") -> tuple[str, Session]:
+        """A new session for USER, recorded in the registry, and its token."""
+        token, session = self.sign(user, now, remember, secrets.token_urlsafe(16))
+        self.registry.start(session, ip, agent, now)
+        return token, session
+
+    def sign(self, user: str, now: float, remember: bool, sid: str) -> tuple[str, Session]:
+        """A token for session SID, signed by the current key, good for a whole lifetime from NOW."""
         ttl = self.remember_ttl if remember else self.session_ttl
         key = self.keys.signer(now)
-        fingerprint = self.users.fingerprint(user) or ""
-        session = Session(user, fingerprint, key.kid, int(now), int(now) + ttl, remember)
+        session = Session(user, self.users.fingerprint(user) or "", key.kid, int(now), int(now) + ttl, remember, sid)
         return issue_token(session, key), session
 
     def check(self, token: str, now: float) -> Session | None:
-        """The live session in TOKEN, or None. A cached answer is rechecked against the user and key."""
+        """The live session in TOKEN, or None. A cached answer is rechecked against the user, the key
+        and the ended sessions."""
         session = self._verified.get(token)
         if session is None:
             try:
@@ -751,16 +1153,16 @@ class Sessions:
             except InvalidSession:
                 return None
             self._remember(token, session, now)
-        if (session.expires <= now or self.keys.get(session.kid) is None
+        if (session.expires <= now or self.keys.get(session.kid) is None or session.sid in self.registry.ended
                 or self.users.fingerprint(session.user) != session.fingerprint):
             return None
         return session
 
     def renew(self, session: Session, now: float) -> tuple[str, Session] | None:
-        """A fresh token once SESSION is past half its lifetime, else None."""
+        """A fresh token for the same session once it is past half its lifetime, else None."""
         if now < session.renew_at:
             return None
-        return self.start(session.user, now, session.remember)
+        return self.sign(session.user, now, session.remember, session.sid)
 
     def _remember(self, token: str, session: Session, now: float) -> None:
         if len(self._verified) >= self.MAX_CACHED:
@@ -837,10 +1239,6 @@ BUSY_WAIT = 5.0  # a right password waits this long for checks in flight rather 
 BUSY_POLL = 0.05  # how often a waiting check looks again for other workers' checks
 
 
-def corrupt_database(err: sqlite3.DatabaseError) -> bool:
-    return "not a database" in str(err) or "malformed" in str(err)
-
-
 class Throttle:
     """Failed logins per client IP and per user name, in SQLite so every worker shares them.
 
@@ -853,73 +1251,9 @@ class Throttle:
               "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);")
 
     def __init__(self, path: Path, max_attempts: int, window: int, lockout: int, now: float) -> None:
-        self.path, self.max_attempts, self.window, self.lockout = path, max_attempts, window, lockout
-        self._memory: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self.max_attempts, self.window, self.lockout = max_attempts, window, lockout
+        self.db = SharedDatabase(path, self.SCHEMA, "throttle", now)
         self._settled = threading.Condition()  # a check of this process finished: waiting ones look again
-        try:
-            self._init_file(now)
-        except sqlite3.Error as err:
-            self._fall_back(err)
-
-    def _init_file(self, now: float) -> None:
-        try:
-            with contextlib.closing(self._connect()) as db:
-                db.executescript(self.SCHEMA)
-            with contextlib.suppress(OSError):
-                self.path.chmod(0o600)
-        except sqlite3.DatabaseError as err:
-            if not corrupt_database(err):
-                raise
-            self._replace_corrupt(now)
-
-    def _replace_corrupt(self, now: float) -> None:
-        """Move a damaged database aside and start an empty one (once, whichever worker sees it first)."""
-        with locked(self.path):
-            with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(self._connect()) as db:
-                db.execute("SELECT COUNT(*) FROM attempts").fetchone()
-                return  # another worker has already replaced it
-            log.error("event=throttle_corrupt moved_to=%s action=new_empty_database", move_aside(self.path, now))
-            with contextlib.closing(self._connect()) as db:
-                db.executescript(self.SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._memory is not None:
-            return self._memory
-        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
-
-    def _fall_back(self, err: Exception) -> None:
-        log.error("event=throttle_unwritable error=%s action=per_process_memory", logval(str(err)))
-        self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self._memory.executescript(self.SCHEMA)
-
-    def _run(self, work: Callable[[sqlite3.Connection], object], now: float) -> object:
-        with self._lock:
-            try:
-                return self._transaction(work)
-            except sqlite3.DatabaseError as err:
-                if self._memory is not None:
-                    raise
-                if corrupt_database(err):  # damaged while running: as at start-up
-                    self._replace_corrupt(now)
-                else:
-                    self._fall_back(err)
-                return self._transaction(work)
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], object]) -> object:
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-        finally:
-            if db is not self._memory:
-                db.close()
 
     def begin(self, keys: list[str], now: float, wait: float = BUSY_WAIT) -> Attempt:
         """Reserve one attempt for every key, or say how long to wait.
@@ -951,13 +1285,14 @@ class Throttle:
                     return Attempt(retry_after=self.lockout)
                 if failures + in_flight >= self.max_attempts:
                     return Attempt(retry_after=1, busy=True)
-            ids = tuple(db.execute("INSERT INTO attempts VALUES (?, ?, 1)", (key, now)).lastrowid for key in keys)
+            ids = tuple(cast(int, db.execute("INSERT INTO attempts VALUES (?, ?, 1)", (key, now)).lastrowid)
+                        for key in keys)
             return Attempt(row_ids=ids, at=now)
-        return cast(Attempt, self._run(work, now))
+        return self.db.run(work, now)
 
     def succeeded(self, attempt: Attempt) -> None:
         """A right password: its reservation does not count as a failure."""
-        self._run(lambda db: db.executemany("DELETE FROM attempts WHERE rowid = ?",
+        self.db.run(lambda db: db.executemany("DELETE FROM attempts WHERE rowid = ?",
                                             [(rowid,) for rowid in attempt.row_ids]), attempt.at)
         self._settle()
 
@@ -973,7 +1308,7 @@ class Throttle:
                 for (key,) in db.execute("SELECT key FROM attempts WHERE rowid = ?", (rowid,)).fetchall():
                     if self._counts(db, key)[0] >= self.max_attempts:
                         self._lock_out(db, key, now)
-        self._run(work, now)
+        self.db.run(work, now)
         self._settle()
 
     def _counts(self, db: sqlite3.Connection, key: str) -> tuple[int, int]:
@@ -991,7 +1326,6 @@ class Throttle:
 
 TOTP_STEP = 30
 TOTP_DIGITS = 6
-PENDING_TTL = 300  # how long the code step may take after the right password
 CODE_RE = re.compile(r"[0-9]{6}")
 
 
@@ -1051,17 +1385,19 @@ class TotpStore(WatchedFile):
     def __init__(self, path: Path) -> None:
         self._entries: dict[str, tuple[bytes, int] | None] = {}
         super().__init__(path)
+        self.load()
 
-    def use(self, data: bytes) -> None:
-        self._entries = parse_totp(data)
+    def use(self, data: bytes | None) -> None:
+        self._entries = parse_totp(data or b"")
 
     def enrolled(self, name: str) -> bool:
         return name in self._entries
 
-    def enroll(self, name: str) -> bytes:
-        """A new secret for NAME, replacing any old one."""
-        secret = secrets.token_bytes(20)
-        put_named_line(self.path, name, f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:-1".encode())
+    def enroll(self, name: str, secret: bytes | None = None, used_step: int = -1) -> bytes:
+        """Give NAME a second factor: SECRET, or a new one; its code of USED_STEP is spent already."""
+        secret = secrets.token_bytes(20) if secret is None else secret
+        line = f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:{used_step}"
+        put_named_line(self.path, name, line.encode())
         self.reload()
         return secret
 
@@ -1078,7 +1414,9 @@ class TotpStore(WatchedFile):
 
         def burn(lines: list[bytes]) -> list[bytes]:
             entry = parse_totp(b"\n".join(ln for ln in lines if line_name(ln) == name)).get(name)
-            step = matching_step(entry[0], code, now, entry[1]) if entry and CODE_RE.fullmatch(code) else None
+            if entry is None or not CODE_RE.fullmatch(code):
+                return lines
+            step = matching_step(entry[0], code, now, entry[1])
             if step is None:
                 return lines
             used.append(step)
@@ -1094,38 +1432,6 @@ class TotpStore(WatchedFile):
         return bool(used)
 
 
-def _pending_secret(key: SigningKey) -> bytes:
-    # Derived, not the ring key itself: a pending login can never pass as a session, nor a session as one.
-    return hmac.new(key.secret, b"ezauth totp pending", hashlib.sha256).digest()
-
-
-def issue_pending(user: str, fingerprint: str, remember: bool, key: SigningKey, now: float) -> str:
-    """A short-lived token saying: this user gave the right password and owes a code."""
-    claims = {"sub": user, "fp": fingerprint, "rem": int(remember), "pur": "totp",
-              "iat": int(now), "exp": int(now) + PENDING_TTL}
-    return jwt.encode(claims, _pending_secret(key), algorithm="HS256", headers={"kid": key.kid})
-
-
-def read_pending(token: str, keys: KeyRing, now: float) -> tuple[str, str, bool]:
-    """(user, fingerprint, remember) from a pending token, or InvalidSession."""
-    if len(token) > MAX_TOKEN:
-        raise InvalidSession("too long")
-    try:
-        key = keys.get(jwt.get_unverified_header(token).get("kid"))
-        if key is None:
-            raise InvalidSession("unknown key id")
-        claims = jwt.decode(token, _pending_secret(key), algorithms=["HS256"],
-                            options={"require": ["sub", "iat", "exp"], "verify_exp": False, "verify_iat": False})
-    except jwt.InvalidTokenError as err:
-        raise InvalidSession(err.__class__.__name__) from None
-    user, fp, exp = claims.get("sub"), claims.get("fp"), claims.get("exp")
-    if claims.get("pur") != "totp" or not isinstance(user, str) or not isinstance(fp, str):
-        raise InvalidSession("not a pending login")
-    if not isinstance(exp, int) or exp <= now:
-        raise InvalidSession("expired")
-    return user, fp, bool(claims.get("rem"))
-
-
 # -- Access rules ---------------------------------------------------------------------------
 
 
@@ -1137,6 +1443,7 @@ class Rule:
     prefix: str
 
 
+ABSOLUTE_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 READING_WORK_RE = re.compile(r"[%\\\\;#]|//|/\.")  # what can make two apps read one path differently
 ENCODED_SEPARATOR_RE = re.compile(r"%(?![2][fF]|[5][cC])[0-9A-Fa-f]{2}")
 PARAMS_RE = re.compile(r";[^/]*")
@@ -1179,7 +1486,9 @@ class Rules:
 
 def parse_rules(text: str) -> Rules:
     """Rules from the rules file; ValueError naming the line when anything is off."""
-    rules, groups, used_groups = [], {}, {}
+    rules: list[Rule] = []
+    groups: dict[str, frozenset[str]] = {}
+    used_groups: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         words = raw.split("#", 1)[0].split()
         if not words:
@@ -1205,6 +1514,17 @@ def parse_rules(text: str) -> Rules:
         if name not in groups:
             raise ValueError(f"line {number}: no group {name!r}")
     return Rules(tuple(rules), groups)
+
+
+def uri_path(uri: str) -> str:
+    """The path of a request URI: origin-form (`/a?b`), or absolute-form (`http://host/a?b`) as a client
+    may send it; `///x://` is a path, not a URL."""
+    if ABSOLUTE_URI_RE.match(uri):
+        try:
+            return urllib.parse.urlsplit(uri).path or "/"
+        except ValueError:
+            return uri
+    return uri.partition("?")[0]
 
 
 def remove_dot_segments(path: str) -> str:
@@ -1239,7 +1559,7 @@ def path_readings(uri: str) -> frozenset[str]:
     """Every reasonable reading of an original request URI's path by the app behind nginx: decoded or
     not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not, repeated
     slashes merged or not, cut at `#` or not."""
-    path = urllib.parse.urlsplit(uri).path if "://" in uri else uri.partition("?")[0]
+    path = uri_path(uri)
     if not READING_WORK_RE.search(path):
         return frozenset((path or "/",))  # nothing any app could read differently: the common case
     readings: set[str] = set()
@@ -1255,7 +1575,7 @@ def path_readings(uri: str) -> frozenset[str]:
 def rules_path(uri: str) -> str:
     """The canonical reading of a URI's path: decoded, with . and .. and // resolved, so /a/../admin,
     //admin and /%61dmin all read as /admin (path_readings holds this and every other reading)."""
-    path = urllib.parse.urlsplit(uri).path if "://" in uri else uri.partition("?")[0].partition("#")[0]
+    path = uri_path(uri).partition("#")[0]
     for _ in range(3):
         decoded = urllib.parse.unquote(path)
         if decoded == path:
@@ -1265,38 +1585,28 @@ def rules_path(uri: str) -> str:
     return SLASHES_RE.sub("/", remove_dot_segments(SLASHES_RE.sub("/", rooted)))
 
 
-class AccessRules:
-    """The rules file, reloaded when it changes. `rules` is None while there is no file: everyone in."""
+class AccessRules(WatchedFile):
+    """The rules file, reloaded when it changes. `rules` is None while there is no file: everyone in.
+    Fail-closed: a broken edit keeps the rules that worked, and with none to keep nobody gets in."""
+
+    event = "rules"
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.rules: Rules | None = None
-        self._stamp: tuple | None = ()
+        super().__init__(path, fail_closed=True)
         self.load()
 
-    def load(self) -> None:
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
-        if stamp is None:
+    def use(self, data: bytes | None) -> None:
+        if data is None:
             if self.rules is not None:
                 log.warning("event=rules_removed action=every_user_allowed_everywhere")
             self.rules = None
             return
-        try:
-            rules = parse_rules(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            # A broken edit keeps the rules that worked; with none to keep, fail closed.
-            action = "keeping_previous_rules" if self.rules is not None else "denying_everyone"
-            log.error("event=rules_rejected path=%s error=%s action=%s", self.path, logval(str(err)), action)
-            self.rules = self.rules or Rules((), {})
-            return
-        self.rules = rules
-        log.info("event=rules_loaded rules=%d", rules.count)
+        self.rules = parse_rules(data.decode("utf-8"))
+        log.info("event=rules_loaded rules=%d", self.rules.count)
 
 
-# -- API clients (HTTP Basic) ---------------------------------------------------------------
+# -- API clients (HTTP Basic and API tokens) ------------------------------------------------
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:
@@ -1309,6 +1619,26 @@ def parse_basic(header: str) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
     return (name, password) if sep and name and password else None
+
+
+def ezauth_credentials(authorization: str, basic_auth: bool) -> bool:
+    """Whether an Authorization header is meant for ezauth (an API token, or HTTP Basic when it is
+    on), so nginx must keep it from the app; anything else is the app's own."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip().startswith(TOKEN_PREFIX)
+    if scheme.lower() != "basic":
+        return False
+    credentials = parse_basic(authorization)
+    return basic_auth or (credentials is not None and credentials[1].startswith(TOKEN_PREFIX))
+
+
+def hashes_a_password(authorization: str, basic_auth: bool) -> bool:
+    """Whether verify may have to run scrypt for this header: HTTP Basic with a password, not a token."""
+    if not basic_auth or authorization[:6].lower() != "basic ":
+        return False
+    credentials = parse_basic(authorization)
+    return credentials is not None and not credentials[1].startswith(TOKEN_PREFIX)
 
 
 class BasicCache:
@@ -1339,6 +1669,101 @@ class BasicCache:
             if len(self._entries) >= self.MAX:
                 self._entries = {}
         self._entries[digest] = (name, fingerprint, now + self.TTL)
+
+
+TOKEN_PREFIX = "ezt_"  # noqa: S105  # nosec B105: marks an API token, is no secret
+API_TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")  # 256 random bits
+TOKEN_LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,60}")
+TOKEN_PATH_RE = re.compile(r"/[\x21-\x7e]{0,199}")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A token for scripts. Only the SHA-256 of its secret is stored: 256 random bits need no scrypt."""
+
+    id: str
+    user: str
+    label: str
+    created: float
+    expires: float | None
+    paths: tuple[str, ...]  # path prefixes it is limited to; none: everywhere its user may go
+    last_used: float | None = None
+
+    def allows(self, uri: str) -> bool:
+        """Whether every reading of URI's path lies under one of the token's prefixes."""
+        return not self.paths or all(any(reading.startswith(prefix) for prefix in self.paths)
+                                     for reading in path_readings(uri))
+
+
+def token_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiTokens:
+    """API tokens in the shared registry; verify looks them up in memory (reloaded once a second)."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL"
+              " UNIQUE, label TEXT NOT NULL, created REAL NOT NULL, expires REAL, paths TEXT NOT NULL,"
+              " last_used REAL);")
+
+    def __init__(self, db: SharedDatabase) -> None:
+        self.db = db
+        self._by_digest: dict[str, ApiToken] = {}
+        self._used: dict[str, float] = {}
+
+    def add(self, user: str, label: str, now: float, days: int | None = None,
+            paths: Iterable[str] = ()) -> tuple[ApiToken, str]:
+        """A new token for USER and its secret, which is shown once and stored only as a digest."""
+        paths = tuple(paths)
+        if not TOKEN_LABEL_RE.fullmatch(label) or not all(TOKEN_PATH_RE.fullmatch(p) for p in paths):
+            raise ValueError("a label of 1-60 characters, and paths that start with /")
+        if days is not None and not 1 <= days <= 3650:
+            raise ValueError("a token lasts 1 to 3650 days")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = ApiToken(secrets.token_hex(6), user, label, now, now + days * 86400 if days else None, paths)
+        self.db.run(lambda db: db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, NULL)", (
+            token.id, user, token_digest(secret), label, now, token.expires, json.dumps(paths))), now)
+        self._by_digest[token_digest(secret)] = token
+        return token, secret
+
+    def revoke(self, token_id: str, now: float, user: str | None = None) -> bool:
+        """Delete a token (only USER's, when given); False when there was none."""
+        gone = self.db.run(lambda db: db.execute(
+            "DELETE FROM tokens WHERE id = ? AND (? IS NULL OR user = ?)", (token_id, user, user)).rowcount, now)
+        self._by_digest = {d: t for d, t in self._by_digest.items() if t.id != token_id or not gone}
+        return bool(gone)
+
+    def list(self, now: float, user: str | None = None) -> list[ApiToken]:
+        return [self._token(row) for row in self.db.run(lambda db: db.execute(
+            "SELECT id, user, label, created, expires, paths, last_used FROM tokens"
+            " WHERE ? IS NULL OR user = ? ORDER BY created", (user, user)).fetchall(), now)]
+
+    def check(self, secret: str, now: float) -> ApiToken | None:
+        """The live token whose secret this is, or None."""
+        token = self._by_digest.get(token_digest(secret)) if API_TOKEN_RE.fullmatch(secret) else None
+        if token is None or (token.expires is not None and token.expires <= now):
+            return None
+        return token
+
+    def used(self, token: ApiToken, now: float) -> None:
+        """Note TOKEN as used now (memory only; `flush` writes it, coarsely)."""
+        self._used[token.id] = now
+
+    def reload(self, db: sqlite3.Connection) -> None:
+        """Take in tokens added or revoked by other workers or the CLI."""
+        rows = db.execute("SELECT digest, id, user, label, created, expires, paths, last_used FROM tokens").fetchall()
+        self._by_digest = {row[0]: self._token(row[1:]) for row in rows}
+
+    def flush(self, now: float) -> None:
+        used, self._used = self._used, {}
+        self.db.run(lambda db: db.executemany(
+            "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
+            [(at, token_id) for token_id, at in used.items()]), now)
+
+    @staticmethod
+    def _token(row: tuple[Any, ...]) -> ApiToken:
+        token_id, user, label, created, expires, paths, last_used = row
+        return ApiToken(token_id, user, label, created, expires, tuple(json.loads(paths)), last_used)
 
 
 # -- Metrics --------------------------------------------------------------------------------
@@ -1380,6 +1805,92 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+# -- Stores ---------------------------------------------------------------------------------
+
+
+FLUSH_EVERY = 60.0  # how often last-seen times reach the registry
+
+
+def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
+    """sessions.sqlite3: the session registry and the API tokens, shared by every worker and the CLI."""
+    return SharedDatabase(data_dir / "sessions.sqlite3", SessionRegistry.SCHEMA + ApiTokens.SCHEMA, "sessions",
+                          now, wal=True)
+
+
+@dataclass
+class Stores:
+    """Everything in the data dir, opened together and refreshed together."""
+
+    users: Users
+    keys: KeyRing
+    registry: SessionRegistry
+    sessions: Sessions
+    tokens: ApiTokens
+    counter: VisitCounter
+    throttle: Throttle
+    totp: TotpStore
+    rules: AccessRules
+    _next_refresh: float = 0.0
+    _next_flush: float = 0.0
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
+    _flushing: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, settings: Settings, clock: Clock) -> Stores:
+        data, now = settings.data_dir, clock()
+        prepare_data_dir(data)
+        users = Users(data / "users", {name: legacy_hash(name, pw) for name, pw in settings.legacy_users})
+        keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
+        shared = open_sessions_database(data, now)
+        registry = SessionRegistry(shared)
+        return cls(users, keys, registry, Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl),
+                   ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
+                   Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
+                            settings.lockout_time, now),
+                   TotpStore(data / "totp"), AccessRules(data / "rules"))
+
+    def refresh(self, now: float) -> int:
+        """At most once a second, pick up what the CLI or other workers changed; returns how many
+        new signing keys this brought (for the metrics). Once a minute, last-seen times are written
+        by a thread of their own, never by the request that happens to pass."""
+        if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):
+            return 0
+        try:
+            self._next_refresh = now + REFRESH_EVERY
+            signer = self.keys.keys[-1].kid
+            for watched in (self.users, self.totp, self.rules):
+                watched.load()
+            self.keys.refresh(now)
+            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+            if now >= self._next_flush:
+                self._next_flush = now + FLUSH_EVERY
+                threading.Thread(target=self.flush, args=(now,), name="ezauth-flush", daemon=True).start()
+            return int(self.keys.keys[-1].kid != signer)
+        finally:
+            self._refresh_lock.release()
+
+    def _reload_registry(self, db: sqlite3.Connection, now: float) -> None:
+        self.registry.reload(db, now)
+        self.tokens.reload(db)
+
+    def flush(self, now: float) -> None:
+        """Write what verify only noted in memory: last seen, last used; forget expired sessions."""
+        if not self._flushing.acquire(blocking=False):
+            return
+        try:
+            self.registry.flush(now)
+            self.tokens.flush(now)
+        except sqlite3.Error as err:
+            log.error("event=sessions_flush_failed error=%s", logval(str(err)))
+        finally:
+            self._flushing.release()
+
+    def factors(self, name: str) -> str | None:
+        """What proves NAME: their password hash and whether they have a second factor."""
+        fingerprint = self.users.fingerprint(name)
+        return None if fingerprint is None else f"{fingerprint}:{int(self.totp.enrolled(name))}"
+
+
 # -- HTTP plumbing --------------------------------------------------------------------------
 
 MAX_FORM = 16 * 1024
@@ -1391,18 +1902,6 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "no-referrer"),
     ("X-Content-Type-Options", "nosniff"),
 ]
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "form-action 'self'{extra}; frame-ancestors 'none'; base-uri 'none'")
-STATIC_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
-STATIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-STATIC_TYPES = {
-    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-    ".webp": "image/webp", ".ico": "image/x-icon", ".woff2": "font/woff2",
-    ".txt": "text/plain; charset=utf-8", ".json": "application/json",
-}
-
-
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}  # an enum lookup per response costs 0.5 us
 
 
@@ -1425,23 +1924,59 @@ def text_response(status: int, text: str, *headers: tuple[str, str]) -> Response
                      *headers])
 
 
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+def valid_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address, without an IPv6 scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
+    if "%" in text:
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def ip_in(address: str, networks: Iterable[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def cookie_values(header: str, name: str) -> list[str]:
+    """Every value of cookie NAME in a Cookie header, in the order sent. `ezauth =x` counts as an
+    ezauth cookie, as Python's and most apps' cookie parsers read it (and nginx's stripping maps)."""
+    if name not in header:
+        return []
+    values = []
+    for part in header.split(";"):
+        key, sep, value = part.partition("=")
+        if sep and key.strip() == name:
+            values.append(value.strip().strip('"'))
+    return values
+
+
 class Request:
     """A thin read-only view of the WSGI environ."""
 
     __slots__ = ("_trusted", "environ", "method", "path")
 
-    def __init__(self, environ: dict, trusted: tuple) -> None:
+    def __init__(self, environ: dict[str, Any], trusted: tuple[IPNetwork, ...]) -> None:
         self.environ = environ
         self.method = environ.get("REQUEST_METHOD", "GET")
         self.path = environ.get("PATH_INFO", "") or "/"
         self._trusted = trusted
 
     def header(self, name: str) -> str:
-        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+        return str(self.environ.get("HTTP_" + name.upper().replace("-", "_"), ""))
 
     def query(self, name: str) -> str:
         """The first value of NAME in the query string; ValueError for one with too many fields."""
-        values = urllib.parse.parse_qs(self.environ.get("QUERY_STRING", ""), max_num_fields=MAX_QUERY_FIELDS)
+        values = urllib.parse.parse_qs(str(self.environ.get("QUERY_STRING", "")), max_num_fields=MAX_QUERY_FIELDS)
         return values.get(name, [""])[0]
 
     def cookies(self, name: str) -> list[str]:
@@ -1496,56 +2031,20 @@ class Request:
         return client
 
 
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str, *args: object) -> None:
-    """Log MESSAGE the first time KEY comes up in this process, never again."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message, *args)
-
-
-def cookie_values(header: str, name: str) -> list[str]:
-    """Every value of cookie NAME in a Cookie header, in the order sent."""
-    if name not in header:
-        return []
-    values = []
-    for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            values.append(value.strip().strip('"'))
-    return values
-
-
-LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
-def valid_ip(text: str) -> bool:
-    """An IPv4 or IPv6 address, without an IPv6 scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
-    if "%" in text:
-        return False
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def ip_in(address: str, networks: tuple) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks if net.version == ip.version)
-
-
 def host_under(host: str, domain: str) -> bool:
     """True when HOST is DOMAIN or one of its subdomains."""
     domain = domain.lstrip(".").lower()
     return bool(domain) and (host == domain or host.endswith("." + domain))
+
+
+def _same_site_path(path: str) -> str:
+    # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
+    if not path.startswith("/") or path.startswith("//") or any(
+            reading.startswith("//") for reading in path_readings(path)):
+        return "/"
+    if rules_path(path).startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
+        return "/"
+    return path
 
 
 def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> str:
@@ -1561,7 +2060,8 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
         return "/"
     if parts.scheme.lower() not in ("http", "https") or not hostname or "@" in parts.netloc:
         return "/"
-    path = _same_site_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    path = _same_site_path((parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                           + (f"#{parts.fragment}" if parts.fragment else ""))
     if hostname == host.lower():
         return path
     if cookie_domain and host_under(hostname, cookie_domain):
@@ -1569,22 +2069,22 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
     return "/"
 
 
-def _same_site_path(path: str) -> str:
-    # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
-    if not path.startswith("/") or any(reading.startswith("//") for reading in path_readings(path)):
-        return "/"
-    if rules_path(path).startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
-        return "/"
-    return path
-
-
 def login_url(original_uri: str, expired: bool) -> str:
     """The login page URL that returns the visitor to ORIGINAL_URI afterwards."""
-    query = {"rd": original_uri} if original_uri and original_uri != "/" else {}
+    query = {"rd": original_uri} if original_uri else {}
     if expired:
         query["expired"] = "1"
     encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
     return f"{PREFIX}/login" + (f"?{encoded}" if encoded else "")
+
+
+def navigates(request: Request) -> bool:
+    """A browser navigating to a page, which gets the login page; scripts and in-page requests
+    (fetch, XHR, EventSource) get a 401 they can understand instead of a redirect to HTML."""
+    mode = request.header("Sec-Fetch-Mode")
+    if mode:
+        return mode == "navigate"
+    return not request.header("X-Requested-With") and "text/html" in request.header("Accept")
 
 
 def make_cookie(name: str, value: str, *, secure: bool, domain: str = "", max_age: int | None = None,
@@ -1618,11 +2118,16 @@ def choose_lang(accept_language: str, forced: str = "") -> str:
     return best
 
 
-def read_form(environ: dict) -> dict[str, str] | None:
+def content_length(environ: Mapping[str, Any]) -> int | None:
+    raw = environ.get("CONTENT_LENGTH") or "0"
+    return int(raw) if re.fullmatch(r"[0-9]{1,18}", raw) else None
+
+
+def read_form(environ: dict[str, Any]) -> dict[str, str] | None:
     """The urlencoded form in the body (already size-checked), or None when it cannot be decoded."""
     if not environ.get("CONTENT_TYPE", "").lower().startswith("application/x-www-form-urlencoded"):
         return None
-    length = int(environ.get("CONTENT_LENGTH") or 0)
+    length = content_length(environ) or 0
     body = environ["wsgi.input"].read(length) if length else b""
     try:
         pairs = urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True,
@@ -1635,12 +2140,27 @@ def read_form(environ: dict) -> dict[str, str] | None:
     return form
 
 
-def content_length(environ: dict) -> int | None:
-    raw = environ.get("CONTENT_LENGTH") or "0"
-    return int(raw) if re.fullmatch(r"[0-9]{1,18}", raw) else None
+@dataclass(frozen=True)
+class FormState:
+    """What the login form keeps between tries: the name, the return target, the checkbox and, in
+    the code step, the pending login."""
+
+    username: str = ""
+    rd: str = "/"
+    remember: bool = False
+    pending: str = ""
 
 
-# -- Login page -----------------------------------------------------------------------------
+class Refused(Exception):
+    """A login that did not succeed: its status, the message to show (a PAGE_TEXT key), the form to
+    show it on, and for a lockout how long to wait. Turned into a page in one place."""
+
+    def __init__(self, status: int, message: str, state: FormState = FormState(), retry_after: int = 0) -> None:
+        super().__init__(message)
+        self.status, self.message, self.state, self.retry_after = status, message, state, retry_after
+
+
+# -- Pages ----------------------------------------------------------------------------------
 
 PAGE_TEXT: dict[str, dict[str, str]] = {
     "en": {
@@ -1654,7 +2174,11 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "default_subtitle": "This place is private. Please log in.",
         "default_slogan": "Quiet servers, happy cats.",
         "msg_wrong": "Wrong username or password.",
-        "msg_locked": "Too many attempts. Try again in {minutes} minutes.",
+        "msg_locked": "Too many attempts. Try again in {wait}.",
+        "wait_second": "{n} second",
+        "wait_seconds": "{n} seconds",
+        "wait_minute": "{n} minute",
+        "wait_minutes": "{n} minutes",
         "msg_expired": "Your session has expired. Please log in again.",
         "msg_csrf": "This form has expired. Please try again.",
         "msg_bad_form": "The form could not be read. Please try again.",
@@ -1667,6 +2191,63 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "forbidden_text": "You are logged in, but this page is not open to your account.",
         "forbidden_home": "Go to the start page",
         "forbidden_switch": "Log in as someone else",
+        "t_account": "Your account",
+        "msg_signed_in": "You are logged in as {user}.",
+        "t_open_app": "Open the app",
+        "t_logout": "Log out",
+        "t_sessions": "Where you are logged in",
+        "t_device": "Device",
+        "t_ip": "IP address",
+        "t_last_seen": "Last seen",
+        "t_created": "Created",
+        "t_end": "End",
+        "t_end_others": "Log out everywhere else",
+        "t_this_device": "(this device)",
+        "t_change_password": "Change password",
+        "t_current_password": "Current password",
+        "t_new_password": "New password (at least 8 characters)",
+        "t_new_password_again": "New password again",
+        "t_two_factor": "Two-factor login",
+        "t_totp_is_off": "Off: your password alone logs you in.",
+        "t_totp_turn_on": "Turn on",
+        "t_totp_scan": "Scan this code with an authenticator app (or type in the secret), then enter the "
+                       "6-digit code it shows.",
+        "t_totp_secret": "Secret:",
+        "t_totp_qr": "QR code for your authenticator app",
+        "t_totp_confirm": "Confirm and turn on",
+        "t_totp_is_on": "On: after your password you are asked for a code from your app.",
+        "t_totp_turn_off": "Turn off",
+        "t_api_tokens": "API tokens",
+        "t_api_token": "API token",
+        "t_label": "Label",
+        "t_last_used": "Last used",
+        "t_expires": "Expires",
+        "t_scope": "Paths",
+        "t_revoke": "Revoke",
+        "t_token_days": "Expires after this many days (empty: never)",
+        "t_token_paths": "Only under these paths, separated by spaces (empty: everywhere)",
+        "t_confirm_password": "Current password (not needed within 10 minutes of entering it)",
+        "t_create_token": "Create token",
+        "t_token_once": "Your new token. It is shown only this once: copy it now.",
+        "t_copy": "Copy",
+        "t_confirm_note": "Changing your password, two-factor login or tokens needs your current password, "
+                          "unless you entered it in the last 10 minutes.",
+        "word_never": "never",
+        "word_everywhere": "everywhere",
+        "msg_no_tokens": "No tokens yet.",
+        "msg_password_changed": "Password changed. Every other session has ended.",
+        "msg_session_ended": "That session has ended.",
+        "msg_others_ended": "You are logged out everywhere else.",
+        "msg_totp_on": "Two-factor login is on.",
+        "msg_totp_off": "Two-factor login is off.",
+        "msg_token_revoked": "The token is revoked.",
+        "msg_confirm_needed": "Enter your current password to make this change.",
+        "msg_wrong_current": "That is not your current password.",
+        "msg_password_short": "The new password needs at least 8 characters.",
+        "msg_password_mismatch": "The two new passwords differ.",
+        "msg_bad_token": "A token needs a label (up to 60 characters), 1 to 3650 days, and paths that start with /.",
+        "msg_gone": "That no longer exists.",
+        "msg_too_slow": "That took too long. Please start again.",
     },
     "zh-CN": {
         "t_username": "用户名",
@@ -1679,7 +2260,11 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "default_subtitle": "这里是私人空间，请先登录。",
         "default_slogan": "服务器安静，猫咪开心。",
         "msg_wrong": "用户名或密码错误。",
-        "msg_locked": "尝试次数过多，请在 {minutes} 分钟后重试。",
+        "msg_locked": "尝试次数过多，请在 {wait}后重试。",
+        "wait_second": "{n} 秒",
+        "wait_seconds": "{n} 秒",
+        "wait_minute": "{n} 分钟",
+        "wait_minutes": "{n} 分钟",
         "msg_expired": "会话已过期，请重新登录。",
         "msg_csrf": "表单已过期，请重试。",
         "msg_bad_form": "无法读取表单，请重试。",
@@ -1692,10 +2277,67 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "forbidden_text": "你已登录，但你的账号无权访问此页面。",
         "forbidden_home": "返回首页",
         "forbidden_switch": "切换账号登录",
+        "t_account": "你的账号",
+        "msg_signed_in": "你已登录为 {user}。",
+        "t_open_app": "打开应用",
+        "t_logout": "退出登录",
+        "t_sessions": "已登录的设备",
+        "t_device": "设备",
+        "t_ip": "IP 地址",
+        "t_last_seen": "最近活动",
+        "t_created": "登录时间",
+        "t_end": "结束",
+        "t_end_others": "退出其他所有设备",
+        "t_this_device": "（本设备）",
+        "t_change_password": "修改密码",
+        "t_current_password": "当前密码",
+        "t_new_password": "新密码（至少 8 个字符）",
+        "t_new_password_again": "再次输入新密码",
+        "t_two_factor": "两步验证",
+        "t_totp_is_off": "未开启：只需密码即可登录。",
+        "t_totp_turn_on": "开启",
+        "t_totp_scan": "用身份验证器应用扫描此二维码（或输入密钥），然后输入它显示的 6 位验证码。",
+        "t_totp_secret": "密钥：",
+        "t_totp_qr": "身份验证器应用的二维码",
+        "t_totp_confirm": "确认并开启",
+        "t_totp_is_on": "已开启：输入密码后还需输入应用中的验证码。",
+        "t_totp_turn_off": "关闭",
+        "t_api_tokens": "API 令牌",
+        "t_api_token": "API 令牌",
+        "t_label": "名称",
+        "t_last_used": "最近使用",
+        "t_expires": "过期时间",
+        "t_scope": "路径",
+        "t_revoke": "吊销",
+        "t_token_days": "有效天数（留空：永不过期）",
+        "t_token_paths": "仅限这些路径，用空格分隔（留空：全部）",
+        "t_confirm_password": "当前密码（输入后 10 分钟内无需再次输入）",
+        "t_create_token": "创建令牌",
+        "t_token_once": "新令牌只显示这一次，请立即复制。",
+        "t_copy": "复制",
+        "t_confirm_note": "修改密码、两步验证或令牌需要当前密码，除非你在 10 分钟内输入过。",
+        "word_never": "从未",
+        "word_everywhere": "全部",
+        "msg_no_tokens": "还没有令牌。",
+        "msg_password_changed": "密码已修改，其他所有会话均已结束。",
+        "msg_session_ended": "该会话已结束。",
+        "msg_others_ended": "已退出其他所有设备。",
+        "msg_totp_on": "两步验证已开启。",
+        "msg_totp_off": "两步验证已关闭。",
+        "msg_token_revoked": "令牌已吊销。",
+        "msg_confirm_needed": "请输入当前密码以完成此更改。",
+        "msg_wrong_current": "当前密码不正确。",
+        "msg_password_short": "新密码至少需要 8 个字符。",
+        "msg_password_mismatch": "两次输入的新密码不一致。",
+        "msg_bad_token": "令牌需要名称（最多 60 个字符）、1 到 3650 天的有效期，且路径以 / 开头。",
+        "msg_gone": "该项已不存在。",
+        "msg_too_slow": "操作超时，请重新开始。",
     },
 }
 PAGE_FIELDS = ("lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username",
                "remember", "error", "error_state", "footer", "password_step", "code_step", "pending")
+ACCOUNT_FIELDS = ("lang", "title", "static", "prefix", "action", "csrf", "user", "signed_in", "error",
+                  "error_state", "notice", "new_token", "session_rows", "totp", "token_rows")
 # The page nginx shows (error_page 403) when access rules keep a logged-in user out.
 FORBIDDEN_PAGE = string.Template("""<!doctype html>
 <html lang="$lang">
@@ -1721,25 +2363,262 @@ FORBIDDEN_PAGE = string.Template("""<!doctype html>
 """)
 
 
-def load_template(data_dir: Path) -> string.Template:
-    """login.html from the data dir if there is one, else the shipped one; placeholders checked now."""
-    path = data_dir / "login.html"
+# Pieces of the account page, each rendered through `render` (so escaped there) and then
+# placed into the page as Markup.
+SESSION_ROW = string.Template(
+    '<tr$current><td>$agent$here</td><td>$ip</td><td><time datetime="$last_seen_iso">$last_seen</time></td>'
+    '<td><time datetime="$created_iso">$created</time></td><td>$end</td></tr>')
+THIS_DEVICE = string.Template(' <strong class="here">$t_this_device</strong>')
+POST_BUTTON = string.Template(
+    '<form method="post" action="$action" class="inline"><input type="hidden" name="csrf" value="$csrf">'
+    '<input type="hidden" name="action" value="$what"><input type="hidden" name="$name" value="$value">'
+    '<button type="submit" class="button quiet small">$label</button></form>')
+TOKEN_ROW = string.Template(
+    "<tr><td>$label</td><td>$created</td><td>$last_used</td><td>$expires</td><td>$scope</td><td>$revoke</td></tr>")
+EMPTY_ROW = string.Template('<tr><td colspan="$columns" class="muted">$text</td></tr>')
+NEW_TOKEN = string.Template(
+    '<div class="new-token"><p>$t_token_once</p><input id="new-token" type="text" readonly value="$secret" '
+    'aria-label="$t_api_token"><button type="button" class="button quiet copy" data-copy="new-token" hidden>'
+    "$t_copy</button></div>")
+CONFIRM_FIELD = string.Template(
+    '<div class="field"><label for="$id">$t_confirm_password</label>'
+    '<input id="$id" name="current" type="password" autocomplete="current-password"></div>')
+CODE_FIELD = string.Template(
+    '<div class="field"><label for="$id">$t_code</label><input id="$id" name="code" type="text" '
+    'inputmode="numeric" pattern="[0-9]{6}" maxlength="6" autocomplete="one-time-code" required></div>')
+TOTP_OFF = string.Template(
+    '    <p>$t_totp_is_off</p>\n    <form method="post" action="$action" class="form" id="totp-form">'
+    '<input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" value="totp_begin">'
+    '$confirm<button type="submit" class="submit">$t_totp_turn_on</button></form>')
+TOTP_ENROLL = string.Template(
+    '    <p>$t_totp_scan</p>\n    $qr<p class="secret">$t_totp_secret <code id="totp-secret">$secret</code></p>'
+    '<p class="uri"><code id="totp-uri">$uri</code></p>\n    <form method="post" action="$action" class="form" '
+    'id="totp-form"><input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" '
+    'value="totp_confirm"><input type="hidden" name="enrollment" value="$enrollment">$code'
+    '<button type="submit" class="submit">$t_totp_confirm</button></form>')
+TOTP_ON = string.Template(
+    '    <p>$t_totp_is_on</p>\n    <form method="post" action="$action" class="form" id="totp-form">'
+    '<input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" value="totp_off">'
+    '$code$confirm<button type="submit" class="submit">$t_totp_turn_off</button></form>')
+QR_IMAGE = string.Template('<img class="qr" src="$src" alt="$t_totp_qr" width="$size" height="$size">')
+
+
+def load_template(data_dir: Path, name: str = "login.html", fields: Iterable[str] = PAGE_FIELDS) -> string.Template:
+    """NAME from the data dir if there is one, else the shipped one; placeholders checked now."""
+    path = data_dir / name
     if not path.is_file():
-        path = HERE / "login.html"
+        path = HERE / name
     template = string.Template(path.read_text(encoding="utf-8"))
-    known = set(PAGE_FIELDS) | {k for k in PAGE_TEXT["en"] if k.startswith("t_")}
+    known = set(fields) | {k for k in PAGE_TEXT["en"] if k.startswith("t_")}
     unknown = set(template.get_identifiers()) - known
     if unknown or not template.is_valid():
         raise SettingsError(f"{path}: unknown or broken placeholders: {', '.join(sorted(unknown)) or '$'}")
     return template
 
 
-def render_page(template: string.Template, lang: str, values: Mapping[str, str]) -> bytes:
-    """The login page, with every value HTML-escaped here and nowhere else."""
+class Markup(str):
+    """HTML that came out of `render`: placed into a page as it is, not escaped again."""
+
+
+def render(template: string.Template, lang: str, values: Mapping[str, object]) -> Markup:
+    """TEMPLATE filled in with the page texts of LANG and VALUES, every value HTML-escaped here and
+    nowhere else (Markup is already the output of this function)."""
     text = {k: v for k, v in PAGE_TEXT[lang].items() if k.startswith("t_")}
     merged = {**text, **values, "lang": lang}
-    return template.substitute({k: html.escape(str(v), quote=True) for k, v in merged.items()}).encode()
+    return Markup(template.substitute({k: v if isinstance(v, Markup) else html.escape(str(v), quote=True)
+                                       for k, v in merged.items()}))
 
+
+def render_page(template: string.Template, lang: str, values: Mapping[str, object]) -> bytes:
+    """A whole page, as the bytes of the response."""
+    return render(template, lang, values).encode()
+
+
+def wait_text(lang: str, seconds: int) -> str:
+    """How long a lockout lasts, in words: "1 minute", "5 minutes", "45 seconds"."""
+    if seconds < 60:
+        return PAGE_TEXT[lang]["wait_second" if seconds == 1 else "wait_seconds"].format(n=seconds)
+    minutes = math.ceil(seconds / 60)
+    return PAGE_TEXT[lang]["wait_minute" if minutes == 1 else "wait_minutes"].format(n=minutes)
+
+
+ACCOUNT = f"{PREFIX}/account"
+
+
+def format_time(when: float | None, lang: str) -> str:
+    """A moment as the account page shows it: "2026-12-01 09:30 UTC"."""
+    if when is None:
+        return PAGE_TEXT[lang]["word_never"]
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
+def qr_data_uri(text: str) -> tuple[str, int] | None:
+    """TEXT as a QR code, an SVG image drawn on the server with segno (an optional package), as a
+    data: URI and its size in pixels; None without segno."""
+    try:
+        import segno
+    except ImportError:
+        return None
+    code = segno.make(text, error="m")
+    return code.svg_data_uri(scale=4, border=2), int(code.symbol_size(scale=4, border=2)[0])
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """What the account page shows: the user's sessions and tokens, their second factor, and the
+    outcome of the last change (PAGE_TEXT keys)."""
+
+    user: str
+    sid: str  # this device's session
+    sessions: tuple[SessionRecord, ...]
+    tokens: tuple[ApiToken, ...]
+    totp_enrolled: bool
+    enrollment: tuple[str, str, str] = ("", "", "")  # (secret, otpauth URI, enrollment token) while setting up
+    new_token: str = ""  # shown once, right after it was made
+    error: str = ""
+    notice: str = ""
+
+
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "form-action 'self'{extra}; frame-ancestors 'none'; base-uri 'none'")
+CSRF_RE = re.compile(r"[A-Za-z0-9_-]{32,64}")
+
+
+class Pages:
+    """ezauth's HTML pages in the visitor's language, with their headers (CSP, no-store) and the
+    CSRF cookie: every value goes through render_page, the one escaping point."""
+
+    def __init__(self, settings: Settings, template: string.Template, account_template: string.Template,
+                 counter: VisitCounter) -> None:
+        self.settings, self.template, self.account_template, self.counter = (
+            settings, template, account_template, counter)
+        self.csrf_cookie = f"{settings.cookie_name}_csrf"
+        extra_form_action = f" https://*.{settings.cookie_domain.lstrip('.')}" if settings.cookie_domain else ""
+        self.headers = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+                        ("Content-Security-Policy", PAGE_CSP.format(extra=extra_form_action)),
+                        ("Vary", "Accept-Language"), *SECURITY_HEADERS]
+
+    def lang(self, request: Request) -> str:
+        return choose_lang(request.header("Accept-Language"), self.settings.lang)
+
+    def message(self, request: Request, key: str, retry_after: int = 0) -> str:
+        lang = self.lang(request)
+        return PAGE_TEXT[lang][key].format(wait=wait_text(lang, retry_after))
+
+    def secure(self, request: Request) -> bool:
+        """Whether cookies set for REQUEST get the Secure flag."""
+        return self.settings.cookie_secure == "1" or (self.settings.cookie_secure == "auto" and request.is_https)
+
+    def csrf(self, request: Request) -> tuple[str, list[tuple[str, str]]]:
+        """The visitor's CSRF token, and the Set-Cookie header for it when they had none."""
+        token = next((c for c in request.cookies(self.csrf_cookie) if CSRF_RE.fullmatch(c)), "")
+        if token:
+            return token, []
+        token = secrets.token_urlsafe(32)
+        return token, [("Set-Cookie", make_cookie(self.csrf_cookie, token, secure=self.secure(request),
+                                                  path=f"{PREFIX}/"))]
+
+    def login(self, request: Request, status: int, state: FormState = FormState(), error: str = "",
+              visits: int | None = None, headers: Iterable[tuple[str, str]] = ()) -> Response:
+        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is.
+        With a pending login (a two-factor user's right password) it asks for the code instead."""
+        visits = self.counter.current() if visits is None and request.method == "POST" else visits
+        lang, (csrf, csrf_header) = self.lang(request), self.csrf(request)
+        text = PAGE_TEXT[lang]
+        body = render_page(self.template, lang, {
+            "title": self.settings.title or text["default_title"],
+            "subtitle": self.settings.subtitle or text["default_subtitle"],
+            "slogan": self.settings.slogan or text["default_slogan"],
+            "static": f"{PREFIX}/static", "action": f"{PREFIX}/login", "csrf": csrf, "rd": state.rd,
+            "username": state.username, "remember": "checked" if state.remember else "",
+            "error": error, "error_state": "error" if error else "none",
+            "footer": text["msg_visits"].format(count=f"{visits:,}") if visits is not None else "",
+            # A disabled fieldset is neither validated nor sent, so the hidden step cannot block the form.
+            "password_step": "disabled hidden" if state.pending else "",
+            "code_step": "" if state.pending else "disabled hidden", "pending": state.pending,
+        })
+        return Response(status, body, [*self.headers, *csrf_header, *headers])
+
+    def refused(self, request: Request, refused: Refused) -> Response:
+        """The login page again, saying why the last try did not work."""
+        retry = [("Retry-After", str(refused.retry_after))] if refused.retry_after else []
+        return self.login(request, refused.status, refused.state,
+                          self.message(request, refused.message, refused.retry_after), headers=retry)
+
+    def account(self, request: Request, status: int, view: AccountView) -> Response:
+        """The account page: sessions, password, second factor, API tokens."""
+        lang, (csrf, csrf_header) = self.lang(request), self.csrf(request)
+        form = {"action": ACCOUNT, "csrf": csrf}
+        body = render_page(self.account_template, lang, {
+            **form, "title": self.settings.title or PAGE_TEXT[lang]["default_title"], "static": f"{PREFIX}/static",
+            "prefix": PREFIX, "user": view.user,
+            "signed_in": PAGE_TEXT[lang]["msg_signed_in"].format(user=view.user),
+            "error": self.message(request, view.error) if view.error else "",
+            "error_state": "error" if view.error else "none",
+            "notice": self.message(request, view.notice) if view.notice else "",
+            "new_token": render(NEW_TOKEN, lang, {"secret": view.new_token}) if view.new_token else Markup(),
+            "session_rows": Markup("\n".join(self.session_row(lang, form, r, view.sid) for r in view.sessions)),
+            "totp": self.totp_block(lang, form, view),
+            "token_rows": Markup("\n".join(self.token_row(lang, form, t) for t in view.tokens)
+                                 or render(EMPTY_ROW, lang, {"columns": 6, "text": PAGE_TEXT[lang]["msg_no_tokens"]})),
+        })
+        return Response(status, body, [*self.headers, *csrf_header])
+
+    @staticmethod
+    def session_row(lang: str, form: Mapping[str, str], record: SessionRecord, current: str) -> Markup:
+        here = record.sid == current
+        end = Markup() if here else render(POST_BUTTON, lang, {
+            **form, "what": "end_session", "name": "sid", "value": record.sid, "label": PAGE_TEXT[lang]["t_end"]})
+        return render(SESSION_ROW, lang, {
+            "current": Markup(' class="current"') if here else Markup(), "agent": record.agent,
+            "here": render(THIS_DEVICE, lang, {}) if here else Markup(), "ip": record.ip,
+            "last_seen": format_time(record.last_seen, lang), "created": format_time(record.created, lang),
+            "last_seen_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.last_seen)),
+            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)), "end": end})
+
+    @staticmethod
+    def token_row(lang: str, form: Mapping[str, str], token: ApiToken) -> Markup:
+        return render(TOKEN_ROW, lang, {
+            "label": token.label, "created": format_time(token.created, lang),
+            "last_used": format_time(token.last_used, lang), "expires": format_time(token.expires, lang),
+            "scope": " ".join(token.paths) or PAGE_TEXT[lang]["word_everywhere"],
+            "revoke": render(POST_BUTTON, lang, {**form, "what": "token_revoke", "name": "id", "value": token.id,
+                                                 "label": PAGE_TEXT[lang]["t_revoke"]})})
+
+    @staticmethod
+    def totp_block(lang: str, form: Mapping[str, str], view: AccountView) -> Markup:
+        confirm = render(CONFIRM_FIELD, lang, {"id": "totp-password"})
+        code = render(CODE_FIELD, lang, {"id": "totp-code"})
+        if view.totp_enrolled:
+            return render(TOTP_ON, lang, {**form, "code": code, "confirm": confirm})
+        secret, uri, enrollment = view.enrollment
+        if not enrollment:
+            return render(TOTP_OFF, lang, {**form, "confirm": confirm})
+        qr = qr_data_uri(uri)
+        image = render(QR_IMAGE, lang, {"src": qr[0], "size": qr[1]}) if qr else Markup()
+        return render(TOTP_ENROLL, lang, {**form, "qr": image, "secret": secret, "uri": uri,
+                                          "enrollment": enrollment, "code": code})
+
+    def forbidden(self, request: Request) -> Response:
+        """The page nginx shows instead of the app when access rules keep a logged-in user out."""
+        lang = self.lang(request)
+        text = PAGE_TEXT[lang]
+        body = render_page(FORBIDDEN_PAGE, lang, {
+            "title": text["forbidden_title"], "text": text["forbidden_text"], "home": text["forbidden_home"],
+            "switch": text["forbidden_switch"], "logout": f"{PREFIX}/logout", "static": f"{PREFIX}/static"})
+        return Response(403, body, self.headers)
+
+
+# -- Handlers -------------------------------------------------------------------------------
+
+STATIC_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
+STATIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+    ".webp": "image/webp", ".ico": "image/x-icon", ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8", ".json": "application/json",
+}
 
 def find_static(name: str, roots: Iterable[Path]) -> Path | None:
     """The file NAME in the first root that has it; never anything outside those folders."""
@@ -1757,350 +2636,418 @@ def find_static(name: str, roots: Iterable[Path]) -> Path | None:
     return None
 
 
-# -- Application ----------------------------------------------------------------------------
-
-Handler = Callable[[Request], Response]
-
-
-@dataclass
-class EzauthApp:
-    """The WSGI callable, with its collaborators visible for the CLI and the tests."""
-
-    settings: Settings
-    routes: dict[tuple[str, str], Handler]
-    static: Handler
-    users: Users
-    keys: KeyRing
-    sessions: Sessions
-    counter: VisitCounter
-    throttle: Throttle
-    clock: Clock
-    totp: TotpStore
-    rules: AccessRules
-    metrics: Metrics
-    _next_refresh: float = 0.0
-    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
-        request = Request(environ, self.settings.trusted_proxies)
-        try:
-            self.refresh()
-            response = self.dispatch(request)
-        except Exception:
-            log.exception("event=error method=%s path=%s", request.method, logval(request.path))
-            response = text_response(500, "internal error")
-        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
-        start_response(response.status_line, headers)
-        return [b"" if request.method == "HEAD" else response.body]
-
-    def dispatch(self, request: Request) -> Response:
-        method = "GET" if request.method == "HEAD" else request.method
-        handler = self.routes.get((method, request.path))
-        if handler:
-            return handler(request)
-        if request.path.startswith(f"{PREFIX}/static/"):
-            return self.static(request) if method == "GET" else self.not_allowed(("GET", "HEAD"))
-        allowed = sorted({m for m, p in self.routes if p == request.path})
-        if allowed:
-            return self.not_allowed((*allowed, "HEAD") if "GET" in allowed else allowed)
-        return text_response(404, "not found")
-
-    def answers_inline(self, environ: Mapping[str, object]) -> bool:
-        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
-        path = environ.get("PATH_INFO")
-        if path == f"{PREFIX}/healthz":
-            return True
-        return path == f"{PREFIX}/verify" and str(environ.get("HTTP_AUTHORIZATION", ""))[:6].lower() != "basic "
-
-    def body_limit(self, environ: Mapping[str, object]) -> int:
-        """The largest request body any route reads: the login form."""
-        return MAX_FORM
-
-    @staticmethod
-    def not_allowed(methods: Iterable[str]) -> Response:
-        return text_response(405, "method not allowed", ("Allow", ", ".join(methods)))
-
-    def refresh(self) -> None:
-        """At most once a second, pick up users and keys changed by the CLI or other workers."""
-        now = self.clock()
-        if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):
-            return
-        try:
-            self._next_refresh = now + REFRESH_EVERY
-            self.users.load()
-            signer = self.keys.keys[-1].kid
-            self.keys.refresh(now)
-            self.metrics.key_rotations += self.keys.keys[-1].kid != signer
-            self.totp.load()
-            self.rules.load()
-        finally:
-            self._refresh_lock.release()
+CONFIRM_FOR = 600  # a password entered this recently counts for sensitive account changes
+ACCOUNT_NOTICES = ("password_changed", "session_ended", "others_ended", "totp_on", "totp_off", "token_revoked")
 
 
-def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
-    """Build the service: files in the data dir, and one small handler per route."""
-    data = settings.data_dir
-    prepare_data_dir(data)
-    now = clock()
-    legacy = {name: legacy_hash(name, password) for name, password in settings.legacy_users}
-    users = Users(data / "users", legacy)
-    keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
-    sessions = Sessions(users, keys, settings.session_ttl, settings.remember_ttl)
-    counter = VisitCounter(data / "counter.txt", clock)
-    throttle = Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
-                        settings.lockout_time, now)
-    totp_store = TotpStore(data / "totp")
-    access = AccessRules(data / "rules")
-    basic_cache = BasicCache()
-    metrics = Metrics(started=now)
-    template = load_template(data)
-    static_roots = (data / "static", HERE / "static")
-    cookie = settings.cookie_name
-    csrf_cookie = f"{cookie}_csrf"
-    extra_form_action = f" https://*.{settings.cookie_domain.lstrip('.')}" if settings.cookie_domain else ""
-    page_headers = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
-                    ("Content-Security-Policy", PAGE_CSP.format(extra=extra_form_action)),
-                    ("Vary", "Accept-Language"), *SECURITY_HEADERS]
+class Handlers:
+    """One method per route. The login flow refuses by raising Refused; login_submit turns that into
+    the page. Collaborators come in through the constructor, never from globals."""
 
-    def factors(name: str) -> str | None:
-        """What proves NAME: their password hash and whether they have a second factor."""
-        fingerprint = users.fingerprint(name)
-        return None if fingerprint is None else f"{fingerprint}:{int(totp_store.enrolled(name))}"
+    def __init__(self, settings: Settings, stores: Stores, pages: Pages, clock: Clock, metrics: Metrics) -> None:
+        self.settings, self.stores, self.pages, self.clock, self.metrics = settings, stores, pages, clock, metrics
+        self.cookie = settings.cookie_name
+        self.basic_cache = BasicCache()
+        self.static_roots = (settings.data_dir / "static", HERE / "static")
 
-    def secure(request: Request) -> bool:
-        return settings.cookie_secure == "1" or (settings.cookie_secure == "auto" and request.is_https)
+    # -- the login page and form --
 
-    def session_cookie(request: Request, token: str, session: Session) -> tuple[str, str]:
-        max_age = session.expires - session.issued if session.remember else None
-        return ("Set-Cookie", make_cookie(cookie, token, secure=secure(request),
-                                          domain=settings.cookie_domain, max_age=max_age))
-
-    def page(request: Request, status: int, *, error: str = "", username: str = "", rd: str = "/",
-             remember: bool = False, visits: int | None = None, headers: Iterable = (),
-             pending: str = "") -> Response:
-        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is.
-        With PENDING (a two-factor user's right password) it asks for the code instead."""
-        visits = counter.current() if visits is None and request.method == "POST" else visits
-        lang = choose_lang(request.header("Accept-Language"), settings.lang)
-        text = PAGE_TEXT[lang]
-        csrf = next((c for c in request.cookies(csrf_cookie) if re.fullmatch(r"[A-Za-z0-9_-]{32,64}", c)), "")
-        extra = list(headers)
-        if not csrf:
-            csrf = secrets.token_urlsafe(32)
-            extra.append(("Set-Cookie", make_cookie(csrf_cookie, csrf, secure=secure(request),
-                                                    path=f"{PREFIX}/")))
-        body = render_page(template, lang, {
-            "title": settings.title or text["default_title"],
-            "subtitle": settings.subtitle or text["default_subtitle"],
-            "slogan": settings.slogan or text["default_slogan"],
-            "static": f"{PREFIX}/static", "action": f"{PREFIX}/login", "csrf": csrf, "rd": rd,
-            "username": username, "remember": "checked" if remember else "",
-            "error": error, "error_state": "error" if error else "none",
-            "footer": text["msg_visits"].format(count=f"{visits:,}") if visits is not None else "",
-            # A disabled fieldset is neither validated nor sent, so the hidden step cannot block the form.
-            "password_step": "disabled hidden" if pending else "",
-            "code_step": "" if pending else "disabled hidden", "pending": pending,
-        })
-        return Response(status, body, [*page_headers, *extra])
-
-    def message(request: Request, key: str, **fields: object) -> str:
-        return PAGE_TEXT[choose_lang(request.header("Accept-Language"), settings.lang)][key].format(**fields)
-
-    def target_of(request: Request, raw: str) -> str:
-        return safe_return_target(raw, request.host, settings.cookie_domain)
-
-    def login_page(request: Request) -> Response:
+    def login_page(self, request: Request) -> Response:
         try:
             expired, rd = request.query("expired") == "1", request.query("rd")
         except ValueError:
             log.warning("event=login_rejected reason=bad_query ip=%s", logval(request.client_ip))
-            return page(request, 400, error=message(request, "msg_bad_form"))
-        return page(request, 200, rd=target_of(request, rd),
-                    error=message(request, "msg_expired") if expired else "",
-                    visits=counter.increment())
+            return self.pages.login(request, 400, error=self.pages.message(request, "msg_bad_form"))
+        # Without a return target (the login page opened straight), land where it says who is logged in.
+        return self.pages.login(request, 200, FormState(rd=self.target(request, rd) if rd else ACCOUNT),
+                                self.pages.message(request, "msg_expired") if expired else "",
+                                visits=self.stores.counter.increment())
 
-    def login_submit(request: Request) -> Response:
+    def login_submit(self, request: Request) -> Response:
+        try:
+            form = self.read_form_with_csrf(request)
+            rd = self.target(request, form.get("rd", ""))
+            if form.get("pending"):
+                return self.check_code(request, form["pending"], form.get("code", "").replace(" ", ""), rd)
+            state = FormState(form.get("username", "").strip(), rd, form.get("remember") in ("1", "on", "yes"))
+            if not state.username or not form.get("password"):
+                raise Refused(400, "msg_missing", state)
+            return self.check_login(request, form["password"], state)
+        except Refused as refused:
+            return self.pages.refused(request, refused)
+
+    def read_form_with_csrf(self, request: Request) -> dict[str, str]:
+        """The posted form, once its size, encoding and CSRF token have passed."""
         length = content_length(request.environ)
         if length is None or length > MAX_FORM:
-            log.warning("event=login_rejected reason=body_too_large ip=%s", request.client_ip)
-            return page(request, 413, error=message(request, "msg_too_large"))
+            log.warning("event=login_rejected reason=body_too_large ip=%s", logval(request.client_ip))
+            raise Refused(413, "msg_too_large")
         form = read_form(request.environ)
         if form is None:
-            log.warning("event=login_rejected reason=bad_form ip=%s", request.client_ip)
-            return page(request, 400, error=message(request, "msg_bad_form"))
-        rd = target_of(request, form.get("rd", ""))
-        name, password = form.get("username", "").strip(), form.get("password", "")
-        if not any(hmac.compare_digest(c.encode(), form.get("csrf", "").encode())
-                   for c in request.cookies(csrf_cookie)) or not form.get("csrf"):
-            log.warning("event=login_rejected reason=csrf ip=%s user=%s", request.client_ip, logval(name))
-            return page(request, 403, error=message(request, "msg_csrf"), username=name, rd=rd)
-        if form.get("pending"):
-            return check_code(request, form["pending"], form.get("code", "").replace(" ", ""), rd)
-        if not name or not password:
-            return page(request, 400, error=message(request, "msg_missing"), username=name, rd=rd)
-        return check_login(request, name, password, rd, form.get("remember") in ("1", "on", "yes"))
+            log.warning("event=login_rejected reason=bad_form ip=%s", logval(request.client_ip))
+            raise Refused(400, "msg_bad_form")
+        sent = form.get("csrf", "").encode()
+        if not sent or not any(hmac.compare_digest(c.encode(), sent) for c in request.cookies(self.pages.csrf_cookie)):
+            name = form.get("username", "").strip()
+            log.warning("event=login_rejected reason=csrf ip=%s user=%s", logval(request.client_ip), logval(name))
+            raise Refused(403, "msg_csrf", FormState(name, self.target(request, form.get("rd", ""))))
+        return form
 
-    def reserve(request: Request, name: str, now: float, how: str = "") -> Attempt:
-        """Reserve one password or code check for this client and user; a refusal is logged and counted."""
-        attempt = throttle.begin([f"ip:{request.client_ip}", f"user:{name.lower()[:64]}"], now)
-        if attempt.locked:
-            metrics.logins_locked += 1
-            log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
-                        how, logval(name), request.client_ip, attempt.retry_after)
-        return attempt
+    def check_login(self, request: Request, password: str, state: FormState) -> Response:
+        now, name, stores = self.clock(), state.username, self.stores
+        attempt = self.reserve(request, name, now, state=state)
+        if not stores.users.check(name, password):
+            self.refuse(request, attempt, name, now)
+            raise Refused(401, "msg_wrong", state)
+        stores.throttle.succeeded(attempt)
+        if not stores.totp.enrolled(name):
+            return self.logged_in(request, name, now, state.rd, state.remember)
+        log.info("event=login_code_asked user=%s ip=%s", logval(name), logval(request.client_ip))
+        pending = issue_pending(name, stores.users.fingerprint(name) or "", state.remember,
+                                stores.keys.signer(now), now)
+        return self.pages.login(request, 200, replace(state, pending=pending))
 
-    def refuse(request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
-        """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
-        throttle.failed(attempt, now)
-        metrics.logins_failed += 1
-        log.warning("event=login_failed %suser=%s ip=%s", how, logval(name), request.client_ip)
-
-    def locked_page(request: Request, attempt: Attempt, **values: object) -> Response:
-        minutes = math.ceil(attempt.retry_after / 60)
-        return page(request, 429, error=message(request, "msg_locked", minutes=minutes),
-                    headers=[("Retry-After", str(attempt.retry_after))], **values)
-
-    def check_login(request: Request, name: str, password: str, rd: str, remember: bool) -> Response:
-        now, ip = clock(), request.client_ip
-        attempt = reserve(request, name, now)
-        if attempt.locked:
-            return locked_page(request, attempt, username=name, rd=rd, remember=remember)
-        if not users.check(name, password):
-            refuse(request, attempt, name, now)
-            return page(request, 401, error=message(request, "msg_wrong"), username=name, rd=rd,
-                        remember=remember)
-        throttle.succeeded(attempt)
-        if totp_store.enrolled(name):
-            log.info("event=login_code_asked user=%s ip=%s", name, ip)
-            pending = issue_pending(name, users.fingerprint(name) or "", remember, keys.signer(now), now)
-            return page(request, 200, username=name, rd=rd, pending=pending)
-        return logged_in(request, name, now, rd, remember)
-
-    def check_code(request: Request, pending: str, code: str, rd: str) -> Response:
+    def check_code(self, request: Request, pending: str, code: str, rd: str) -> Response:
         """The second step: a valid pending login plus a fresh code from the user's app."""
-        now, ip = clock(), request.client_ip
+        now, ip, stores = self.clock(), logval(request.client_ip), self.stores
         try:
-            name, fingerprint, remember = read_pending(pending, keys, now)
+            name, fingerprint, remember = read_pending(pending, stores.keys, now)
         except InvalidSession as err:
             log.warning("event=login_rejected reason=pending_%s ip=%s", logval(str(err)), ip)
-            return page(request, 403, error=message(request, "msg_csrf"), rd=rd)
-        if users.fingerprint(name) != fingerprint:
-            log.warning("event=login_rejected reason=password_changed user=%s ip=%s", name, ip)
-            return page(request, 403, error=message(request, "msg_csrf"), rd=rd)
-        attempt = reserve(request, name, now, "step=code ")
-        if attempt.locked:
-            return locked_page(request, attempt, username=name, rd=rd, pending=pending)
-        if not totp_store.accept(name, code, now):
-            refuse(request, attempt, name, now, "step=code ")
-            return page(request, 401, error=message(request, "msg_wrong_code"), username=name, rd=rd,
-                        pending=pending)
-        throttle.succeeded(attempt)
-        return logged_in(request, name, now, rd, remember)
+            raise Refused(403, "msg_csrf", FormState(rd=rd)) from None
+        if stores.users.fingerprint(name) != fingerprint:
+            log.warning("event=login_rejected reason=password_changed user=%s ip=%s", logval(name), ip)
+            raise Refused(403, "msg_csrf", FormState(rd=rd))
+        attempt = self.reserve(request, name, now, "step=code ", FormState(name, rd, pending=pending))
+        if not stores.totp.accept(name, code, now):
+            self.refuse(request, attempt, name, now, "step=code ")
+            raise Refused(401, "msg_wrong_code", FormState(name, rd, pending=pending))
+        stores.throttle.succeeded(attempt)
+        return self.logged_in(request, name, now, rd, remember)
 
-    def logged_in(request: Request, name: str, now: float, rd: str, remember: bool) -> Response:
-        token, session = sessions.start(name, now, remember)
-        metrics.logins_ok += 1
-        log.info("event=login_ok user=%s ip=%s remember=%d", name, request.client_ip, remember)
-        return Response(303, b"", [("Location", rd), session_cookie(request, token, session),
+    def reserve(self, request: Request, name: str, now: float, how: str = "",
+                state: FormState | None = None) -> Attempt:
+        """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
+        attempt = self.stores.throttle.begin([f"ip:{request.client_ip}", f"user:{name.lower()[:64]}"], now)
+        if attempt.locked:
+            self.metrics.logins_locked += 1
+            log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
+                        how, logval(name), logval(request.client_ip), attempt.retry_after)
+            raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
+        return attempt
+
+    def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
+        """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
+        self.stores.throttle.failed(attempt, now)
+        self.metrics.logins_failed += 1
+        log.warning("event=login_failed %suser=%s ip=%s", how, logval(name), logval(request.client_ip))
+
+    def logged_in(self, request: Request, name: str, now: float, rd: str, remember: bool) -> Response:
+        token, session = self.stores.sessions.start(name, now, remember, request.client_ip,
+                                                    request.header("User-Agent"))
+        self.metrics.logins_ok += 1
+        log.info("event=login_ok user=%s ip=%s remember=%d", logval(name), logval(request.client_ip), remember)
+        return Response(303, b"", [("Location", rd), self.session_cookie(request, token, session),
                                    ("Cache-Control", "no-store"), *SECURITY_HEADERS])
 
-    def verify(request: Request) -> Response:
-        now = clock()
-        tokens = request.cookies(cookie)
+    def target(self, request: Request, raw: str) -> str:
+        return safe_return_target(raw, request.host, self.settings.cookie_domain)
+
+    def session_cookie(self, request: Request, token: str, session: Session) -> tuple[str, str]:
+        max_age = session.expires - session.issued if session.remember else None
+        return ("Set-Cookie", make_cookie(self.cookie, token, secure=self.pages.secure(request),
+                                          domain=self.settings.cookie_domain, max_age=max_age))
+
+    # -- verify: nginx asks on every request --
+
+    def verify(self, request: Request) -> Response:
+        now = self.clock()
+        tokens = request.cookies(self.cookie)
         if len(tokens) > MAX_SESSION_COOKIES:
             log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
                         len(tokens), logval(request.client_ip))
-            return deny(request, True)
+            return self.deny(request, True, "too_many_cookies")
         for token in tokens:
-            session = sessions.check(token, now)
+            session = self.stores.sessions.check(token, now)
             if session is not None:
-                headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
-                renewed = sessions.renew(session, now)
-                if renewed:
-                    metrics.sessions_renewed += 1
-                    headers.append(session_cookie(request, *renewed))
-                return grant(request, session.user, headers)
-        if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
-            return verify_basic(request, now, bool(tokens))
-        return deny(request, bool(tokens))
+                return self.grant_session(request, session, now)
+        authorization = request.header("Authorization")
+        if authorization[:7].lower() == "bearer " and authorization[7:].strip().startswith(TOKEN_PREFIX):
+            return self.verify_api_token(request, authorization[7:].strip(), None, now, bool(tokens))
+        if authorization[:6].lower() == "basic ":
+            return self.verify_basic(request, now, bool(tokens))
+        return self.deny(request, bool(tokens))
 
-    def deny(request: Request, had_cookie: bool) -> Response:
-        metrics.verify_denied += 1
-        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), had_cookie)),
-                                   ("Cache-Control", "no-cache")])
+    def grant_session(self, request: Request, session: Session, now: float) -> Response:
+        headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
+        renewed = self.stores.sessions.renew(session, now)
+        if renewed:
+            self.metrics.sessions_renewed += 1
+            headers.append(self.session_cookie(request, *renewed))
+        registry = self.stores.registry
+        if registry.stale(session.sid, now):
+            registry.seen(session.sid, now, request.client_ip, (renewed[1] if renewed else session).expires)
+        return self.grant(request, session.user, headers)
 
-    def grant(request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
+    def grant(self, request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
         """200 for a proven USER, unless access rules keep them off this host and path (403)."""
-        if access.rules is not None and not access.rules.allows_every(
-                user, (request.header("X-Original-Host") or request.host).lower(),
-                request.header("X-Original-URI") or "/"):
-            metrics.verify_denied += 1
+        rules, uri = self.stores.rules.rules, request.header("X-Original-URI") or "/"
+        host = (request.header("X-Original-Host") or request.host).lower()
+        if rules is not None and not rules.allows_every(user, host, uri):
+            self.metrics.verify_denied += 1
+            log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
+                     logval(rules_path(uri)))
             return Response(403, b"", [("Cache-Control", "no-cache")])
-        if settings.basic_auth and request.header("Authorization")[:6].lower() == "basic ":
-            headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps the password from the app
-        metrics.verify_allowed += 1
+        if ezauth_credentials(request.header("Authorization"), self.settings.basic_auth):
+            headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
+        self.metrics.verify_allowed += 1
         return Response(200, b"", headers)
 
-    def verify_basic(request: Request, now: float, had_cookie: bool) -> Response:
-        """HTTP Basic for API clients: checked once (scrypt, lockout), then cached for a minute."""
-        credentials = parse_basic(request.header("Authorization"))
-        if credentials is not None:
-            digest = basic_cache.digest(*credentials)
-            user = basic_cache.get(digest, factors, now) or check_basic(request, *credentials, digest, now)
-            if user is not None:
-                return grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")])
-        metrics.verify_denied += 1
-        # WWW-Authenticate only for a client that sent credentials: a browser must get the login page.
+    def deny(self, request: Request, had_cookie: bool, error: str = "", *headers: tuple[str, str]) -> Response:
+        """401 for nginx. A browser navigating is sent to the login page; anything else gets a short
+        JSON answer saying ERROR (X-Ezauth-Error), and nginx makes a lockout 429 (Retry-After)."""
+        self.metrics.verify_denied += 1
+        error = error or ("" if navigates(request) else "login_required")
+        challenge = [("WWW-Authenticate", 'Bearer realm="ezauth"')] if error == "login_required" else []
         return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), had_cookie)),
-                                   ("WWW-Authenticate", 'Basic realm="ezauth"'), ("Cache-Control", "no-cache")])
+                                   ("Cache-Control", "no-cache"), *([("X-Ezauth-Error", error)] if error else []),
+                                   *challenge, *headers])
 
-    def check_basic(request: Request, name: str, password: str, digest: bytes, now: float) -> str | None:
-        attempt = reserve(request, name, now, "via=basic ")
-        if attempt.locked:
-            return None
-        if basic_cache.get(digest, factors, now):  # proved by a parallel request while this one waited
-            throttle.succeeded(attempt)
+    def verify_api_token(self, request: Request, secret: str, name: str | None, now: float,
+                         had_cookie: bool) -> Response:
+        """An API token, as a bearer token or as the password of HTTP Basic: one SHA-256, no scrypt."""
+        token = self.stores.tokens.check(secret, now)
+        if token is None or name not in (None, token.user) or self.stores.users.fingerprint(token.user) is None:
+            log.warning("event=token_rejected ip=%s", logval(request.client_ip))
+            scheme = "Basic" if name is not None else "Bearer"
+            return self.deny(request, had_cookie, "wrong_credentials", ("WWW-Authenticate", f'{scheme} realm="ezauth"'))
+        if not token.allows(request.header("X-Original-URI") or "/"):
+            self.metrics.verify_denied += 1
+            log.info("event=access_denied user=%s token=%s reason=outside_token_paths", logval(token.user), token.id)
+            return Response(403, b"", [("Cache-Control", "no-cache")])
+        self.stores.tokens.used(token, now)
+        return self.grant(request, token.user, [("X-Auth-Request-User", token.user), ("Cache-Control", "no-cache")])
+
+    def verify_basic(self, request: Request, now: float, had_cookie: bool) -> Response:
+        """HTTP Basic for API clients: an API token as the password, or (with EZAUTH_BASIC_AUTH) the
+        user's password, checked once (scrypt, lockout) and then cached for a minute."""
+        credentials = parse_basic(request.header("Authorization"))
+        if credentials is not None and credentials[1].startswith(TOKEN_PREFIX):
+            return self.verify_api_token(request, credentials[1], credentials[0], now, had_cookie)
+        if not self.settings.basic_auth:
+            return self.deny(request, had_cookie)
+        try:
+            if credentials is not None:
+                digest = self.basic_cache.digest(*credentials)
+                user = (self.basic_cache.get(digest, self.stores.factors, now)
+                        or self.check_basic(request, *credentials, digest, now))
+                if user is not None:
+                    return self.grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")])
+        except Refused as locked:
+            return self.deny(request, had_cookie, "too_many_attempts", ("Retry-After", str(locked.retry_after)))
+        # WWW-Authenticate only for a client that sent credentials: a browser must not show a password dialog.
+        return self.deny(request, had_cookie, "wrong_credentials", ("WWW-Authenticate", 'Basic realm="ezauth"'))
+
+    def check_basic(self, request: Request, name: str, password: str, digest: bytes, now: float) -> str | None:
+        """The user these HTTP Basic credentials prove, or None; Refused (429) while locked out."""
+        attempt = self.reserve(request, name, now, "via=basic ")
+        if self.basic_cache.get(digest, self.stores.factors, now):  # proved by a parallel request meanwhile
+            self.stores.throttle.succeeded(attempt)
             return name
         # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
-        if not users.check(name, password) or totp_store.enrolled(name):
-            refuse(request, attempt, name, now, "via=basic ")
+        if not self.stores.users.check(name, password) or self.stores.totp.enrolled(name):
+            self.refuse(request, attempt, name, now, "via=basic ")
             return None
-        throttle.succeeded(attempt)
-        metrics.logins_ok += 1
-        log.info("event=login_ok via=basic user=%s ip=%s", name, request.client_ip)
-        basic_cache.put(digest, name, factors(name) or "", now)
+        self.stores.throttle.succeeded(attempt)
+        self.metrics.logins_ok += 1
+        log.info("event=login_ok via=basic user=%s ip=%s", logval(name), logval(request.client_ip))
+        self.basic_cache.put(digest, name, self.stores.factors(name) or "", now)
         return name
 
-    def logout(request: Request) -> Response:
-        clear = [("Set-Cookie", make_cookie(cookie, "", secure=secure(request), max_age=0))]
-        if settings.cookie_domain:
-            clear.append(("Set-Cookie", make_cookie(cookie, "", secure=secure(request),
-                                                    domain=settings.cookie_domain, max_age=0)))
-        log.info("event=logout ip=%s", request.client_ip)
+    # -- the account page --
+
+    def account_page(self, request: Request) -> Response:
+        session = self.account_session(request)
+        if session is None:
+            return self.to_login(request)
+        try:
+            done = request.query("done")
+        except ValueError:
+            done = ""
+        notice = f"msg_{done}" if done in ACCOUNT_NOTICES else ""
+        return self.pages.account(request, 200, self.account_view(session, notice=notice))
+
+    def account_submit(self, request: Request) -> Response:
+        """Every change on the account page: a POST with the CSRF token, dispatched by its action."""
+        session = self.account_session(request)
+        if session is None:
+            return self.to_login(request)
+        action = ""
+        try:
+            form = self.read_form_with_csrf(request)
+            action = form.get("action", "")
+            change = ACCOUNT_ACTIONS.get(action)
+            if change is None:
+                raise Refused(400, "msg_bad_form")
+            return change(self, request, session, form)
+        except Refused as refused:
+            log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(action or "-"),
+                        refused.message, logval(session.user), logval(request.client_ip))
+            return self.pages.account(request, refused.status, self.account_view(session, error=refused.message))
+
+    def account_session(self, request: Request) -> Session | None:
+        now = self.clock()
+        return next((s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
+                     if (s := self.stores.sessions.check(t, now)) is not None), None)
+
+    def to_login(self, request: Request) -> Response:
+        """Without a session: to the login page, which comes back here afterwards."""
+        return Response(303, b"", [("Location", login_url(ACCOUNT, expired=False)), ("Cache-Control", "no-store")])
+
+    def account_view(self, session: Session, **outcome: Any) -> AccountView:
+        now, stores = self.clock(), self.stores
+        return AccountView(session.user, session.sid, tuple(stores.registry.live(now, session.user)),
+                           tuple(stores.tokens.list(now, session.user)), stores.totp.enrolled(session.user),
+                           **outcome)
+
+    def changed(self, request: Request, session: Session, action: str, notice: str,
+                *headers: tuple[str, str]) -> Response:
+        """A change made: its log line, and back to the page (a reload does not post it again)."""
+        log.info("event=account_%s user=%s ip=%s", action, logval(session.user), logval(request.client_ip))
+        return Response(303, b"", [("Location", f"{ACCOUNT}?done={notice}"), ("Cache-Control", "no-store"),
+                                   *headers])
+
+    def confirm(self, request: Request, session: Session, form: Mapping[str, str], always: bool = False) -> None:
+        """Sensitive changes need the current password, or one entered in the last CONFIRM_FOR seconds;
+        a wrong one counts toward the lockout like a wrong login."""
+        now, password = self.clock(), form.get("current", "")
+        if not password:
+            record = self.stores.registry.get(session.sid, now)
+            if always or record is None or now - record.confirmed > CONFIRM_FOR:
+                raise Refused(403, "msg_confirm_needed")
+            return
+        attempt = self.reserve(request, session.user, now, "via=account ")
+        if not self.stores.users.check(session.user, password):
+            self.refuse(request, attempt, session.user, now, "via=account ")
+            raise Refused(401, "msg_wrong_current")
+        self.stores.throttle.succeeded(attempt)
+        self.stores.registry.confirm(session.sid, now)
+
+    def end_session(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        sid = form.get("sid", "")
+        if sid == session.sid or sid not in {r.sid for r in self.stores.registry.live(self.clock(), session.user)}:
+            raise Refused(404, "msg_gone")
+        self.stores.registry.end([sid], "ended_from_account", self.clock())
+        return self.changed(request, session, "session_ended", "session_ended")
+
+    def end_others(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        self.stores.registry.end_user(session.user, "ended_from_account", self.clock(), keep=session.sid)
+        return self.changed(request, session, "others_ended", "others_ended")
+
+    def change_password(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """A new password ends every other session; this one goes on with a fresh cookie."""
+        new = form.get("new", "")
+        if len(new) < MIN_PASSWORD:
+            raise Refused(400, "msg_password_short")
+        if not hmac.compare_digest(new.encode(), form.get("again", "").encode()):
+            raise Refused(400, "msg_password_mismatch")
+        self.confirm(request, session, form, always=True)
+        now, stores = self.clock(), self.stores
+        stores.users.set_password(session.user, new)
+        stores.registry.end_user(session.user, "password_changed", now, keep=session.sid)
+        token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid)
+        stores.registry.refingerprint(session.sid, renewed.fingerprint, now)
+        return self.changed(request, session, "password_changed", "password_changed",
+                            self.session_cookie(request, token, renewed))
+
+    def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed."""
+        self.confirm(request, session, form)
+        now, secret = self.clock(), secrets.token_bytes(20)
+        enrollment = issue_enrollment(session.user, session.fingerprint, secret, self.stores.keys.signer(now), now)
+        shown = base64.b32encode(secret).decode().rstrip("=")
+        view = self.account_view(session, enrollment=(shown, totp_uri(session.user, secret), enrollment))
+        return self.pages.account(request, 200, view)
+
+    def totp_confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        now = self.clock()
+        try:
+            user, fingerprint, secret = read_enrollment(form.get("enrollment", ""), self.stores.keys, now)
+        except InvalidSession:
+            raise Refused(400, "msg_too_slow") from None
+        if (user, fingerprint) != (session.user, session.fingerprint):
+            raise Refused(400, "msg_too_slow")
+        attempt = self.reserve(request, user, now, "step=enroll ")
+        step = matching_step(secret, form.get("code", "").replace(" ", ""), now, -1)
+        if step is None:
+            self.refuse(request, attempt, user, now, "step=enroll ")
+            raise Refused(401, "msg_wrong_code")
+        self.stores.throttle.succeeded(attempt)
+        self.stores.totp.enroll(user, secret, used_step=step)
+        return self.changed(request, session, "totp_on", "totp_on")
+
+    def totp_off(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        self.confirm(request, session, form)
+        now = self.clock()
+        attempt = self.reserve(request, session.user, now, "step=code ")
+        if not self.stores.totp.accept(session.user, form.get("code", "").replace(" ", ""), now):
+            self.refuse(request, attempt, session.user, now, "step=code ")
+            raise Refused(401, "msg_wrong_code")
+        self.stores.throttle.succeeded(attempt)
+        self.stores.totp.remove(session.user)
+        return self.changed(request, session, "totp_off", "totp_off")
+
+    def token_create(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """A new API token, shown on this page once (never in a URL)."""
+        self.confirm(request, session, form)
+        days = form.get("days", "").strip()
+        try:
+            token, secret = self.stores.tokens.add(session.user, form.get("label", "").strip(), self.clock(),
+                                                   int(days) if days else None, form.get("paths", "").split())
+        except ValueError:
+            raise Refused(400, "msg_bad_token") from None
+        log.info("event=account_token_created user=%s ip=%s token=%s", logval(session.user),
+                 logval(request.client_ip), token.id)
+        return self.pages.account(request, 200, self.account_view(session, new_token=secret))
+
+    def token_revoke(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        if not self.stores.tokens.revoke(form.get("id", ""), self.clock(), user=session.user):
+            raise Refused(404, "msg_gone")
+        return self.changed(request, session, "token_revoked", "token_revoked")
+
+    # -- the small routes --
+
+    def logout(self, request: Request) -> Response:
+        """End the session, not just this browser's cookie: a copy of the token stops working too."""
+        now = self.clock()
+        sessions = [s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
+                    if (s := self.stores.sessions.check(t, now)) is not None]
+        self.stores.registry.end([s.sid for s in sessions], "logout", now)
+        secure = self.pages.secure(request)
+        clear = [("Set-Cookie", make_cookie(self.cookie, "", secure=secure, max_age=0))]
+        if self.settings.cookie_domain:
+            clear.append(("Set-Cookie", make_cookie(self.cookie, "", secure=secure,
+                                                    domain=self.settings.cookie_domain, max_age=0)))
+        log.info("event=logout user=%s ip=%s", logval(sessions[0].user if sessions else "-"),
+                 logval(request.client_ip))
         return Response(303, b"", [("Location", f"{PREFIX}/login"), *clear, ("Cache-Control", "no-store")])
 
-    def healthz(request: Request) -> Response:
+    def healthz(self, request: Request) -> Response:
         return text_response(200, "ok")
 
-    def forbidden(request: Request) -> Response:
-        """The page nginx shows instead of the app when access rules keep a logged-in user out."""
-        lang = choose_lang(request.header("Accept-Language"), settings.lang)
-        text = PAGE_TEXT[lang]
-        body = render_page(FORBIDDEN_PAGE, lang, {
-            "title": text["forbidden_title"], "text": text["forbidden_text"], "home": text["forbidden_home"],
-            "switch": text["forbidden_switch"], "logout": f"{PREFIX}/logout", "static": f"{PREFIX}/static"})
-        return Response(403, body, page_headers)
+    def forbidden(self, request: Request) -> Response:
+        return self.pages.forbidden(request)
 
-    def metrics_page(request: Request) -> Response:
+    def metrics_page(self, request: Request) -> Response:
         # The visitor as resolved through trusted proxies: via nginx the peer is always loopback.
         client = request.client_ip
-        if not settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, settings.trusted_proxies)):
+        if not self.settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, self.settings.trusted_proxies)):
             return text_response(404, "not found")
-        return Response(200, metrics.render(counter.current()).encode(),
+        return Response(200, self.metrics.render(self.stores.counter.current()).encode(),
                         [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
 
-    def static(request: Request) -> Response:
-        path = find_static(request.path[len(f"{PREFIX}/static/"):], static_roots)
+    def static(self, request: Request) -> Response:
+        path = find_static(request.path[len(f"{PREFIX}/static/"):], self.static_roots)
         if path is None:
             return text_response(404, "not found")
         st = path.stat()
@@ -2112,22 +3059,92 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
             return Response(304, b"", headers[1:])
         return Response(200, path.read_bytes(), headers)
 
+
+ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, str]], Response]] = {
+    "end_session": Handlers.end_session, "end_others": Handlers.end_others,
+    "password": Handlers.change_password, "totp_begin": Handlers.totp_begin, "totp_confirm": Handlers.totp_confirm,
+    "totp_off": Handlers.totp_off, "token_create": Handlers.token_create, "token_revoke": Handlers.token_revoke,
+}
+
+
+# -- Application ----------------------------------------------------------------------------
+
+Handler = Callable[[Request], Response]
+
+
+class EzauthApp:
+    """The WSGI callable: one route table, one catch-all for unexpected errors, and the one place
+    that adds Content-Length and drops the body of a HEAD answer."""
+
+    def __init__(self, settings: Settings, stores: Stores, handlers: Handlers,
+                 routes: dict[tuple[str, str], Handler], clock: Clock) -> None:
+        self.settings, self.stores, self.handlers, self.routes, self.clock = settings, stores, handlers, routes, clock
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> list[bytes]:
+        request = Request(environ, self.settings.trusted_proxies)
+        try:
+            self.handlers.metrics.key_rotations += self.stores.refresh(self.clock())
+            response = self.dispatch(request)
+        except Exception:
+            log.exception("event=error method=%s path=%s", logval(request.method), logval(request.path))
+            response = text_response(500, "internal error")
+        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+        start_response(response.status_line, headers)
+        return [b"" if request.method == "HEAD" else response.body]
+
+    def dispatch(self, request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self.routes.get((method, request.path))
+        if handler:
+            return handler(request)
+        if request.path.startswith(f"{PREFIX}/static/"):
+            return self.handlers.static(request) if method == "GET" else self.not_allowed(("GET", "HEAD"))
+        allowed = sorted({m for m, p in self.routes if p == request.path})
+        if allowed:
+            return self.not_allowed((*allowed, "HEAD") if "GET" in allowed else allowed)
+        return text_response(404, "not found")
+
+    @staticmethod
+    def not_allowed(methods: Iterable[str]) -> Response:
+        return text_response(405, "method not allowed", ("Allow", ", ".join(methods)))
+
+    def answers_inline(self, environ: Mapping[str, object]) -> bool:
+        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
+        path = environ.get("PATH_INFO")
+        if path == f"{PREFIX}/healthz":
+            return True
+        authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
+        return path == f"{PREFIX}/verify" and not hashes_a_password(authorization, self.settings.basic_auth)
+
+    def body_limit(self, environ: Mapping[str, object]) -> int:
+        """The largest request body any route reads: the login form."""
+        return MAX_FORM
+
+
+def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
+    """Build the service: the stores in the data dir, the pages, the handlers and the one route table."""
+    stores = Stores.open(settings, clock)
+    pages = Pages(settings, load_template(settings.data_dir),
+                  load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter)
+    handlers = Handlers(settings, stores, pages, clock, Metrics(started=clock()))
     routes: dict[tuple[str, str], Handler] = {
-        ("GET", f"{PREFIX}/login"): login_page,
-        ("POST", f"{PREFIX}/login"): login_submit,
+        ("GET", f"{PREFIX}/login"): handlers.login_page,
+        ("POST", f"{PREFIX}/login"): handlers.login_submit,
         # auth_request subrequests keep the method of the request they check.
-        **{(method, f"{PREFIX}/verify"): verify for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
-        ("GET", f"{PREFIX}/logout"): logout,
-        ("POST", f"{PREFIX}/logout"): logout,
-        ("GET", f"{PREFIX}/healthz"): healthz,
-        ("GET", f"{PREFIX}/forbidden"): forbidden,
-        ("GET", f"{PREFIX}/metrics"): metrics_page,
+        **{(method, f"{PREFIX}/verify"): handlers.verify
+           for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
+        ("GET", f"{PREFIX}/logout"): handlers.logout,
+        ("POST", f"{PREFIX}/logout"): handlers.logout,
+        ("GET", f"{PREFIX}/healthz"): handlers.healthz,
+        ("GET", f"{PREFIX}/forbidden"): handlers.forbidden,
+        ("GET", ACCOUNT): handlers.account_page,
+        ("POST", ACCOUNT): handlers.account_submit,
+        ("GET", f"{PREFIX}/metrics"): handlers.metrics_page,
     }
     for name, _ in settings.legacy_users:
         log.warning("event=legacy_env_user user=%s note=password_from_.env_run_'python ezauth.py passwd %s'",
                     logval(name), logval(name))
-    return EzauthApp(settings, routes, static, users, keys, sessions, counter, throttle, clock,
-                     totp=totp_store, rules=access, metrics=metrics)
+    return EzauthApp(settings, stores, handlers, routes, clock)
 
 
 # -- HTTP server ----------------------------------------------------------------------------
@@ -2146,7 +3163,8 @@ MAX_CONNECTIONS = 1000
 MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every connection
 POOL_THREADS = 8
 RECEIVE_SIZE = 64 * 1024
-HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
+HEAD_END_RE = re.compile(rb"\n\r?\n")
+BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one  # a literal first byte lets re skip ahead; parse_head strips the \r
 TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE_RE = re.compile(rf"({TCHARS}) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?")
 FIELD_NAMES_RE = re.compile(rf"{TCHARS}(:{TCHARS})*")
@@ -2252,15 +3270,18 @@ def build_environ(base: Mapping[str, object], head: RequestHead, peer: tuple[str
     path, query, authority = split_target(head.target)
     environ: dict[str, object] = dict(base)
     environ.update(header_environ(head.headers))
-    if authority is not None:
-        environ["HTTP_HOST"] = authority
-    host = environ.get("HTTP_HOST")
+    host = environ.get("HTTP_HOST")  # checked as sent, even when the target's authority replaces it
     if (host is None and head.version == "HTTP/1.1") or (host is not None and not HOST_RE.fullmatch(str(host))):
         raise HTTPError(400)
+    if authority is not None:
+        environ["HTTP_HOST"] = authority
     if "HTTP_TRANSFER_ENCODING" in environ:
         raise HTTPError(400 if "CONTENT_LENGTH" in environ else 411)
-    if "CONTENT_LENGTH" in environ and not DIGITS_RE.fullmatch(str(environ["CONTENT_LENGTH"])):
-        raise HTTPError(400)
+    length = str(environ.get("CONTENT_LENGTH", "0"))
+    if not DIGITS_RE.fullmatch(length):
+        raise HTTPError(400)  # only ASCII digits: "²".isdigit() is true, and int() would take it
+    if len(length) > 18:
+        raise HTTPError(413)  # more than any route reads, and more digits than int() may take
     environ.update(REQUEST_METHOD=head.method, SERVER_PROTOCOL=head.version, QUERY_STRING=query,
                    PATH_INFO=urllib.parse.unquote_to_bytes(path).decode("latin-1") if "%" in path else path,
                    REMOTE_ADDR=peer[0], REMOTE_PORT=str(peer[1]))
@@ -2423,7 +3444,10 @@ class Connection(asyncio.BufferedProtocol):
         """(environ, body length) of the next request head in the buffer, or None until it has arrived."""
         if not self.buffer:
             return None
-        blank = len(self.buffer) - len(self.buffer.lstrip(b"\r\n")) if self.buffer[0] in b"\r\n" else 0
+        blank = 0
+        if self.buffer[0] in b"\r\n":
+            empty = BLANK_LINES_RE.match(self.buffer)
+            blank = empty.end() if empty else 0
         if blank > MAX_BLANK_BYTES:
             raise HTTPError(400)
         end = HEAD_END_RE.search(self.buffer, max(self.scanned, blank))
@@ -2638,7 +3662,7 @@ class CliError(Exception):
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the built-in server until SIGTERM or Ctrl-C."""
     service = make_app(settings)
-    announce_first_admin(service.users)
+    announce_first_admin(service.stores.users, sys.stdout.isatty())
     try:
         sock = listening_socket(settings.host, settings.port)
     except OSError as err:
@@ -2657,8 +3681,13 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def announce_first_admin(users: Users) -> None:
-    """On a first start with no users, create admin and print its password once."""
+def announce_first_admin(users: Users, terminal: bool) -> None:
+    """On a first start with no users, create admin and show its password, but only on a terminal:
+    under systemd it would land in the journal, readable long after."""
+    if not terminal:
+        if not users.names():
+            log.warning("event=no_users note=create_one_with:_python_ezauth.py_passwd_admin")
+        return
     try:
         password = users.create_first_admin()
     except OSError as err:
@@ -2692,6 +3721,12 @@ def open_users(settings: Settings) -> Users:
     return Users(settings.data_dir / "users")
 
 
+def open_registry(settings: Settings) -> tuple[SessionRegistry, ApiTokens]:
+    prepare_data_dir(settings.data_dir)
+    db = open_sessions_database(settings.data_dir, time.time())
+    return SessionRegistry(db), ApiTokens(db)
+
+
 def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
     """Create a user or change their password (their sessions end)."""
     if not NAME_RE.fullmatch(args.name):
@@ -2700,16 +3735,70 @@ def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
     users = open_users(settings)
     existed = users.fingerprint(args.name) is not None
     users.set_password(args.name, password)
+    if existed:
+        open_registry(settings)[0].end_user(args.name, "password_changed", time.time())
     print(f"{'changed the password of' if existed else 'created user'} {args.name}"
           f"{'; their sessions have ended' if existed else ''}")
     return 0
 
 
 def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete a user; their sessions end within a second."""
+    """Delete a user; their sessions end within a second (their API tokens stop working with them)."""
     if not open_users(settings).delete(args.name):
         raise CliError(f"no user {args.name!r}")
+    open_registry(settings)[0].end_user(args.name, "user_deleted", time.time())
     print(f"deleted user {args.name}; their sessions have ended")
+    return 0
+
+
+def print_table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell."""
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
+    """List live sessions, or end one (by id or an unambiguous prefix) or all of a user's."""
+    registry, now = open_registry(settings)[0], time.time()
+    live = registry.live(now, args.name)
+    if args.end:
+        matches = [r for r in registry.live(now) if r.sid.startswith(args.end)]
+        if len(matches) != 1 or len(args.end) < 6:
+            raise CliError(f"{args.end!r} matches {len(matches)} live sessions; give at least 6 characters of one id")
+        registry.end([matches[0].sid], "ended_by_admin", now)
+        print(f"ended session {matches[0].sid[:8]} of {matches[0].user}; it is refused within a second")
+    elif args.end_user:
+        count = registry.end_user(args.end_user, "ended_by_admin", now)
+        print(f"ended {count} session{'s' * (count != 1)} of {args.end_user}")
+    else:
+        print_table(("ID", "USER", "CREATED", "LAST SEEN", "IP", "BROWSER"),
+                    ((r.sid[:8], r.user, format_time(r.created, "en"), format_time(r.last_seen, "en"), r.ip, r.agent)
+                     for r in live))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    """API tokens: add one for a user (shown once), list them, revoke one."""
+    tokens, now = open_registry(settings)[1], time.time()
+    if args.action == "add":
+        if open_users(settings).fingerprint(args.name) is None:
+            raise CliError(f"no user {args.name!r}")
+        try:
+            token, secret = tokens.add(args.name, args.label, now, args.expires, args.path or ())
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        print(f"{secret}\n(token {token.id} for {args.name}; shown only this once, only its SHA-256 is stored)")
+    elif args.action == "list":
+        print_table(("ID", "USER", "LABEL", "CREATED", "LAST USED", "EXPIRES", "PATHS"),
+                    ((t.id, t.user, t.label, format_time(t.created, "en"), format_time(t.last_used, "en"),
+                      format_time(t.expires, "en"), " ".join(t.paths) or "everywhere")
+                     for t in tokens.list(now, args.name)))
+    elif not tokens.revoke(args.id, now):
+        raise CliError(f"no token {args.id!r}")
+    else:
+        print(f"revoked token {args.id}; it is refused within a second")
     return 0
 
 
@@ -2752,17 +3841,42 @@ def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def render_nginx_config(template: str, app: str, listen: int, server_name: str | None,
-                        ezauth_address: str) -> str:
-    """nginx.conf.example with the app, listen port, server name and ezauth address filled in."""
+def listen_address(raw: str) -> str:
+    """nginx's `listen` value for --listen: PORT, ADDR:PORT or [IPv6]:PORT; CliError otherwise."""
+    match = re.fullmatch(r"(?:(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?(\d{1,5})", raw.strip())
+    if match is None or not 1 <= int(match.group(2)) <= 65535 or (
+            match.group(1) and not valid_ip(match.group(1).strip("[]"))):
+        raise CliError(f"--listen {raw!r}: give a port (8080), ADDR:PORT (127.0.0.1:8080) or [::]:8080")
+    return raw.strip()
+
+
+def ezauth_address(raw: str) -> str:
+    """nginx's upstream `server` value for --ezauth: a port, HOST:PORT, http://HOST:PORT or unix:PATH."""
+    if raw.startswith("unix:/"):
+        return raw
+    if re.fullmatch(r"\d{1,5}", raw.strip()):
+        raw = f"127.0.0.1:{raw.strip()}"
+    parts = urllib.parse.urlsplit(raw if "://" in raw else f"http://{raw}")
+    try:
+        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            raise ValueError
+    except ValueError:
+        raise CliError(f"--ezauth {raw!r}: give ezauth's address as a port, HOST:PORT, "
+                       "http://HOST:PORT or unix:/path/to.sock") from None
+    return parts.netloc
+
+
+def render_nginx_config(template: str, app: str, listen: str, server_name: str | None,
+                        ezauth: str) -> str:
+    """nginx.conf.example with the app, listen address, server name and ezauth address filled in."""
     parts = urllib.parse.urlsplit(app if "://" in app else f"http://{app}")
     try:
         if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
             raise ValueError
     except ValueError:
         raise CliError(f"--app {app!r}: give the app's address as http://HOST:PORT") from None
-    text = template.replace("127.0.0.1:7860", parts.netloc).replace("127.0.0.1:2424", ezauth_address)
-    text = re.sub(r"\blisten(\s+)(\[::\]:)?80\b", lambda m: f"listen{m.group(1)}{m.group(2) or ''}{listen}", text)
+    text = template.replace("127.0.0.1:7860", parts.netloc).replace("server 127.0.0.1:2424;", f"server {ezauth};")
+    text = text.replace("listen 80;", f"listen {listen};")  # the server block and the copies in its comments
     if server_name:
         text = text.replace("server_name _;", f"server_name {server_name};")
     return text
@@ -2770,51 +3884,100 @@ def render_nginx_config(template: str, app: str, listen: int, server_name: str |
 
 def cmd_nginx_config(args: argparse.Namespace, settings: Settings) -> int:
     """Print the shipped nginx config with this setup's values filled in."""
-    if not 1 <= args.listen <= 65535:
-        raise CliError(f"--listen {args.listen}: not a port number")
     if args.server_name and not re.fullmatch(r"[A-Za-z0-9.*_-]+( [A-Za-z0-9.*_-]+)*", args.server_name):
         raise CliError(f"--server-name {args.server_name!r}: not a server name")
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    if args.ezauth:
+        ezauth, source = ezauth_address(args.ezauth), "--ezauth"
+    else:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        ezauth, source = f"{host}:{settings.port}", "EZAUTH_HOST and EZAUTH_PORT; --ezauth to choose"
     template = (HERE / "nginx.conf.example").read_text(encoding="utf-8")
-    sys.stdout.write(render_nginx_config(template, args.app, args.listen, args.server_name,
-                                         f"{host}:{settings.port}"))
+    site = render_nginx_config(template, args.app, listen_address(args.listen), args.server_name, ezauth)
+    sys.stdout.write(f"# Rendered by `python ezauth.py nginx-config`: ezauth at {ezauth} (from {source}),\n"
+                     f"# the app at {args.app}, nginx listening on {args.listen}.\n\n{site}")
     return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "serve": serve, "passwd": cmd_passwd, "deluser": cmd_deluser, "users": cmd_users,
-    "rotate": cmd_rotate, "nginx-config": cmd_nginx_config, "totp": cmd_totp,
+    "rotate": cmd_rotate, "nginx-config": cmd_nginx_config, "totp": cmd_totp, "sessions": cmd_sessions,
+    "token": cmd_token,
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ezauth.py", description="Login page and session check for nginx auth_request.",
-        epilog="Settings also come from EZAUTH_* environment variables and a .env file; see README.md.")
-    parser.add_argument("--version", action="version", version=f"ezauth {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, help="where users, keys and the counter live "
-                        "(EZAUTH_DATA_DIR, default ./ezauth-data)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve_p = sub.add_parser("serve", parents=[common], help="run the server (the default command)")
-    serve_p.add_argument("--host", help="address to listen on (EZAUTH_HOST, default 127.0.0.1; :: for IPv6)")
-    serve_p.add_argument("--port", type=int, help="port (EZAUTH_PORT, default 2424)")
-    serve_p.add_argument("--access-log", action="store_true", default=None,
-                         help="log every request, verify calls included (EZAUTH_ACCESS_LOG)")
+def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """A flag for each named setting, from the settings table: --port for EZAUTH_PORT and so on."""
+    for item, spec in setting_specs():
+        if item.name in names:
+            flag, dest = f"--{item.name.replace('_', '-')}", f"setting_{item.name}"
+            helptext = f"{spec.help} ({variable(item)}, default {shown_default(item, spec)})".replace("%", "%%")
+            if isinstance(item.default, bool):
+                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=helptext)
+            else:
+                parser.add_argument(flag, dest=dest, metavar=item.name.upper(), help=helptext)
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags, parsed as their variables would be."""
+    flags: dict[str, object] = {}
+    for item, spec in setting_specs():
+        raw = getattr(args, f"setting_{item.name}", None)
+        if raw is not None:
+            flags[item.name] = raw if isinstance(raw, bool) else spec.parse(variable(item), raw)
+    return flags
+
+
+def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """passwd, deluser, users, totp, sessions: the commands about users and their logins."""
     passwd_p = sub.add_parser("passwd", parents=[common], help="create a user or change a password")
     passwd_p.add_argument("name")
     passwd_p.add_argument("--password-stdin", action="store_true",
                           help="read the password from one line of standard input")
     sub.add_parser("deluser", parents=[common], help="delete a user").add_argument("name")
     sub.add_parser("users", parents=[common], help="list users")
-    sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
     totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
     totp_p.add_argument("name")
     totp_p.add_argument("--remove", action="store_true", help="log in with the password alone again")
+    sessions_p = sub.add_parser("sessions", parents=[common], help="list live sessions (of NAME), or end them")
+    sessions_p.add_argument("name", nargs="?")
+    ending = sessions_p.add_mutually_exclusive_group()
+    ending.add_argument("--end", metavar="ID", help="end one session (its id, or 6+ characters of it)")
+    ending.add_argument("--end-user", metavar="NAME", help="end every session of NAME")
+
+
+def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """token add, token list, token revoke."""
+    token_p = sub.add_parser("token", help="API tokens for scripts: add, list, revoke")
+    token_sub = token_p.add_subparsers(dest="action", metavar="add|list|revoke", required=True)
+    token_add = token_sub.add_parser("add", parents=[common], help="make a token for NAME (printed once)")
+    token_add.add_argument("name")
+    token_add.add_argument("--label", required=True, help="what the token is for, e.g. 'sd api script'")
+    token_add.add_argument("--expires", type=int, metavar="DAYS", help="stop working after DAYS days")
+    token_add.add_argument("--path", action="append", metavar="PREFIX", help="only under this path (repeatable)")
+    token_sub.add_parser("list", parents=[common], help="list tokens (of NAME)").add_argument("name", nargs="?")
+    token_sub.add_parser("revoke", parents=[common], help="revoke a token by its id").add_argument("id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ezauth.py", description="Login page and session check for nginx auth_request.",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ezauth {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    add_setting_flags(common, ["data_dir"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_p = sub.add_parser("serve", parents=[common], help="run the server (the default command)")
+    add_setting_flags(serve_p, [item.name for item, _ in setting_specs() if item.name != "data_dir"])
+    add_user_commands(sub, common)
+    add_token_commands(sub, common)
+    sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
     nginx_p = sub.add_parser("nginx-config", parents=[common], help="print nginx.conf.example filled in")
     nginx_p.add_argument("--app", required=True, help="the protected app, e.g. http://127.0.0.1:7860")
-    nginx_p.add_argument("--listen", type=int, required=True, help="port nginx listens on, e.g. 80")
+    nginx_p.add_argument("--listen", required=True,
+                         help="where nginx listens: a port (80), ADDR:PORT (127.0.0.1:8080) or [::]:8080")
     nginx_p.add_argument("--server-name", help="nginx server_name, e.g. sd.example.com")
+    nginx_p.add_argument("--ezauth", help="where ezauth listens: a port, HOST:PORT, http://HOST:PORT or "
+                         "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
     return parser
 
 
@@ -2826,10 +3989,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s ezauth %(levelname)s %(message)s")
-    flags = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-             "data_dir": args.data_dir, "access_log": getattr(args, "access_log", None)}
     try:
-        settings = Settings.from_env(flags=flags)
+        settings = Settings.from_env(flags=setting_flags(args))
         return COMMANDS[args.command](args, settings)
     except SettingsError as err:
         print(f"ezauth: {err}", file=sys.stderr)
@@ -2846,7 +4007,7 @@ _service: EzauthApp | None = None
 _service_lock = threading.Lock()
 
 
-def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
     """WSGI entry point for `gunicorn 'ezauth:app'`: built from the environment on first use."""
     global _service
     if _service is None:
@@ -2854,7 +4015,7 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
             if _service is None:
                 logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
                 service = make_app(Settings.from_env())
-                announce_first_admin(service.users)
+                announce_first_admin(service.stores.users, sys.stdout.isatty())
                 _service = service
     return _service(environ, start_response)
 

@@ -40,6 +40,24 @@
     }
   }
 
+  // The #fragment of the page first asked for never reaches the server, but the browser keeps
+  // it across the redirect to this page: carry it in the return target (the server checks it).
+  var rd = document.querySelector("input[name=rd]");
+  if (rd && window.location.hash && rd.value.indexOf("#") === -1) {
+    rd.value = rd.value + window.location.hash;
+  }
+
+  // The account page: a copy button for a new API token (without script, select the text).
+  var copy = document.querySelector("button[data-copy]");
+  var copied = copy && document.getElementById(copy.getAttribute("data-copy"));
+  if (copied && navigator.clipboard) {
+    copy.hidden = false;
+    copy.addEventListener("click", function () {
+      navigator.clipboard.writeText(copied.value);
+      copied.select();
+    });
+  }
+
   // After a failed attempt the username is kept: continue with the password.
   var username = document.getElementById("username");
   var password = document.getElementById("password");
