@@ -951,6 +951,7 @@ class SharedDatabase:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         if self.wal:  # readers (verify's once-a-second look) never wait for a writer
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks back after a checkpoint
         return db
 
     def _fall_back(self, err: Exception) -> None:
@@ -1037,7 +1038,7 @@ class SessionRegistry:
     SCHEMA = ("CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user TEXT NOT NULL, fp TEXT NOT NULL,"
               " created REAL NOT NULL, last_seen REAL NOT NULL, ip TEXT NOT NULL, agent TEXT NOT NULL,"
               " remember INTEGER NOT NULL, expires REAL NOT NULL, ended REAL, reason TEXT NOT NULL DEFAULT '',"
-              " confirmed REAL NOT NULL DEFAULT 0);"
+              " confirmed REAL NOT NULL DEFAULT 0, ttl REAL NOT NULL DEFAULT 0);"
               "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);"
               "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);")
 
@@ -1050,18 +1051,27 @@ class SessionRegistry:
     def start(self, session: Session, ip: str, agent: str, now: float) -> None:
         """Record a session that has just begun (its password was entered now)."""
         self.db.run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, '', ?)",
+            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, '', ?, ?)",
             (session.sid, session.user, session.fingerprint, now, now, ip, describe_agent(agent),
-             int(session.remember), session.expires, now)), now)
+             int(session.remember), session.expires, now, session.expires - session.issued)), now)
 
     def end(self, sids: Iterable[str], reason: str, now: float) -> int:
-        """End these sessions; how many were live."""
+        """End these sessions; how many were live. An ended session is remembered until every token
+        it can have (renewals included, whichever worker made them) has expired: NOW plus its lifetime."""
         ended = [sid for sid in sids if sid]
         count = self.db.run(lambda db: sum(db.execute(
-            "UPDATE sessions SET ended = ?, reason = ? WHERE sid = ? AND ended IS NULL", (now, reason, sid)).rowcount
-            for sid in ended), now)
+            "UPDATE sessions SET ended = ?, reason = ?, expires = MAX(expires, ? + ttl)"
+            " WHERE sid = ? AND ended IS NULL", (now, reason, now, sid)).rowcount for sid in ended), now)
         self.ended = self.ended | frozenset(ended)
         return count
+
+    def end_token(self, session: Session, reason: str, now: float) -> None:
+        """End the session of a token in hand, even if the registry has lost its row (a logout)."""
+        self.db.run(lambda db: db.execute(
+            "INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, '', '', ?, ?, NULL, '', 0, ?)",
+            (session.sid, session.user, session.fingerprint, session.issued, now, int(session.remember),
+             session.expires, session.expires - session.issued)), now)
+        self.end([session.sid], reason, now)
 
     def end_user(self, user: str, reason: str, now: float, keep: str = "") -> int:
         """End every live session of USER but KEEP (this device); how many ended."""
@@ -1109,7 +1119,8 @@ class SessionRegistry:
         def work(db: sqlite3.Connection) -> None:
             db.executemany("UPDATE sessions SET last_seen = ?, ip = ?, expires = MAX(expires, ?) WHERE sid = ?",
                            [(at, ip, expires, sid) for sid, (at, ip, expires) in seen.items()])
-            db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            # A live session renewed by another worker may not have its new expiry here yet: a margin.
+            db.execute("DELETE FROM sessions WHERE expires <= ?", (now - 2 * SEEN_EVERY,))
         self.db.run(work, now)
 
     @staticmethod
@@ -1132,7 +1143,7 @@ class Sessions:
 
     def start(self, user: str, now: float, remember: bool, ip: str = "", agent: str = "") -> tuple[str, Session]:
         """A new session for USER, recorded in the registry, and its token."""
-        token, session = self.sign(user, now, remember, secrets.token_urlsafe(16))
+        token, session = self.sign(user, now, remember, secrets.token_hex(16))  # hex: never a leading "-"
         self.registry.start(session, ip, agent, now)
         return token, session
 
@@ -1567,8 +1578,9 @@ def path_readings(uri: str) -> frozenset[str]:
         for text in {decoded, decoded.replace("\\", "/")}:
             for unparam in {text, PARAMS_RE.sub("", text)}:
                 rooted = unparam if unparam.startswith("/") else "/" + unparam
-                for resolved in {rooted, remove_dot_segments(rooted)}:
-                    readings.update((resolved, SLASHES_RE.sub("/", resolved)))
+                merged = SLASHES_RE.sub("/", rooted)  # before and after dot segments: both orders exist
+                readings.update((rooted, merged, remove_dot_segments(rooted), remove_dot_segments(merged),
+                                 SLASHES_RE.sub("/", remove_dot_segments(rooted))))
     return frozenset(readings)
 
 
@@ -1725,6 +1737,12 @@ class ApiTokens:
             token.id, user, token_digest(secret), label, now, token.expires, json.dumps(paths))), now)
         self._by_digest[token_digest(secret)] = token
         return token, secret
+
+    def revoke_user(self, user: str, now: float) -> int:
+        """Delete every token of USER (deleted: a new user of the same name must not inherit them)."""
+        gone = self.db.run(lambda db: db.execute("DELETE FROM tokens WHERE user = ?", (user,)).rowcount, now)
+        self._by_digest = {d: t for d, t in self._by_digest.items() if t.user != user}
+        return int(gone)
 
     def revoke(self, token_id: str, now: float, user: str | None = None) -> bool:
         """Delete a token (only USER's, when given); False when there was none."""
@@ -2785,7 +2803,7 @@ class Handlers:
             self.metrics.sessions_renewed += 1
             headers.append(self.session_cookie(request, *renewed))
         registry = self.stores.registry
-        if registry.stale(session.sid, now):
+        if renewed or registry.stale(session.sid, now):  # a renewal's new expiry always reaches the registry
             registry.seen(session.sid, now, request.client_ip, (renewed[1] if renewed else session).expires)
         return self.grant(request, session.user, headers)
 
@@ -2957,6 +2975,7 @@ class Handlers:
         stores.registry.end_user(session.user, "password_changed", now, keep=session.sid)
         token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid)
         stores.registry.refingerprint(session.sid, renewed.fingerprint, now)
+        stores.registry.seen(session.sid, now, request.client_ip, renewed.expires)
         return self.changed(request, session, "password_changed", "password_changed",
                             self.session_cookie(request, token, renewed))
 
@@ -3022,7 +3041,8 @@ class Handlers:
         now = self.clock()
         sessions = [s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
                     if (s := self.stores.sessions.check(t, now)) is not None]
-        self.stores.registry.end([s.sid for s in sessions], "logout", now)
+        for session in sessions:
+            self.stores.registry.end_token(session, "logout", now)
         secure = self.pages.secure(request)
         clear = [("Set-Cookie", make_cookie(self.cookie, "", secure=secure, max_age=0))]
         if self.settings.cookie_domain:
@@ -3163,8 +3183,8 @@ MAX_CONNECTIONS = 1000
 MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every connection
 POOL_THREADS = 8
 RECEIVE_SIZE = 64 * 1024
-HEAD_END_RE = re.compile(rb"\n\r?\n")
-BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one  # a literal first byte lets re skip ahead; parse_head strips the \r
+HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
+BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one
 TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE_RE = re.compile(rf"({TCHARS}) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?")
 FIELD_NAMES_RE = re.compile(rf"{TCHARS}(:{TCHARS})*")
@@ -3746,8 +3766,11 @@ def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
     """Delete a user; their sessions end within a second (their API tokens stop working with them)."""
     if not open_users(settings).delete(args.name):
         raise CliError(f"no user {args.name!r}")
-    open_registry(settings)[0].end_user(args.name, "user_deleted", time.time())
-    print(f"deleted user {args.name}; their sessions have ended")
+    registry, tokens = open_registry(settings)
+    registry.end_user(args.name, "user_deleted", time.time())
+    revoked = tokens.revoke_user(args.name, time.time())
+    print(f"deleted user {args.name}; their sessions have ended"
+          f"{f' and their {revoked} API token(s) are revoked' if revoked else ''}")
     return 0
 
 
