@@ -229,6 +229,11 @@ def b64(raw: bytes | str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def basic(name: str, password: str) -> str:
+    """An `Authorization: Basic` value."""
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+
 def forge(header: dict, claims: dict | bytes, secret: bytes, digest: str = "sha256") -> str:
     """A JWT signed by hand, for headers PyJWT itself refuses to write; CLAIMS as bytes go in raw."""
     body = claims if isinstance(claims, bytes) else json.dumps(claims)

@@ -24,6 +24,7 @@ from conftest import (
     Browser,
     Reply,
     add_user,
+    basic,
     echo_header,
     expect,
     fail2ban_lines,
@@ -46,10 +47,6 @@ from conftest import (
 
 RFC_SECRET = b"12345678901234567890"
 SD = "sd.example.com"  # the host the rules below are about
-
-
-def basic(name: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
 
 
 # -- TOTP: the algorithm ------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from conftest import (
     Reply,
     Stack,
     b64,
+    basic,
     build_stack,
     echo_header,
     forge,
@@ -106,10 +107,6 @@ CONFIGS = [Config(*bits) for bits in itertools.product((True, False), repeat=4)]
 
 
 # -- Helpers (candidates for conftest) ------------------------------------------------------------
-
-
-def basic(name: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
 
 
 @dataclass
