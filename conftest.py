@@ -620,7 +620,7 @@ def websocket_handshake(port: int, path: str, cookie: str | None) -> tuple[str, 
 
 class StubHandler(BaseHTTPRequestHandler):
     """The protected app: answers every request with JSON (method, raw path, headers, body length)
-    and echoes one websocket frame."""
+    and echoes websocket frames until the client closes."""
 
     protocol_version = "HTTP/1.1"
 
@@ -652,9 +652,12 @@ class StubHandler(BaseHTTPRequestHandler):
         self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode())
         self.wfile.flush()
-        opcode, payload = read_frame(self.rfile)
-        self.wfile.write(encode_frame(payload, masked=False, opcode=opcode))
-        self.wfile.flush()
+        with contextlib.suppress(EOFError, OSError):
+            opcode = 0
+            while opcode != 8:  # a close frame (echoed) ends it
+                opcode, payload = read_frame(self.rfile)
+                self.wfile.write(encode_frame(payload, masked=False, opcode=opcode))
+                self.wfile.flush()
         self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:
@@ -719,8 +722,9 @@ def enable_cache(text: str) -> str:
     return "".join(lines)
 
 
-def write_prefix(prefix: Path, site: str) -> Path:
-    """A private nginx prefix whose top-level nginx.conf includes `site` inside http { }."""
+def write_prefix(prefix: Path, site: str, main: str = "") -> Path:
+    """A private nginx prefix whose top-level nginx.conf includes `site` inside http { } (and MAIN
+    lines in its main context, e.g. worker_shutdown_timeout)."""
     for sub in ("tmp", "logs"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
     (prefix / "ezauth.conf").write_text(site)
@@ -729,7 +733,7 @@ def write_prefix(prefix: Path, site: str) -> Path:
     # As root the workers would drop to `nobody`, who cannot enter pytest's private temp dirs.
     user = "user root root;\n" if os.geteuid() == 0 else ""
     conf = prefix / "nginx.conf"
-    conf.write_text(f"""{user}worker_processes 1;
+    conf.write_text(f"""{user}{main}worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log info;
 events {{ worker_connections 256; }}
@@ -767,6 +771,10 @@ class Nginx:
         path = self.prefix / "logs" / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def reload(self) -> None:
+        """What `systemctl reload nginx` does: new workers; old ones finish (or are cut off)."""
+        self.proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         if self.proc.poll() is not None:
             return
@@ -782,9 +790,9 @@ class Nginx:
             self.proc.wait(timeout=10)
 
 
-def start_nginx(nginx: str, prefix: Path, site: str, port: int) -> Nginx:
+def start_nginx(nginx: str, prefix: Path, site: str, port: int, main: str = "") -> Nginx:
     """Run nginx in the foreground on `port` and wait until it accepts connections."""
-    write_prefix(prefix, site)
+    write_prefix(prefix, site, main)
     with open(prefix / "logs" / "stderr.log", "ab") as out:
         proc = subprocess.Popen(nginx_command(nginx, prefix, "-g", "daemon off;"), stdout=out, stderr=out)
     server = Nginx(prefix, port, proc)
@@ -898,7 +906,8 @@ class Stack:
 
 
 def build_stack(nginx_bin: str, root: Path, cleanup: contextlib.ExitStack, users: tuple = ("alice",),
-                cache: bool = False, edit: Callable[[str], str] | None = None, **env: str) -> Stack:
+                cache: bool = False, edit: Callable[[str], str] | None = None, main: str = "",
+                **env: str) -> Stack:
     """Start a stack under ROOT (users with PASSWORD, the auth cache on if asked, the site EDITed);
     CLEANUP stops it."""
     app = start_stub_app()
@@ -912,7 +921,7 @@ def build_stack(nginx_bin: str, root: Path, cleanup: contextlib.ExitStack, users
     port = free_port()
     site = render_example(ezauth_server.port, app.port, port, root / "auth-cache" if cache else None)
     site = edit(site) if edit else site
-    nginx = start_nginx(nginx_bin, root / "nginx", site, port)
+    nginx = start_nginx(nginx_bin, root / "nginx", site, port, main)
     cleanup.callback(nginx.stop)
     return Stack(app, ezauth_server, nginx, cleanup)
 

@@ -271,6 +271,31 @@ def test_right_password_lands_on_the_return_target(chromium, lenient_server, tar
 
 
 @pytest.mark.browser
+def test_the_fragment_of_the_first_url_survives_the_login(chromium, lenient_server):
+    """nginx's redirect carries no #fragment, but the browser keeps it on the login page's URL:
+    the page's script puts it into the return target, and the server lets it through."""
+    with open_page(chromium, lenient_server) as (page, watch):
+        page.goto(login_url(lenient_server, "/ezauth/healthz?tab=2") + "#results/7")
+        assert page.input_value("input[name=rd]") == "/ezauth/healthz?tab=2#results/7"
+        submit(page, "alice", PASSWORD)
+        assert page.url.endswith("/ezauth/healthz?tab=2#results/7")
+        watch.assert_clean()
+
+
+@pytest.mark.browser
+def test_logging_in_without_a_return_target_lands_on_the_account_page(chromium, lenient_server):
+    with open_page(chromium, lenient_server) as (page, watch):
+        page.goto(lenient_server.url + "/ezauth/login")
+        submit(page, "alice", PASSWORD)
+        assert path_and_query(page.url) == "/ezauth/account"
+        expect(page.locator("#signed-in")).to_have_text("You are logged in as alice.")
+        with page.expect_navigation():
+            page.click("form[action='/ezauth/logout'] button")
+        assert path_and_query(page.url) == "/ezauth/login"
+        watch.assert_clean()
+
+
+@pytest.mark.browser
 def test_login_works_without_javascript(chromium, lenient_server):
     with open_page(chromium, lenient_server, java_script_enabled=False, color_scheme="dark") as (page, watch):
         page.goto(login_url(lenient_server, "/ezauth/healthz?from=nojs"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import html
@@ -941,6 +942,75 @@ def test_render_page_uses_the_language_texts(tmp_path):
 
 
 # == HTTP through WebTest ======================================================================
+
+# -- The settings table, --help, the README and the code's own shape -------------------------------
+
+
+def readme_settings() -> dict[str, str]:
+    """variable -> default, from the README's settings table."""
+    readme = (ezauth.HERE / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `(EZAUTH_[A-Z_]+)` \| `([^`]*)` \|", table, re.M))
+
+
+def test_the_readme_settings_table_matches_the_settings_table():
+    declared = {ezauth.variable(item): ezauth.shown_default(item, spec) for item, spec in ezauth.setting_specs()}
+    assert readme_settings() == declared
+
+
+def test_help_lists_every_setting_with_its_default():
+    shown = subprocess.run([sys.executable, str(EZAUTH), "--help"], capture_output=True, text=True, timeout=30,
+                           env=clean_env()).stdout
+    for item, spec in ezauth.setting_specs():
+        default = re.escape(ezauth.shown_default(item, spec))
+        assert re.search(rf"^  {ezauth.variable(item)} +{default} ", shown, re.M), item
+    serve = subprocess.run([sys.executable, str(EZAUTH), "serve", "--help"], capture_output=True, text=True,
+                           timeout=30, env=clean_env()).stdout
+    assert all(f"--{item.name.replace('_', '-')}" in serve for item, _ in ezauth.setting_specs())
+
+
+@pytest.mark.parametrize(("flag", "value", "variable"), [("--session-ttl", "soon", "EZAUTH_SESSION_TTL"),
+                                                       ("--cookie-secure", "maybe", "EZAUTH_COOKIE_SECURE"),
+                                                       ("--trusted-proxies", "nope", "EZAUTH_TRUSTED_PROXIES")])
+def test_a_bad_flag_is_refused_naming_its_setting(tmp_path, flag, value, variable):
+    done = run_cli("serve", flag, value, data_dir=tmp_path / "data")
+    assert done.returncode == 2 and variable in done.stderr
+
+
+def test_every_setting_is_a_flag_too(tmp_path):
+    args = ezauth.build_parser().parse_args(["serve", "--session-ttl", "99", "--basic-auth", "--cookie-domain",
+                                             ".Example.com"])
+    settings = ezauth.Settings.from_env(environ={}, flags=ezauth.setting_flags(args), env_file=tmp_path / "none")
+    assert (settings.session_ttl, settings.basic_auth, settings.cookie_domain) == (99, True, ".example.com")
+
+
+def test_an_unknown_ezauth_variable_is_logged(tmp_path, caplog):
+    ezauth.Settings.from_env(environ={"EZAUTH_PROT": "2425"}, env_file=tmp_path / "none")
+    assert events(caplog, "setting_unknown") == ["event=setting_unknown name=EZAUTH_PROT "
+                                                 "note=ignored_see_python_ezauth.py_--help"]
+
+
+def test_no_function_in_ezauth_is_longer_than_forty_lines():
+    tree = ast.parse(EZAUTH.read_text())
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 40]
+    assert long == []
+
+
+def test_the_readme_describes_the_sections_of_ezauth_py_in_order():
+    banners = re.findall(r"^# -- ([A-Za-z ()]+?) -+$", EZAUTH.read_text(), re.M)
+    layout = (ezauth.HERE / "README.md").read_text().split("### How the code is laid out", 1)[1]
+    described = re.findall(r"^\| ([A-Z][^|]+?) \|", layout, re.M)[1:]
+    named = [name.strip() for row in described for name in row.split(",")]
+    assert [b.split(" (")[0] for b in banners] == named
+
+
+@pytest.mark.parametrize(("seconds", "lang", "text"), [(300, "en", "5 minutes"), (60, "en", "1 minute"),
+                                                       (61, "en", "2 minutes"), (45, "en", "45 seconds"),
+                                                       (1, "en", "1 second"), (120, "zh-CN", "2 分钟")])
+def test_a_lockout_says_how_long_in_words(seconds, lang, text):
+    assert ezauth.wait_text(lang, seconds) == text
+
 
 # -- Login: the happy path --------------------------------------------------------------------
 

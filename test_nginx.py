@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -21,10 +22,12 @@ from conftest import (
     EXAMPLE,
     EZAUTH,
     LISTEN,
+    PASSWORD,
     TARGET,
     Browser,
     Reply,
     Stack,
+    basic,
     build_stack,
     clean_env,
     echo_header,
@@ -422,6 +425,9 @@ def test_https_variant_redirects_http_and_marks_the_cookie_secure(make_stack, tm
     stack = make_stack(edit=lambda site: enable_https(site, cert, key, tls_port))
     plain = stack.browser().get(TARGET)
     assert (plain.status, plain.location) == (301, f"https://127.0.0.1{TARGET}")
+    # http:// typed against the https port (a router forwarding 8443): the same host AND port, over https.
+    typo = Browser(tls_port).get(TARGET, Host=f"127.0.0.1:{tls_port}")
+    assert (typo.status, typo.location) == (301, f"https://127.0.0.1:{tls_port}{TARGET}")
     browser = Browser(tls_port, tls=ssl.create_default_context(cafile=str(cert)))
     done = login_through_nginx(browser)
     (cookie,) = [c for c in done.set_cookies if c.startswith("ezauth=")]
@@ -430,3 +436,141 @@ def test_https_variant_redirects_http_and_marks_the_cookie_secure(make_stack, tm
     assert echo["path"] == TARGET
     assert echo_header(echo, "X-Forwarded-Proto") == ["https"]
     assert echo_header(echo, "X-Auth-Request-User") == ["alice"]
+
+
+# -- real apps behind it: the host with its port, scripts, lockouts, websockets after logout ------
+
+def test_the_app_gets_the_host_as_the_browser_sent_it_port_included(stack, alice):
+    """Gradio builds its file URLs from Host, Jupyter checks Origin against it: $host drops the port."""
+    echo = alice.get("/app/", Host=f"127.0.0.1:{stack.nginx.port}").echo()
+    assert echo_header(echo, "Host") == [f"127.0.0.1:{stack.nginx.port}"]
+    named = alice.get("/app/", Host="SD.Example.com:8443").echo()
+    assert echo_header(named, "Host") == ["SD.Example.com:8443"]
+
+
+def test_an_http10_request_without_host_still_gives_the_app_a_host(stack, alice):
+    with socket.create_connection(("127.0.0.1", stack.nginx.port), timeout=10) as sock:
+        sock.sendall(f"GET /app/ HTTP/1.0\r\nCookie: ezauth={alice.cookie()}\r\n\r\n".encode())
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    assert echo_header(json.loads(body), "Host"), reply[:200]
+
+
+@pytest.mark.parametrize("headers", [
+    {"Accept": "*/*", "Sec-Fetch-Mode": "cors"},  # fetch() in an open tab after logout
+    {"Accept": "text/event-stream", "Sec-Fetch-Mode": "cors"},  # Gradio's server-sent events
+    {"Accept": "application/json"},  # gradio_client, requests
+    {"Accept": "*/*"},  # curl
+    {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+    {"Accept": "text/html,*/*", "Sec-Fetch-Mode": "no-cors"},
+])
+def test_scripts_and_in_page_requests_get_a_json_401_not_a_login_page(stack, headers):
+    before = len(stack.app.seen)
+    # Only these headers: a browser navigating would also send Sec-Fetch-Mode: navigate.
+    reply = Browser(stack.nginx.port).request("GET", "/config?x=1", headers={"Sec-Fetch-Mode": "", **headers})
+    assert reply.status == 401, (reply.status, reply.text[:200])
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert json.loads(reply.body) == {"error": "login_required", "login": "/ezauth/login?rd=%2Fconfig%3Fx%3D1"}
+    assert reply.headers["X-Ezauth-Login"] == "/ezauth/login?rd=%2Fconfig%3Fx%3D1"
+    assert reply.headers.get_all("WWW-Authenticate") == ['Bearer realm="ezauth"']
+    assert len(stack.app.seen) == before
+
+
+def test_a_browser_opening_a_page_still_gets_the_login_page(stack):
+    reply = Browser(stack.nginx.port).get("/config?x=1")
+    assert (reply.status, login_target(reply.location)) == (302, "/config?x=1")
+    assert reply.headers.get_all("WWW-Authenticate") is None
+
+
+def test_a_locked_out_basic_client_gets_429_with_retry_after_and_one_challenge(make_stack):
+    stack = make_stack(EZAUTH_BASIC_AUTH="1", EZAUTH_MAX_ATTEMPTS="2")
+    client = Browser(stack.nginx.port)
+    wrong = {"Authorization": basic("alice", "wrong password"), "Accept": "*/*", "Sec-Fetch-Mode": ""}
+    for _ in range(2):
+        reply = client.request("GET", "/sdapi/v1/options", headers=wrong)
+        assert reply.status == 401 and reply.headers.get_all("WWW-Authenticate") == ['Basic realm="ezauth"']
+        assert json.loads(reply.body)["error"] == "wrong_credentials"
+    right = {**wrong, "Authorization": basic("alice", PASSWORD)}
+    locked = client.request("GET", "/sdapi/v1/options", headers=right)
+    assert locked.status == 429, (locked.status, locked.text)
+    assert 1 <= int(locked.headers["Retry-After"]) <= 300
+    assert json.loads(locked.body)["error"] == "too_many_attempts"
+    assert stack.app.seen == []
+
+
+def test_reloading_nginx_ends_a_websocket_opened_before_logout(make_stack):
+    """nginx checks a websocket once, when it opens. The documented mitigation: after a logout that
+    matters, reload nginx with worker_shutdown_timeout set, and every open websocket is cut off."""
+    stack = make_stack(main="worker_shutdown_timeout 1s;\n")
+    browser = stack.browser()
+    login_through_nginx(browser)
+    cookie = f"ezauth={browser.cookie()}"
+    status, _, sock = websocket_handshake(stack.nginx.port, "/api/kernels/1/channels", cookie)
+    with sock:
+        assert status.split()[1] == "101", status
+        stream = sock.makefile("rb")
+        sock.sendall(encode_frame(b"before logout", masked=True))
+        assert read_frame(stream) == (1, b"before logout")
+        browser.get("/ezauth/logout")
+        sock.sendall(encode_frame(b"after logout", masked=True))
+        assert read_frame(stream) == (1, b"after logout"), "the open socket outlives logout (documented)"
+        stack.nginx.reload()
+        sock.settimeout(10)
+        closed_at = time.monotonic()
+        assert sock.recv(1) == b"", "the socket is cut off by the reload"
+        assert time.monotonic() - closed_at < 8
+    status, _, again = websocket_handshake(stack.nginx.port, "/api/kernels/1/channels", cookie)
+    again.close()
+    assert status.split()[1] in ("302", "401"), status
+
+
+def test_the_websocket_lifetime_is_said_plainly_in_the_readme_and_the_config():
+    readme = (EXAMPLE.parent / "README.md").read_text()
+    assert "An open websocket outlives logout" in readme and "worker_shutdown_timeout 10s;" in readme
+    assert "worker_shutdown_timeout 10s;" in EXAMPLE.read_text()
+
+
+@pytest.mark.parametrize("listen, expected", [("8080", "listen 8080;"), ("127.0.0.1:8080", "listen 127.0.0.1:8080;"),
+                                              ("[::]:8443", "listen [::]:8443;")])
+def test_nginx_config_takes_an_address_and_the_ezauth_address(nginx_bin, tmp_path, listen, expected):
+    done = subprocess.run([sys.executable, str(EZAUTH), "nginx-config", "--app", "http://127.0.0.1:9999",
+                           "--listen", listen, "--ezauth", "127.0.0.1:2500"],
+                          capture_output=True, text=True, timeout=30, env=clean_env(EZAUTH_PORT="3000"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    first_line = done.stdout.splitlines()[0]
+    assert first_line.startswith("#") and "127.0.0.1:2500" in first_line and "--ezauth" in first_line
+    assert expected in done.stdout and "server 127.0.0.1:2500;" in done.stdout and "3000" not in done.stdout
+    if not listen.startswith("["):  # this machine's loopback may have no IPv6
+        checked = nginx_t(nginx_bin, tmp_path / "prefix", done.stdout)
+        assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("ezauth_at, upstream", [
+    ("2425", "server 127.0.0.1:2425;"), ("http://[::1]:2425", "server [::1]:2425;"),
+    ("unix:/run/ezauth/ezauth.sock", "server unix:/run/ezauth/ezauth.sock;"),
+])
+def test_nginx_config_reads_the_ezauth_address_in_every_form(tmp_path, ezauth_at, upstream):
+    done = subprocess.run([sys.executable, str(EZAUTH), "nginx-config", "--app", "127.0.0.1:7860", "--listen", "80",
+                           "--ezauth", ezauth_at], capture_output=True, text=True, timeout=30, env=clean_env(),
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert upstream in done.stdout
+
+
+def test_nginx_config_says_where_the_ezauth_address_came_from_without_the_flag(tmp_path):
+    (tmp_path / ".env").write_text("EZAUTH_PORT=2600\n")
+    done = subprocess.run([sys.executable, str(EZAUTH), "nginx-config", "--app", "127.0.0.1:7860", "--listen", "80"],
+                          capture_output=True, text=True, timeout=30, env=clean_env(), cwd=tmp_path)
+    first_line = done.stdout.splitlines()[0]
+    assert "127.0.0.1:2600" in first_line and "EZAUTH_PORT" in first_line
+
+
+@pytest.mark.parametrize("args", [("--listen", "8080x"), ("--listen", "1.2.3:80"), ("--listen", "70000"),
+                                  ("--listen", "[zz]:80"), ("--ezauth", "ftp://h:1"), ("--ezauth", "host")])
+def test_nginx_config_refuses_bad_addresses_before_printing_anything(tmp_path, args):
+    flags = {"--listen": "80", "--ezauth": "2424"}
+    flags[args[0]] = args[1]
+    done = subprocess.run([sys.executable, str(EZAUTH), "nginx-config", "--app", "127.0.0.1:7860",
+                           *[item for pair in flags.items() for item in pair]],
+                          capture_output=True, text=True, timeout=30, env=clean_env(), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == "" and args[0] in done.stderr
