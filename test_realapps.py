@@ -1,0 +1,546 @@
+"""Real apps behind the shipped nginx config: Gradio (in Chromium and through gradio_client) and
+JupyterLab, with nginx on a free loopback port other than 80.
+
+A non-default port is what breaks apps when nginx forwards `Host: $host` (the port dropped): Gradio
+builds the URLs of its output files from the Host header, and Jupyter checks the browser's Origin
+against it. Every app runs as a subprocess on loopback with no way to the internet; the pinned
+versions are in requirements-e2e.txt. Without them these tests skip, unless
+EZAUTH_REQUIRE_REALAPPS=1 (CI) says they must run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from conftest import (
+    LOGIN,
+    PASSWORD,
+    Nginx,
+    Server,
+    Watch,
+    add_user,
+    basic,
+    expect,
+    free_port,
+    http_call,
+    missing,
+    render_example,
+    require_tool,
+    run_cli,
+    start_nginx,
+    start_server,
+    submit,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser as Chromium
+    from playwright.sync_api import BrowserContext, Locator, Page
+
+pytestmark = [pytest.mark.realapps, pytest.mark.slow]
+
+REQUIRE = "EZAUTH_REQUIRE_REALAPPS"
+INSTALL = "pip install -r requirements-e2e.txt"
+USER = "alice"
+UPLOAD_SIZE = 20 * 1024 * 1024
+JOB_SECONDS = 10
+WORDS = "alpha beta gamma delta epsilon zeta"
+# Gradio's own bundle warns this when a stream starts, with or without nginx in front.
+GRADIO_NOISE = {"console warning: Method not implemented."}
+# JupyterLab now and then starts a new notebook's session twice (POST /api/sessions twice, DELETE
+# of the first, every answer 2xx) and closes the first kernel socket while it is still connecting.
+JUPYTER_NOISE = re.compile(r"console warning: WebSocket connection to 'ws://127\.0\.0\.1:\d+/jupyter/api/kernels/"
+                           r"[-0-9a-f]+/channels\?session_id=[-0-9a-f]+' failed: "
+                           r"WebSocket is closed before the connection is established\.")
+
+# The Gradio app under test: a streaming generator, an image in and out, a file upload and a slow
+# job with progress. System fonts only (the default theme loads Google Fonts).
+GRADIO_APP = '''
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import ImageOps
+
+
+def stream_words(text):
+    shown = []
+    for word in text.split():
+        shown.append(word)
+        time.sleep(0.4)
+        yield " ".join(shown)
+
+
+def mirror(image):
+    return ImageOps.mirror(ImageOps.invert(image.convert("RGB")))
+
+
+def describe(path):
+    data = Path(path).read_bytes()
+    return f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+
+
+def long_job(seconds, progress=gr.Progress()):
+    steps = int(seconds)
+    for step in range(steps):
+        progress(step / steps, desc=f"step {step + 1} of {steps}")
+        time.sleep(1)
+    return f"finished {steps} steps"
+
+
+with gr.Blocks(title="ezauth real app") as demo:
+    words = gr.Textbox(label="Words", elem_id="words")
+    streamed = gr.Textbox(label="Streamed", elem_id="streamed")
+    gr.Button("Stream", elem_id="stream").click(stream_words, words, streamed, api_name="stream")
+    image_in = gr.Image(type="pil", label="Image in", elem_id="image-in", sources=["upload"])
+    image_out = gr.Image(type="pil", label="Image out", elem_id="image-out")
+    gr.Button("Mirror", elem_id="mirror").click(mirror, image_in, image_out, api_name="mirror")
+    upload = gr.File(label="Upload", elem_id="upload", type="filepath")
+    described = gr.Textbox(label="Described", elem_id="described")
+    gr.Button("Describe", elem_id="describe").click(describe, upload, described, api_name="describe")
+    seconds = gr.Number(value=10, label="Seconds", elem_id="seconds")
+    job = gr.Textbox(label="Job", elem_id="job")
+    gr.Button("Run job", elem_id="run-job").click(long_job, seconds, job, api_name="long_job")
+
+theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+demo.queue().launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), theme=theme,
+                    ssr_mode=False, quiet=True, show_error=True)
+'''
+
+# jupyter_server's own token auth off (ezauth is the gate); allow_origin left at its default, so
+# every REST call and websocket goes through Jupyter's Origin-against-Host check.
+JUPYTER_CONFIG = '''
+c.ServerApp.ip = "127.0.0.1"
+c.ServerApp.port = {port}
+c.ServerApp.base_url = "/jupyter/"
+c.ServerApp.open_browser = False
+c.ServerApp.allow_root = True
+c.ServerApp.root_dir = {root!r}
+c.IdentityProvider.token = ""
+c.LabApp.news_url = None
+c.LabApp.check_for_updates_class = "jupyterlab.NeverCheckForUpdate"
+c.LabApp.extension_manager = "readonly"
+'''
+
+
+# -- Helpers this suite needs and conftest lacks ------------------------------------------------
+
+
+def require_modules(*names: str) -> None:
+    """Skip (or fail under EZAUTH_REQUIRE_REALAPPS=1) unless every module NAME is importable."""
+    absent = [name for name in names if importlib.util.find_spec(name) is None]
+    if absent:
+        missing(f"{', '.join(absent)} not installed; install with: {INSTALL}", REQUIRE)
+
+
+@dataclass
+class AppProcess:
+    """A real app as a subprocess in its own process group (Jupyter's kernels included)."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def start_app(command: list[str], port: int, ready_path: str, log_path: Path, env: dict[str, str],
+              cwd: Path, timeout: float = 90) -> AppProcess:
+    """Start an app and poll it directly (not through nginx) until READY_PATH answers 200."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+    app = AppProcess(proc, port, log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[:3]} exited with {proc.returncode}:\n{app.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    if not wait_until(ready, timeout=timeout, interval=0.2):
+        app.stop()
+        raise RuntimeError(f"{command[:3]} did not answer on {port} in {timeout}s:\n{app.log()[-3000:]}")
+    return app
+
+
+def offline_env(root: Path, **extra: str) -> dict[str, str]:
+    """An environment for an app that must never reach the internet nor read the caller's state."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EZAUTH_", "GRADIO_", "JUPYTER", "HF_")) and k.lower() not in
+           ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(HOME=str(root / "home"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **extra)
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@dataclass
+class AppStack:
+    """ezauth + a real app + nginx running the shipped example with `location /` at the app."""
+
+    ezauth: Server
+    app: AppProcess
+    nginx: Nginx
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.nginx.port}"
+
+
+def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[[int], AppProcess],
+                    **ezauth_env: str) -> AppStack:
+    """Start ezauth (user alice), the app (LAUNCH(port)) and nginx on a free port that is not 80."""
+    nginx_bin = require_tool("nginx", REQUIRE, "nginx-light")
+    data_dir = root / "data"
+    add_user(data_dir, USER)
+    server = start_server(data_dir, **ezauth_env)
+    cleanup.callback(server.stop)
+    app = launch(free_port())
+    cleanup.callback(app.stop)
+    port = free_port()
+    assert port != 80
+    nginx = start_nginx(nginx_bin, root / "nginx", render_example(server.port, app.port, port), port)
+    cleanup.callback(nginx.stop)
+    return AppStack(server, app, nginx)
+
+
+def login_in_chromium(page: Page, stack: AppStack, target: str) -> None:
+    """Open TARGET through nginx, land on ezauth's login page, log in, land on TARGET."""
+    page.goto(stack.origin + target)
+    landed = urlsplit(page.url)
+    assert (landed.path, parse_qs(landed.query).get("rd")) == (LOGIN, [target]), page.url
+    response = submit(page, USER, PASSWORD)
+    assert page.url == stack.origin + target, (page.url, response.status if response else None)
+
+
+def logout_in_other_tab(context: BrowserContext, stack: AppStack) -> None:
+    """Log out in a second tab, so the app's own tab stays open with its scripts running."""
+    other = context.new_page()
+    other.goto(stack.origin + "/ezauth/logout")
+    assert urlsplit(other.url).path == LOGIN, other.url
+    assert not [c for c in context.cookies(stack.origin) if c["name"] == "ezauth"]
+    other.close()
+
+
+FETCH = """async (url) => {
+    const r = await fetch(url, {headers: {Accept: "application/json"}});
+    return {status: r.status, type: r.headers.get("content-type") || "", body: await r.text()};
+}"""
+
+
+def assert_json_401(answer: dict, what: str) -> None:
+    """An in-page request after logout: 401 with a JSON body naming the login page, not HTML."""
+    assert answer["status"] == 401, (what, answer)
+    assert answer["type"].startswith("application/json"), (what, answer)
+    body = json.loads(answer["body"])
+    assert body["error"] == "login_required", (what, body)
+    assert body["login"].startswith(LOGIN), (what, body)
+
+
+def assert_lands_on_login(page: Page, stack: AppStack, target: str) -> None:
+    page.goto(stack.origin + target)
+    landed = urlsplit(page.url)
+    assert (landed.path, parse_qs(landed.query).get("rd")) == (LOGIN, [target]), page.url
+    assert page.locator("#password").count() == 1
+
+
+# Records every distinct value a field shows, every 20 ms, so a test can tell streamed output from
+# output that arrived in one piece (nginx buffering the event stream).
+RECORD = """([name, selector, pattern]) => {
+    const seen = [];
+    (window.ezauthSeen ||= {})[name] = seen;
+    setInterval(() => {
+        const node = document.querySelector(selector);
+        let value = node ? (node.value ?? node.innerText) : "";
+        if (pattern) value = (value.match(new RegExp(pattern)) || [""])[0];
+        if (value && seen[seen.length - 1] !== value) seen.push(value);
+    }, 20);
+}"""
+
+
+def loaded_size(page: Page, image: Locator, timeout: float = 15_000) -> list[int] | None:
+    """[naturalWidth, naturalHeight] once the <img> has loaded, or None if it never does."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        done = page.wait_for_function(
+            "(img) => img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : false",
+            arg=image.element_handle(), timeout=timeout, polling=50)
+    except PlaywrightTimeout:
+        return None
+    return done.json_value()
+
+
+def recorded(page: Page, name: str) -> list[str]:
+    return page.evaluate("(name) => window.ezauthSeen[name]", name)
+
+
+# -- Fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium_realapps(request: pytest.FixtureRequest) -> Chromium:
+    """conftest's Chromium, after checking what this suite needs under its own CI flag."""
+    require_modules("playwright")
+    require_tool("chromium", REQUIRE, "chromium")
+    return request.getfixturevalue("chromium")
+
+
+@pytest.fixture(scope="module")
+def gradio_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppStack]:
+    """The Gradio app behind nginx; ezauth with HTTP Basic on (for gradio_client)."""
+    require_modules("gradio", "gradio_client", "PIL")
+    root = tmp_path_factory.mktemp("gradio")
+    (root / "gradio_app.py").write_text(GRADIO_APP)
+    env = offline_env(root, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(root / "gradio-tmp"),
+                      GRADIO_SSR_MODE="False")
+
+    def launch(port: int) -> AppProcess:
+        return start_app([sys.executable, str(root / "gradio_app.py"), str(port)], port, "/config",
+                         root / "gradio.log", env, root)
+
+    with contextlib.ExitStack() as cleanup:
+        yield build_app_stack(root, cleanup, launch, EZAUTH_BASIC_AUTH="1")
+
+
+@pytest.fixture(scope="module")
+def jupyter_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppStack]:
+    """JupyterLab under /jupyter/ as the app behind `location /`."""
+    require_modules("jupyterlab", "jupyter_server", "ipykernel")
+    root = tmp_path_factory.mktemp("jupyter")
+    dirs = {name: root / name for name in ("config", "data", "runtime", "ipython", "settings", "workspaces", "notes")}
+    for path in dirs.values():
+        path.mkdir()
+    env = offline_env(root, JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
+                      JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), IPYTHONDIR=str(dirs["ipython"]),
+                      JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
+                      JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), JUPYTER_PLATFORM_DIRS="1")
+
+    def launch(port: int) -> AppProcess:
+        config = dirs["config"] / "jupyter_server_config.py"
+        config.write_text(JUPYTER_CONFIG.format(port=port, root=str(dirs["notes"])))
+        return start_app([sys.executable, "-m", "jupyterlab"], port, "/jupyter/api/status",
+                         root / "jupyter.log", env, root)
+
+    with contextlib.ExitStack() as cleanup:
+        yield build_app_stack(root, cleanup, launch)
+
+
+@pytest.fixture(scope="module")
+def api_token(gradio_stack: AppStack) -> str:
+    """An API token for alice, made with the real CLI while the server runs."""
+    done = run_cli("token", "add", USER, "--label", "test", data_dir=gradio_stack.ezauth.data_dir)
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.splitlines()[0].strip()
+    assert token.startswith("ezt_"), done.stdout
+    # A running server takes in the CLI's changes at most once a second, on a request.
+    port, bearer = gradio_stack.nginx.port, {"Authorization": f"Bearer {token}"}
+    assert wait_until(lambda: http_call(port, "GET", "/config", headers=bearer).status == 200, timeout=3,
+                      interval=0.1), "the new token was not accepted within 3 s"
+    return token
+
+
+# -- Gradio in Chromium -------------------------------------------------------------------------------
+
+
+def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chromium, gradio_stack: AppStack,
+                                                         tmp_path: Path) -> None:
+    from PIL import Image
+
+    stack = gradio_stack
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(UPLOAD_SIZE))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+
+    context = chromium_realapps.new_context(viewport={"width": 1280, "height": 1600})
+    try:
+        page = context.new_page()
+        watch = Watch(page, stack.origin)
+        login_in_chromium(page, stack, "/?from=realapps")
+        page.wait_for_selector("#run-job")
+
+        # The 10 s job runs (on its own queue) while the other components are used.
+        page.evaluate(RECORD, ["job", "#job", r"step \d+ of \d+"])
+        page.fill("#seconds input", str(JOB_SECONDS))
+        page.click("#run-job")
+
+        page.evaluate(RECORD, ["stream", "#streamed textarea", ""])
+        page.fill("#words textarea", WORDS)
+        page.click("#stream")
+        expect(page.locator("#streamed textarea")).to_have_value(WORDS, timeout=20_000)
+        streamed = recorded(page, "stream")
+        assert len(streamed) >= 3 and all(WORDS.startswith(v) for v in streamed), streamed
+
+        page.set_input_files("#image-in input[type=file]", str(picture))
+        page.click("#mirror")
+        output = page.locator("#image-out img")
+        expect(output).to_have_count(1, timeout=20_000)
+        src = output.get_attribute("src") or ""
+        output.scroll_into_view_if_needed()  # the <img> is loading="lazy"
+        assert urlsplit(src).netloc == urlsplit(stack.origin).netloc, f"output image URL lost the port: {src}"
+        assert loaded_size(page, output) == [64, 48], f"output image did not load: {src}"
+
+        page.set_input_files("#upload input[type=file]", str(big))
+        expect(page.locator("#upload")).to_contain_text("big.bin", timeout=60_000)
+        page.click("#describe")
+        expect(page.locator("#described textarea")).to_have_value(
+            f"{UPLOAD_SIZE} bytes, sha256 {digest}", timeout=60_000)
+
+        expect(page.locator("#job textarea")).to_have_value(f"finished {JOB_SECONDS} steps", timeout=30_000)
+        steps = recorded(page, "job")
+        assert len(steps) >= 3 and steps[-1] != steps[0], steps
+        assert [p for p in watch.problems if p not in GRADIO_NOISE] == []
+
+        logout_in_other_tab(context, stack)
+        # The app's page is still open; its in-page requests now get a JSON 401, not a login page.
+        with page.expect_response(lambda r: "/gradio_api/" in r.url and r.request.method == "POST") as refused:
+            page.click("#stream")
+        reply = refused.value
+        assert_json_401({"status": reply.status, "type": reply.headers.get("content-type", ""),
+                         "body": reply.text()}, reply.url)
+        for url in ("/gradio_api/info", "/config", src):
+            assert_json_401(page.evaluate(FETCH, url), url)
+        assert_lands_on_login(page, stack, "/?from=realapps")
+    finally:
+        context.close()
+
+
+# -- gradio_client with HTTP Basic and API tokens ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["password", "bearer_token", "token_as_basic_password"])
+def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: pytest.FixtureRequest,
+                                              tmp_path: Path, how: str) -> None:
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    if how == "password":
+        authorization = basic(USER, PASSWORD)
+    else:
+        token = request.getfixturevalue("api_token")
+        authorization = f"Bearer {token}" if how == "bearer_token" else basic(USER, token)
+    client = Client(gradio_stack.origin, headers={"Authorization": authorization}, verbose=False,
+                    download_files=str(tmp_path / "downloads"), analytics_enabled=False,
+                    httpx_kwargs={"timeout": 60})
+    try:
+        assert client.predict("one two three", api_name="/stream") == "one two three"
+        picture = tmp_path / "in.png"
+        Image.new("RGB", (40, 30), (10, 20, 30)).save(picture)
+        # Up through /gradio_api/upload, down from the file URL Gradio built from the Host header.
+        result = client.predict(handle_file(str(picture)), api_name="/mirror")
+        with Image.open(result) as image:
+            assert image.size == (40, 30)
+            pixel = image.convert("RGB").getpixel((20, 15))
+        # Inverted; Gradio sends WebP, so allow its rounding.
+        assert all(abs(got - want) <= 4 for got, want in zip(pixel, (245, 235, 225), strict=True)), pixel
+    finally:
+        client.close()
+
+
+def test_gradio_api_without_credentials_is_a_json_401(gradio_stack: AppStack) -> None:
+    """What gradio_client (httpx, no Sec-Fetch-Mode) gets without or with wrong credentials."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+
+    for headers in ({}, {"Authorization": basic(USER, "wrong password")}):
+        reply = http_call(gradio_stack.nginx.port, "GET", "/config", headers={"Accept": "*/*", **headers})
+        seen = (headers, reply.status, dict(reply.headers), reply.text[:300])
+        assert reply.status == 401, seen
+        assert reply.headers.get("Content-Type", "").startswith("application/json"), seen
+        assert json.loads(reply.body)["error"] in ("login_required", "wrong_credentials"), seen
+        assert reply.headers.get("WWW-Authenticate"), seen
+    with pytest.raises(AuthenticationError):
+        Client(gradio_stack.origin, verbose=False, analytics_enabled=False)
+
+
+# -- JupyterLab in Chromium ----------------------------------------------------------------------------
+
+
+def test_jupyterlab_in_chromium_runs_a_cell_then_logout(chromium_realapps: Chromium, jupyter_stack: AppStack) -> None:
+    stack = jupyter_stack
+    context = chromium_realapps.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()
+        watch = Watch(page, stack.origin)
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        login_in_chromium(page, stack, "/jupyter/lab")
+
+        # A new notebook: REST calls (POST, so Jupyter checks Origin against Host), then a kernel.
+        launcher = page.locator(".jp-LauncherCard[data-category='Notebook']").first
+        expect(launcher).to_be_visible(timeout=60_000)
+        with page.expect_response(lambda r: r.request.method == "POST" and "/jupyter/api/contents" in r.url) as made:
+            launcher.click()
+        assert made.value.status == 201, (made.value.url, made.value.status, made.value.text()[:300])
+        notebook = page.locator(".jp-NotebookPanel")
+        # What a person waits for: the status bar naming the kernel as idle (the notebook's own
+        # indicator says idle while the kernel is still "Initializing", and a cell run then is lost).
+        kernel_idle = page.locator(".jp-StatusBar-Widget").get_by_text("Python 3 (ipykernel) | Idle", exact=True)
+        expect(kernel_idle).to_be_visible(timeout=60_000)
+        notebook.locator(".jp-Cell .cm-content").first.click()
+        page.keyboard.type("print('kernel says', 6 * 7)")
+        page.keyboard.press("Shift+Enter")
+        expect(notebook.locator(".jp-OutputArea-output").first).to_have_text("kernel says 42", timeout=60_000)
+        channels = [u for u in sockets if "/jupyter/api/kernels/" in u and "/channels" in u]
+        assert channels and all(u.startswith(f"ws://127.0.0.1:{stack.nginx.port}/") for u in channels), sockets
+        kernel_socket = channels[-1]
+        assert [p for p in watch.problems if not JUPYTER_NOISE.match(p)] == []
+
+        # The Origin check is real: the browser's session and XSRF token, sent again with only the
+        # Origin changed, are refused by Jupyter (404, its answer to a cross-origin API call).
+        cookies = {c["name"]: c["value"] for c in context.cookies(stack.origin + "/jupyter/")}
+        for origin, status in ((stack.origin, 201), ("http://127.0.0.1:1", 404)):
+            made_again = http_call(stack.nginx.port, "POST", "/jupyter/api/contents", b'{"type": "file"}', {
+                "Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items()), "X-XSRFToken": cookies["_xsrf"],
+                "Origin": origin, "Content-Type": "application/json"})
+            assert made_again.status == status, (origin, made_again.status, made_again.text[:300])
+
+        logout_in_other_tab(context, stack)
+        assert_json_401(page.evaluate(FETCH, "/jupyter/api/contents"), "/jupyter/api/contents")
+        opened = page.evaluate("""(url) => new Promise((done) => {
+            const ws = new WebSocket(url);
+            ws.onopen = () => { ws.close(); done("open"); };
+            ws.onerror = () => done("refused");
+        })""", kernel_socket)
+        assert opened == "refused", kernel_socket
+        assert_lands_on_login(page, stack, "/jupyter/lab")
+    finally:
+        context.close()
