@@ -446,6 +446,15 @@ def start_server(data_dir: Path, port: int | None = None, args: tuple = (), **en
 
 
 @pytest.fixture
+def gunicorn_bin() -> str:
+    """gunicorn beside this Python (`.venv/bin/pytest` does not put .venv/bin on PATH), or on PATH."""
+    found = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
+    if found is None:
+        missing("gunicorn is not installed; .venv/bin/pip install -r requirements-test.txt", "EZAUTH_REQUIRE_NGINX")
+    return found
+
+
+@pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start real servers on demand (users=None: alice; {}: none); every one is stopped by PID in teardown."""
     started: list[Server] = []

@@ -1683,7 +1683,8 @@ class BasicCache:
         self._entries[digest] = (name, fingerprint, now + self.TTL)
 
 
-TOKEN_PREFIX = "ezt_"  # noqa: S105  # nosec B105: marks an API token, is no secret
+# The prefix that marks an API token; it is no secret (ruff S105 and bandit B105 think it is).
+TOKEN_PREFIX = "ezt_"  # noqa: S105  # nosec B105
 API_TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")  # 256 random bits
 TOKEN_LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,60}")
 TOKEN_PATH_RE = re.compile(r"/[\x21-\x7e]{0,199}")
@@ -1827,6 +1828,7 @@ class Metrics:
 
 
 FLUSH_EVERY = 60.0  # how often last-seen times reach the registry
+LOOK_EVERY = 0.1  # how often an unknown API token may make a worker look at the registry early
 
 
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
@@ -1850,6 +1852,7 @@ class Stores:
     rules: AccessRules
     _next_refresh: float = 0.0
     _next_flush: float = 0.0
+    _next_look: float = 0.0
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
     _flushing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1886,6 +1889,21 @@ class Stores:
             return int(self.keys.keys[-1].kid != signer)
         finally:
             self._refresh_lock.release()
+
+    def look_again(self, secret: str, now: float) -> ApiToken | None:
+        """A token this worker does not know yet may have just been made (the CLI, another worker):
+        look at the registry now rather than at the next refresh. Cheap when nothing changed (one
+        PRAGMA on shared memory, no read of the file), and at most every LOOK_EVERY seconds, so a
+        stream of made-up tokens costs no more than the refresh."""
+        if (not API_TOKEN_RE.fullmatch(secret) or now < self._next_look
+                or not self._refresh_lock.acquire(blocking=False)):
+            return None
+        try:
+            self._next_look = now + LOOK_EVERY
+            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+        finally:
+            self._refresh_lock.release()
+        return self.tokens.check(secret, now)
 
     def _reload_registry(self, db: sqlite3.Connection, now: float) -> None:
         self.registry.reload(db, now)
@@ -2495,6 +2513,7 @@ class AccountView:
     new_token: str = ""  # shown once, right after it was made
     error: str = ""
     notice: str = ""
+    retry_after: int = 0  # with error msg_locked: how long the lockout lasts
 
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -2571,7 +2590,7 @@ class Pages:
             **form, "title": self.settings.title or PAGE_TEXT[lang]["default_title"], "static": f"{PREFIX}/static",
             "prefix": PREFIX, "user": view.user,
             "signed_in": PAGE_TEXT[lang]["msg_signed_in"].format(user=view.user),
-            "error": self.message(request, view.error) if view.error else "",
+            "error": self.message(request, view.error, view.retry_after) if view.error else "",
             "error_state": "error" if view.error else "none",
             "notice": self.message(request, view.notice) if view.notice else "",
             "new_token": render(NEW_TOKEN, lang, {"secret": view.new_token}) if view.new_token else Markup(),
@@ -2580,7 +2599,8 @@ class Pages:
             "token_rows": Markup("\n".join(self.token_row(lang, form, t) for t in view.tokens)
                                  or render(EMPTY_ROW, lang, {"columns": 6, "text": PAGE_TEXT[lang]["msg_no_tokens"]})),
         })
-        return Response(status, body, [*self.headers, *csrf_header])
+        retry = [("Retry-After", str(view.retry_after))] if view.retry_after else []
+        return Response(status, body, [*self.headers, *csrf_header, *retry])
 
     @staticmethod
     def session_row(lang: str, form: Mapping[str, str], record: SessionRecord, current: str) -> Markup:
@@ -2816,7 +2836,8 @@ class Handlers:
             log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
                      logval(rules_path(uri)))
             return Response(403, b"", [("Cache-Control", "no-cache")])
-        if ezauth_credentials(request.header("Authorization"), self.settings.basic_auth):
+        authorization = request.header("Authorization")
+        if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
             headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
         self.metrics.verify_allowed += 1
         return Response(200, b"", headers)
@@ -2834,7 +2855,7 @@ class Handlers:
     def verify_api_token(self, request: Request, secret: str, name: str | None, now: float,
                          had_cookie: bool) -> Response:
         """An API token, as a bearer token or as the password of HTTP Basic: one SHA-256, no scrypt."""
-        token = self.stores.tokens.check(secret, now)
+        token = self.stores.tokens.check(secret, now) or self.stores.look_again(secret, now)
         if token is None or name not in (None, token.user) or self.stores.users.fingerprint(token.user) is None:
             log.warning("event=token_rejected ip=%s", logval(request.client_ip))
             scheme = "Basic" if name is not None else "Bearer"
@@ -2911,7 +2932,8 @@ class Handlers:
         except Refused as refused:
             log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(action or "-"),
                         refused.message, logval(session.user), logval(request.client_ip))
-            return self.pages.account(request, refused.status, self.account_view(session, error=refused.message))
+            view = self.account_view(session, error=refused.message, retry_after=refused.retry_after)
+            return self.pages.account(request, refused.status, view)
 
     def account_session(self, request: Request) -> Session | None:
         now = self.clock()
@@ -3701,12 +3723,19 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def this_command() -> str:
+    """How to run ezauth the way it runs now, for messages: `.venv/bin/python ezauth.py`."""
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    return f"{python} {os.path.relpath(__file__) if __file__.startswith(os.getcwd()) else __file__}"
+
+
 def announce_first_admin(users: Users, terminal: bool) -> None:
     """On a first start with no users, create admin and show its password, but only on a terminal:
     under systemd it would land in the journal, readable long after."""
     if not terminal:
         if not users.names():
-            log.warning("event=no_users note=create_one_with:_python_ezauth.py_passwd_admin")
+            log.warning("event=no_users note=nobody_can_log_in_yet command=%s",
+                        logval(f"{this_command()} passwd admin"))
         return
     try:
         password = users.create_first_admin()
@@ -3716,7 +3745,7 @@ def announce_first_admin(users: Users, terminal: bool) -> None:
     if password:
         print(f"\nezauth: no users yet, so I created one.\n  user:     admin\n  password: {password}\n"
               f"  (shown only this once; only its hash is stored)\n"
-              f"Change it with:  python ezauth.py passwd admin\n", flush=True)
+              f"Change it with:  {this_command()} passwd admin\n", flush=True)
 
 
 def read_new_password(args: argparse.Namespace) -> str:
@@ -3724,6 +3753,8 @@ def read_new_password(args: argparse.Namespace) -> str:
         line = sys.stdin.readline()
         password = line.removesuffix("\n")
         password = password.removesuffix("\r")
+    elif not sys.stdin.isatty():
+        raise CliError("no terminal to ask for the password on; pipe it in with --password-stdin")
     else:
         try:
             password = getpass.getpass(f"New password for {args.name}: ")
@@ -3946,7 +3977,8 @@ def setting_flags(args: argparse.Namespace) -> dict[str, object]:
     for item, spec in setting_specs():
         raw = getattr(args, f"setting_{item.name}", None)
         if raw is not None:
-            flags[item.name] = raw if isinstance(raw, bool) else spec.parse(variable(item), raw)
+            flag = f"--{item.name.replace('_', '-')}"
+            flags[item.name] = raw if isinstance(raw, bool) else spec.parse(f"{variable(item)} ({flag})", raw)
     return flags
 
 

@@ -111,12 +111,15 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
     live_server = server
     port, pid = live_server.port, live_server.proc.pid
     cookie = session_cookie(port)
-    # Warm up every pool the server keeps, so the baseline is its steady state.
-    warm = [threading.Thread(target=http_call, args=(port, "GET", "/ezauth/login")) for _ in range(16)]
+    # Warm up every pool the server keeps, so the baseline is its steady state: 16 logins at once,
+    # each a real scrypt, keep every one of the pool's threads busy (it reuses idle ones otherwise).
+    warm = [threading.Thread(target=real_login, args=(port, USERS[n % 10]),
+                             kwargs={"ip": f"10.9.0.{n + 1}", "csrf": CSRF, "status": "*"}) for n in range(16)]
     for thread in warm:
         thread.start()
     for thread in warm:
         thread.join(timeout=30)
+    http_call(port, "GET", "/ezauth/login")  # a first visit, so the counter file exists
     baseline = settled_thread_count(pid)
     counter_before = int((live_server.data_dir / "counter.txt").read_text())
 

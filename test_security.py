@@ -13,7 +13,6 @@ import html
 import json
 import logging
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -44,7 +43,6 @@ from conftest import (
     forge,
     http_call,
     login,
-    missing,
     new_client,
     parse_page,
     real_login,
@@ -814,13 +812,13 @@ def test_an_unknown_client_address_is_logged_once(make_client, caplog, monkeypat
     assert all(line.endswith("ip=unknown") for line in events(caplog, "login_failed"))
 
 
-def test_gunicorn_on_a_unix_socket_sees_the_forwarded_address(tmp_path, shutil_which_gunicorn):
+def test_gunicorn_on_a_unix_socket_sees_the_forwarded_address(tmp_path, gunicorn_bin):
     data = tmp_path / "data"
     write_users(data, alice=PASSWORD)
     sock_path = tmp_path / "ezauth.sock"
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([shutil_which_gunicorn, "-k", "gthread", "-w", "1", "-b", f"unix:{sock_path}",
+        proc = subprocess.Popen([gunicorn_bin, "-k", "gthread", "-w", "1", "-b", f"unix:{sock_path}",
                                  "ezauth:app"], cwd=ezauth.HERE, stdout=out, stderr=subprocess.STDOUT,
                                 env=clean_env(EZAUTH_DATA_DIR=str(data)))
     try:
@@ -844,14 +842,6 @@ def unix_exchange(path: Path, data: bytes) -> bytes:
         sock.sendall(data)
         return b"".join(iter(lambda: sock.recv(65536), b""))
     return b""
-
-
-@pytest.fixture
-def shutil_which_gunicorn() -> str:
-    found = shutil.which("gunicorn")
-    if found is None:
-        missing("gunicorn is not installed; pip install -r requirements-test.txt", "EZAUTH_REQUIRE_NGINX")
-    return found
 
 
 def test_legacy_dotenv_user_has_one_fingerprint_in_every_worker_and_after_restarts(tmp_path):

@@ -289,6 +289,11 @@ def expect(description: str, response: http.client.HTTPResponse, statuses: set[i
                          f"body={response.data[:80]!r}")  # type: ignore[attr-defined]
 
 
+# What a browser opening a page sends: ezauth answers it with the login page (302); a script
+# without these headers gets a JSON 401 instead.
+NAVIGATE = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Mode": "navigate"}
+
+
 def check_row(row: Row, port: int, cookie: str, basic: str) -> None:
     """Before loading a row: it must let the right request in and keep the wrong ones out."""
     if row.auth == "direct":
@@ -300,13 +305,15 @@ def check_row(row: Row, port: int, cookie: str, basic: str) -> None:
         expect("auth_basic without credentials", fetch(port, APP_PATH), {401, 302})
         expect("auth_basic with credentials", fetch(port, APP_PATH, {"Authorization": basic}), {200}, app_body=True)
     else:
-        expect("app without a cookie", fetch(port, APP_PATH), {302}, location="/ezauth/login?rd=")
+        expect("app without a cookie", fetch(port, APP_PATH, NAVIGATE), {302}, location="/ezauth/login?rd=")
+        expect("a script without a cookie", fetch(port, APP_PATH), {401})
         token = cookie.split("=", 1)[1]
-        tampered = {"Cookie": "ezauth=" + token[:-4] + ("BBBB" if token.endswith("AAAA") else "AAAA")}
+        tampered = {**NAVIGATE, "Cookie": "ezauth=" + token[:-4] + ("BBBB" if token.endswith("AAAA") else "AAAA")}
         expect("app with a tampered cookie", fetch(port, APP_PATH, tampered), {302}, location="expired=1")
         expect("app with the cookie", fetch(port, APP_PATH, {"Cookie": cookie}), {200}, app_body=True)
         # A cached 200 must not let in a request without the cookie.
-        expect("app without a cookie, after a 200", fetch(port, APP_PATH), {302}, location="/ezauth/login?rd=")
+        expect("app without a cookie, after a 200", fetch(port, APP_PATH, NAVIGATE), {302},
+               location="/ezauth/login?rd=")
 
 
 # -- nginx config ----------------------------------------------------------------------------
