@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import functools
 import getpass
 import hashlib
 import hmac
@@ -50,7 +51,7 @@ log = logging.getLogger("ezauth")
 
 Clock = Callable[[], float]
 R = TypeVar("R")
-WSGIApp = Callable[[dict[str, object], Callable[..., object]], Iterable[bytes]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 
 
 def logval(value: str) -> str:
@@ -242,7 +243,7 @@ class Settings:
         return max(self.session_ttl, self.remember_ttl)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, object] | None = None,
+    def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None,
                  env_file: Path | None = None) -> Settings:
         """Flags override environment variables, which override a .env file in the working directory."""
         environ = os.environ if environ is None else environ
@@ -1996,6 +1997,12 @@ def cookie_values(header: str, name: str) -> list[str]:
     return values
 
 
+@functools.cache
+def header_key(name: str) -> str:
+    """The environ key of a header ezauth reads (a handful of names, so remembered)."""
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
 class Request:
     """A thin read-only view of the WSGI environ."""
 
@@ -2008,7 +2015,7 @@ class Request:
         self._trusted = trusted
 
     def header(self, name: str) -> str:
-        return str(self.environ.get("HTTP_" + name.upper().replace("-", "_"), ""))
+        return str(self.environ.get(header_key(name), ""))
 
     def query(self, name: str) -> str:
         """The first value of NAME in the query string; ValueError for one with too many fields."""
@@ -2456,7 +2463,7 @@ class Markup(str):
     """HTML that came out of `render`: placed into a page as it is, not escaped again."""
 
 
-def render(template: string.Template, lang: str, values: Mapping[str, object]) -> Markup:
+def render(template: string.Template, lang: str, values: Mapping[str, Any]) -> Markup:
     """TEMPLATE filled in with the page texts of LANG and VALUES, every value HTML-escaped here and
     nowhere else (Markup is already the output of this function)."""
     text = {k: v for k, v in PAGE_TEXT[lang].items() if k.startswith("t_")}
@@ -2465,7 +2472,7 @@ def render(template: string.Template, lang: str, values: Mapping[str, object]) -
                                        for k, v in merged.items()}))
 
 
-def render_page(template: string.Template, lang: str, values: Mapping[str, object]) -> bytes:
+def render_page(template: string.Template, lang: str, values: Mapping[str, Any]) -> bytes:
     """A whole page, as the bytes of the response."""
     return render(template, lang, values).encode()
 
@@ -2829,13 +2836,15 @@ class Handlers:
 
     def grant(self, request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
         """200 for a proven USER, unless access rules keep them off this host and path (403)."""
-        rules, uri = self.stores.rules.rules, request.header("X-Original-URI") or "/"
-        host = (request.header("X-Original-Host") or request.host).lower()
-        if rules is not None and not rules.allows_every(user, host, uri):
-            self.metrics.verify_denied += 1
-            log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
-                     logval(rules_path(uri)))
-            return Response(403, b"", [("Cache-Control", "no-cache")])
+        rules = self.stores.rules.rules
+        if rules is not None:
+            uri = request.header("X-Original-URI") or "/"
+            host = (request.header("X-Original-Host") or request.host).lower()
+            if not rules.allows_every(user, host, uri):
+                self.metrics.verify_denied += 1
+                log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
+                         logval(rules_path(uri)))
+                return Response(403, b"", [("Cache-Control", "no-cache")])
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
             headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
@@ -3112,6 +3121,7 @@ ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, st
 # -- Application ----------------------------------------------------------------------------
 
 Handler = Callable[[Request], Response]
+VERIFY_PATH, HEALTHZ_PATH = f"{PREFIX}/verify", f"{PREFIX}/healthz"
 
 
 class EzauthApp:
@@ -3123,16 +3133,24 @@ class EzauthApp:
         self.settings, self.stores, self.handlers, self.routes, self.clock = settings, stores, handlers, routes, clock
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> list[bytes]:
+        status, headers, body = self.respond(environ)
+        start_response(status, headers)
+        return [body]
+
+    def respond(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        """Status line, headers (Content-Length included) and body of the answer to one request: what
+        __call__ hands to any WSGI server, and what the built-in server sends without WSGI's detour."""
         request = Request(environ, self.settings.trusted_proxies)
         try:
-            self.handlers.metrics.key_rotations += self.stores.refresh(self.clock())
+            rotated = self.stores.refresh(self.clock())
+            if rotated:
+                self.handlers.metrics.key_rotations += rotated
             response = self.dispatch(request)
         except Exception:
             log.exception("event=error method=%s path=%s", logval(request.method), logval(request.path))
             response = text_response(500, "internal error")
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
-        start_response(response.status_line, headers)
-        return [b"" if request.method == "HEAD" else response.body]
+        return response.status_line, headers, b"" if request.method == "HEAD" else response.body
 
     def dispatch(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
@@ -3150,15 +3168,16 @@ class EzauthApp:
     def not_allowed(methods: Iterable[str]) -> Response:
         return text_response(405, "method not allowed", ("Allow", ", ".join(methods)))
 
-    def answers_inline(self, environ: Mapping[str, object]) -> bool:
+    def answers_inline(self, environ: Mapping[str, Any]) -> bool:
         """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
         path = environ.get("PATH_INFO")
-        if path == f"{PREFIX}/healthz":
+        if path == HEALTHZ_PATH:
             return True
-        authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
-        return path == f"{PREFIX}/verify" and not hashes_a_password(authorization, self.settings.basic_auth)
+        if path != VERIFY_PATH:
+            return False
+        return not self.settings.basic_auth or not hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", "")), True)
 
-    def body_limit(self, environ: Mapping[str, object]) -> int:
+    def body_limit(self, environ: Mapping[str, Any]) -> int:
         """The largest request body any route reads: the login form."""
         return MAX_FORM
 
@@ -3206,10 +3225,11 @@ MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every conn
 POOL_THREADS = 8
 RECEIVE_SIZE = 64 * 1024
 HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
+BARE_CR_RE = re.compile(rb"\r(?!\n)")
 BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one
 TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE_RE = re.compile(rf"({TCHARS}) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?")
-FIELD_NAMES_RE = re.compile(rf"{TCHARS}(:{TCHARS})*")
+BAD_FIELD_LINE_RE = re.compile(rf"\n(?!{TCHARS}:)")
 HEAD_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])  # what a request head may hold
 DIGITS_RE = re.compile(r"[0-9]+")
 HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
@@ -3234,26 +3254,25 @@ def parse_head(head: bytes) -> RequestHead:
     """The request line and header fields of HEAD (without its blank line), strictly per RFC 9112."""
     head = head.removesuffix(b"\r")  # the CR of the last line's CRLF
     # No NUL or other control bytes anywhere, and no CR that does not end a line.
-    if head.translate(None, HEAD_BYTES) or head.count(b"\r") != head.count(b"\r\n"):
+    if head.translate(None, HEAD_BYTES) or BARE_CR_RE.search(head):
         raise HTTPError(400)
-    request_line, _, fields = head.decode("latin-1").partition("\n")
+    text = head.decode("latin-1")
+    request_line, _, fields = text.partition("\n")
     line = REQUEST_LINE_RE.fullmatch(request_line)
     if line is None:
         raise HTTPError(400)
     method, target, version = line.groups()
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise HTTPError(505)
+    # Every field line starts with a token and its colon: no "Name : value", no obs-fold, no empty name.
+    if BAD_FIELD_LINE_RE.search(text, len(request_line)):
+        raise HTTPError(400)
     headers = []
     for field_line in fields.split("\n") if fields else ():
-        name, colon, value = field_line.partition(":")
-        if not colon:
-            raise HTTPError(400)
+        name, _, value = field_line.partition(":")
         headers.append((name, value.strip(" \t\r")))
     if len(headers) > MAX_HEADERS:
         raise HTTPError(431)
-    # Every name a token with its colon right after it: no "Name : value", no obs-fold, no empty name.
-    if headers and not FIELD_NAMES_RE.fullmatch(":".join(name for name, _ in headers)):
-        raise HTTPError(400)
     return RequestHead(method, target, version, tuple(headers))
 
 
@@ -3275,9 +3294,23 @@ def split_target(target: str) -> tuple[str, str, str | None]:
     return parts.path or "/", parts.query, parts.netloc
 
 
-def header_environ(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """HTTP_* keys (PEP 3333) from header fields; repeats joined once, in linear time."""
-    environ: dict[str, str] = {}
+ENVIRON_KEYS: dict[str, str] = {}  # header name -> environ key, for the names nginx sends every time
+
+
+def environ_key(name: str) -> str:
+    """The environ key of header NAME; "" for a name with "_" (X_Forwarded_For and
+    X-Forwarded-For would share one key: the ambiguity is refused by dropping it)."""
+    key = "" if "_" in name else name.upper().replace("-", "_")
+    key = key if key in ("", "CONTENT_LENGTH", "CONTENT_TYPE") else f"HTTP_{key}"
+    if len(ENVIRON_KEYS) < 256:
+        ENVIRON_KEYS[name] = key
+    return key
+
+
+def header_environ(headers: Iterable[tuple[str, str]], environ: dict[str, Any] | None = None) -> dict[str, Any]:
+    """HTTP_* keys (PEP 3333) from header fields, put into ENVIRON (a new dict when not given);
+    repeats joined once, in linear time."""
+    environ = {} if environ is None else environ
     repeated: dict[str, list[str]] = {}
     for name, value in headers:
         key = ENVIRON_KEYS.get(name) or environ_key(name)
@@ -3294,24 +3327,10 @@ def header_environ(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return environ
 
 
-ENVIRON_KEYS: dict[str, str] = {}  # header name -> environ key, for the names nginx sends every time
-
-
-def environ_key(name: str) -> str:
-    """The environ key of header NAME; "" for a name with "_" (X_Forwarded_For and
-    X-Forwarded-For would share one key: the ambiguity is refused by dropping it)."""
-    key = "" if "_" in name else name.upper().replace("-", "_")
-    key = key if key in ("", "CONTENT_LENGTH", "CONTENT_TYPE") else f"HTTP_{key}"
-    if len(ENVIRON_KEYS) < 256:
-        ENVIRON_KEYS[name] = key
-    return key
-
-
-def build_environ(base: Mapping[str, object], head: RequestHead, peer: tuple[str, int]) -> dict[str, object]:
+def build_environ(base: Mapping[str, Any], head: RequestHead, peer: tuple[str, int]) -> dict[str, Any]:
     """A WSGI environ (PEP 3333) for one request; HTTPError for one that must not be answered."""
     path, query, authority = split_target(head.target)
-    environ: dict[str, object] = dict(base)
-    environ.update(header_environ(head.headers))
+    environ = header_environ(head.headers, dict(base))  # the base holds no HTTP_ or CONTENT_ key
     host = environ.get("HTTP_HOST")  # checked as sent, even when the target's authority replaces it
     if (host is None and head.version == "HTTP/1.1") or (host is not None and not HOST_RE.fullmatch(str(host))):
         raise HTTPError(400)
@@ -3330,7 +3349,7 @@ def build_environ(base: Mapping[str, object], head: RequestHead, peer: tuple[str
     return environ
 
 
-def run_wsgi(app: WSGIApp, environ: dict[str, object]) -> tuple[str, list[tuple[str, str]], bytes]:
+def run_wsgi(app: WSGIApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
     """Call a WSGI app and collect its whole response (ezauth's responses are small)."""
     started: list[object] = []
     chunks: list[bytes] = []
@@ -3388,10 +3407,12 @@ def error_bytes(status: int) -> bytes:
 
 @dataclass(frozen=True)
 class Routing:
-    """What the app tells the server about a request before it is answered."""
+    """What the app tells the server about a request before it is answered, and how to answer it
+    without the detour through WSGI's start_response (ezauth's own app offers that)."""
 
-    inline: Callable[[Mapping[str, object]], bool]  # cheap enough to answer on the event loop
-    body_limit: Callable[[Mapping[str, object]], int]  # the largest body the route accepts
+    inline: Callable[[Mapping[str, Any]], bool]  # cheap enough to answer on the event loop
+    body_limit: Callable[[Mapping[str, Any]], int]  # the largest body the route accepts
+    respond: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] | None = None
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -3404,7 +3425,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: tuple[str, int] = ("", 0)
         self.buffer = bytearray()
         self.scanned = 0  # how much of the buffer holds no head end: dribbled heads are searched once
-        self.waiting: tuple[dict[str, object], int] | None = None  # a head whose body is still arriving
+        self.waiting: tuple[dict[str, Any], int] | None = None  # a head whose body is still arriving
         self.busy = self.paused = self.eof = self.closed = False
         self.request_started: float | None = None
         self.deadline = 0.0
@@ -3474,7 +3495,7 @@ class Connection(asyncio.BufferedProtocol):
                 if len(self.buffer) < length:
                     break
                 self.waiting = None
-                environ["wsgi.input"] = BytesIO(bytes(self.buffer[:length]))
+                environ["wsgi.input"] = BytesIO(bytes(self.buffer[:length])) if length else BytesIO()
                 del self.buffer[:length]
                 self.answer(environ)
         except Exception as err:
@@ -3482,7 +3503,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.eof and not self.busy and not self.closed:
             self.close()
 
-    def read_head(self) -> tuple[dict[str, object], int] | None:
+    def read_head(self) -> tuple[dict[str, Any], int] | None:
         """(environ, body length) of the next request head in the buffer, or None until it has arrived."""
         if not self.buffer:
             return None
@@ -3504,7 +3525,7 @@ class Connection(asyncio.BufferedProtocol):
         del self.buffer[:end.end()]
         self.scanned = 0
         environ = build_environ(self.server.base_environ, head, self.peer)
-        length = int(cast(str, environ.get("CONTENT_LENGTH") or "0"))
+        length = int(environ.get("CONTENT_LENGTH") or 0)
         if length and length > self.server.body_limit(environ):
             raise HTTPError(413)  # refused before a byte of it is buffered
         if len(self.buffer) < length:
@@ -3513,7 +3534,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return environ, length
 
-    def answer(self, environ: dict[str, object]) -> None:
+    def answer(self, environ: dict[str, Any]) -> None:
         keep_alive = environ["SERVER_PROTOCOL"] == "HTTP/1.1" and "close" not in str(
             environ.get("HTTP_CONNECTION", "")).lower()
         if self.server.inline(environ):
@@ -3602,13 +3623,15 @@ class HTTPServer:
         self.loop = asyncio.new_event_loop()
         self.app, self.access_log, self.exempt = app, access_log, exempt
         self.inline, self.body_limit = routing.inline, routing.body_limit
+        self.answer: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] = (
+            routing.respond or (lambda environ: run_wsgi(app, environ)))
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ezauth-worker")
         self.receive_buffer = memoryview(bytearray(RECEIVE_SIZE))
         self.connections: set[Connection] = set()
         self.per_address: dict[str, int] = {}
         self.max_connections = max_connections()
         host, port = sock.getsockname()[:2]
-        self.base_environ: dict[str, object] = {
+        self.base_environ: dict[str, Any] = {
             "SERVER_NAME": host, "SERVER_PORT": str(port), "SCRIPT_NAME": "",
             "GATEWAY_INTERFACE": "CGI/1.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
@@ -3654,10 +3677,10 @@ class HTTPServer:
             if left:
                 self.per_address[conn.peer[0]] = left
 
-    def respond(self, environ: dict[str, object], keep_alive: bool) -> bytes:
+    def respond(self, environ: dict[str, Any], keep_alive: bool) -> bytes:
         """The whole answer to one request, as bytes (on the loop, or on a pool thread)."""
         started = time.monotonic() if self.access_log else 0.0
-        status, headers, body = run_wsgi(self.app, environ)
+        status, headers, body = self.answer(environ)
         data = serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
         if self.access_log:
             log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", logval(str(environ["REQUEST_METHOD"])),
@@ -3709,7 +3732,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         sock = listening_socket(settings.host, settings.port)
     except OSError as err:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
-    server = HTTPServer(sock, service, Routing(service.answers_inline, service.body_limit),
+    server = HTTPServer(sock, service, Routing(service.answers_inline, service.body_limit, service.respond),
                         access_log=settings.access_log,
                         exempt=lambda address: ip_in(address, settings.trusted_proxies))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -3971,9 +3994,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> 
                 parser.add_argument(flag, dest=dest, metavar=item.name.upper(), help=helptext)
 
 
-def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags, parsed as their variables would be."""
-    flags: dict[str, object] = {}
+    flags: dict[str, Any] = {}
     for item, spec in setting_specs():
         raw = getattr(args, f"setting_{item.name}", None)
         if raw is not None:
