@@ -3223,6 +3223,7 @@ MAX_BLANK_BYTES = 8  # CR/LF before a request line (RFC 9112 2.2 asks to skip "a
 MAX_CONNECTIONS = 1000
 MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every connection
 POOL_THREADS = 8
+SWEEP_EVERY = 0.25  # how often deadlines are looked at: the timeouts are this much late at most
 RECEIVE_SIZE = 64 * 1024
 HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
 BARE_CR_RE = re.compile(rb"\r(?!\n)")
@@ -3429,7 +3430,6 @@ class Connection(asyncio.BufferedProtocol):
         self.busy = self.paused = self.eof = self.closed = False
         self.request_started: float | None = None
         self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
 
     # asyncio's callbacks -------------------------------------------------------------------
 
@@ -3469,8 +3469,6 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.server.forget(self)
 
     # requests --------------------------------------------------------------------------------
@@ -3562,7 +3560,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.write(data)
         self.request_started = None
         if keep_alive and not self.eof:
-            self.deadline = time.monotonic() + IDLE_TIMEOUT  # the loop's clock; later: the timer re-arms when it fires
+            self.deadline = time.monotonic() + IDLE_TIMEOUT  # the loop's clock
             if self.buffer:
                 self.start_head_timer()  # a pipelined request may already be part-way in
         else:
@@ -3577,7 +3575,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = True
         self.transport.close()  # after what is buffered has been sent
 
-    # timeouts: one timer per connection, moved forward by plain assignment on the fast path ------
+    # timeouts: a deadline per connection, checked by the server's one sweep (no timer per connection) --
 
     def start_head_timer(self) -> None:
         """A request has begun to arrive (blank lines count): from now on it has HEAD_TIMEOUT."""
@@ -3586,22 +3584,11 @@ class Connection(asyncio.BufferedProtocol):
             self.set_deadline(HEAD_TIMEOUT)
 
     def set_deadline(self, seconds: float) -> None:
-        """Move the deadline. A later one costs an assignment (the timer re-arms when it fires);
-        only an earlier one re-arms the timer now."""
         self.deadline = self.server.loop.time() + seconds
-        if self.timer is not None and self.timer.when() > self.deadline:
-            self.timer.cancel()
-            self.timer = None
-        if self.timer is None:
-            self.timer = self.server.loop.call_at(self.deadline, self.check_deadline)
 
-    def check_deadline(self) -> None:
-        self.timer = None
-        if self.closed:
-            return
-        if self.busy or self.server.loop.time() < self.deadline:
-            self.timer = self.server.loop.call_at(max(self.deadline, self.server.loop.time() + 1),
-                                                  self.check_deadline)
+    def check_deadline(self, now: float) -> None:
+        """Past its deadline: 408 for a request still arriving, else just close."""
+        if self.closed or self.busy or now < self.deadline:
             return
         if (self.buffer or self.waiting) and not self.eof:
             self.refuse(408)
@@ -3639,6 +3626,14 @@ class HTTPServer:
         }
         self.listener = self.loop.run_until_complete(
             self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
+        self.loop.call_later(SWEEP_EVERY, self.sweep)
+
+    def sweep(self) -> None:
+        """Close connections past their deadline: silent, idle too long, or a request too slow."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_deadline(now)
+        self.loop.call_later(SWEEP_EVERY, self.sweep)
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM or SIGINT."""
