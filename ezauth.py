@@ -1456,7 +1456,7 @@ class Rule:
 
 
 ABSOLUTE_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-READING_WORK_RE = re.compile(r"[%\\\\;#]|//|/\.")  # what can make two apps read one path differently
+READING_WORK_RE = re.compile(r"[%\\;#]|//|/\.")  # what can make two apps read one path differently
 ENCODED_SEPARATOR_RE = re.compile(r"%(?![2][fF]|[5][cC])[0-9A-Fa-f]{2}")
 PARAMS_RE = re.compile(r";[^/]*")
 SLASHES_RE = re.compile(r"/{2,}")
@@ -1962,6 +1962,7 @@ def text_response(status: int, text: str, *headers: tuple[str, str]) -> Response
 
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
 
 def valid_ip(text: str) -> bool:
     """An IPv4 or IPv6 address, without an IPv6 scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
@@ -2665,6 +2666,7 @@ STATIC_TYPES = {
     ".txt": "text/plain; charset=utf-8", ".json": "application/json",
 }
 
+
 def find_static(name: str, roots: Iterable[Path]) -> Path | None:
     """The file NAME in the first root that has it; never anything outside those folders."""
     if not STATIC_NAME_RE.fullmatch(name) or Path(name).suffix.lower() not in STATIC_TYPES:
@@ -2944,10 +2946,13 @@ class Handlers:
             view = self.account_view(session, error=refused.message, retry_after=refused.retry_after)
             return self.pages.account(request, refused.status, view)
 
+    def cookie_sessions(self, request: Request, now: float) -> list[Session]:
+        """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
+        return [s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
+                if (s := self.stores.sessions.check(t, now)) is not None]
+
     def account_session(self, request: Request) -> Session | None:
-        now = self.clock()
-        return next((s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
-                     if (s := self.stores.sessions.check(t, now)) is not None), None)
+        return next(iter(self.cookie_sessions(request, self.clock())), None)
 
     def to_login(self, request: Request) -> Response:
         """Without a session: to the login page, which comes back here afterwards."""
@@ -3070,8 +3075,7 @@ class Handlers:
     def logout(self, request: Request) -> Response:
         """End the session, not just this browser's cookie: a copy of the token stops working too."""
         now = self.clock()
-        sessions = [s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
-                    if (s := self.stores.sessions.check(t, now)) is not None]
+        sessions = self.cookie_sessions(request, now)
         for session in sessions:
             self.stores.registry.end_token(session, "logout", now)
         secure = self.pages.secure(request)
@@ -3175,7 +3179,7 @@ class EzauthApp:
             return True
         if path != VERIFY_PATH:
             return False
-        return not self.settings.basic_auth or not hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", "")), True)
+        return not hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", "")), self.settings.basic_auth)
 
     def body_limit(self, environ: Mapping[str, Any]) -> int:
         """The largest request body any route reads: the login form."""
@@ -3608,7 +3612,7 @@ class HTTPServer:
     def __init__(self, sock: socket.socket, app: WSGIApp, routing: Routing, *, access_log: bool = False,
                  exempt: Callable[[str], bool] = lambda address: False) -> None:
         self.loop = asyncio.new_event_loop()
-        self.app, self.access_log, self.exempt = app, access_log, exempt
+        self.access_log, self.exempt = access_log, exempt
         self.inline, self.body_limit = routing.inline, routing.body_limit
         self.answer: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] = (
             routing.respond or (lambda environ: run_wsgi(app, environ)))
@@ -3834,7 +3838,6 @@ def print_table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> Non
 def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     """List live sessions, or end one (by id or an unambiguous prefix) or all of a user's."""
     registry, now = open_registry(settings)[0], time.time()
-    live = registry.live(now, args.name)
     if args.end:
         matches = [r for r in registry.live(now) if r.sid.startswith(args.end)]
         if len(matches) != 1 or len(args.end) < 6:
@@ -3847,7 +3850,7 @@ def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print_table(("ID", "USER", "CREATED", "LAST SEEN", "IP", "BROWSER"),
                     ((r.sid[:8], r.user, format_time(r.created, "en"), format_time(r.last_seen, "en"), r.ip, r.agent)
-                     for r in live))
+                     for r in registry.live(now, args.name)))
     return 0
 
 
