@@ -136,9 +136,14 @@ def write_users(data_dir: Path, text: str | bytes = "", /, **users: str) -> Path
     data_dir.mkdir(parents=True, exist_ok=True)
     raw = text.encode() if isinstance(text, str) else text
     raw += "".join(f"{name}:{cheap_hash(password)}\n" for name, password in users.items()).encode()
-    staged = data_dir / ".users.staged"
-    staged.write_bytes(raw)
-    return staged.replace(data_dir / "users")
+    return atomic_write(data_dir / "users", raw)
+
+
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write PATH as a new inode, as ezauth's own writes do, so a watching ezauth never reads half a file."""
+    staged = path.with_name(f".{path.name}.staged")
+    staged.write_bytes(data.encode() if isinstance(data, str) else data)
+    return staged.replace(path)
 
 
 def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
@@ -155,6 +160,20 @@ def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
     """Create or update a user through the real CLI (a real-cost hash)."""
     done = run_cli("passwd", name, "--password-stdin", data_dir=data_dir, stdin=password + "\n")
     assert done.returncode == 0, done.stderr
+
+
+TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")
+
+
+def cli_token(data_dir: Path, user: str = "alice", label: str = "script", *options: str) -> tuple[str, str]:
+    """`token add USER --label LABEL OPTIONS...` through the real CLI: (the token, its id)."""
+    made = run_cli("token", "add", user, "--label", label, *options, data_dir=data_dir)
+    assert made.returncode == 0, (options, made.stdout, made.stderr)
+    first, second = [*made.stdout.splitlines(), "", ""][:2]
+    assert TOKEN_RE.fullmatch(first), made.stdout
+    token_id = re.search(rf"\btoken ([0-9a-f]+) for {re.escape(user)}\b", second)
+    assert token_id, made.stdout
+    return first, token_id.group(1)
 
 
 # -- Pages, cookies, tokens and log lines -------------------------------------------------------
@@ -227,6 +246,12 @@ def b64(raw: bytes | str) -> str:
     """base64url without padding, as JWTs use it."""
     raw = raw.encode() if isinstance(raw, str) else raw
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def jwt_parts(token: str) -> tuple[dict, dict, str]:
+    """(header, claims, signature) of a JWT, unverified: for tests that got the token from ezauth."""
+    head, body, signature = token.split(".")
+    return json.loads(ezauth._unb64(head)), json.loads(ezauth._unb64(body)), signature
 
 
 def basic(name: str, password: str) -> str:
@@ -510,11 +535,20 @@ class Reply:
         """The value this answer sets for cookie NAME, or None."""
         return next((value for n, value, _ in map(parse_set_cookie, self.set_cookies) if n == name), None)
 
+    def app_echo(self) -> dict | None:
+        """The stub app's echo when this reply came from the app, else None."""
+        if self.status != 200:
+            return None
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and data.get("app") == "stub" else None
+
     def echo(self) -> dict:
         """The stub app's echo; fails unless this reply really came from the app."""
-        assert self.status == 200, (self.status, self.text[:300])
-        data = json.loads(self.body)
-        assert data["app"] == "stub"
+        data = self.app_echo()
+        assert data is not None, (self.status, self.text[:300])
         return data
 
 

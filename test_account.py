@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import html
 import io
+import itertools
 import logging
 import os
 import re
@@ -38,10 +39,12 @@ import webtest
 
 import ezauth
 from conftest import (
+    CSRF,
     HERE,
     LOGIN,
     PASSWORD,
     TARGET,
+    TOKEN_RE,
     VERIFY,
     Browser,
     FakeClock,
@@ -51,6 +54,7 @@ from conftest import (
     build,
     build_stack,
     clean_env,
+    cli_token,
     cookie_attrs,
     cookie_header,
     echo_header,
@@ -62,6 +66,7 @@ from conftest import (
     form_field,
     free_port,
     http_call,
+    jwt_parts,
     login,
     login_target,
     login_through_nginx,
@@ -90,7 +95,6 @@ NEW_PASSWORD = "a brand new horse battery"
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
           "Version/17.5 Mobile/15E148 Safari/604.1")
-TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")
 TEXT = ezauth.PAGE_TEXT["en"]
 ZH = ezauth.PAGE_TEXT["zh-CN"]
 LAG = 1.0  # the documented bound: every worker refuses an ended session or a revoked token this soon
@@ -102,7 +106,7 @@ SLACK = 0.1  # for the request's own travel time
 
 def sid_of(token: str) -> str:
     """The session id a session token carries (read unchecked: the test got the token from ezauth)."""
-    return jwt.decode(token, options={"verify_signature": False})["sid"]
+    return jwt_parts(token)[1]["sid"]
 
 
 def tick(clock: FakeClock, *clients: webtest.TestApp) -> None:
@@ -267,17 +271,6 @@ def noting_file_access(stores: ezauth.Stores, touched: list[str]) -> Iterator[No
             if db._watcher is not None:
                 patch.setattr(db, "_watcher", Spy(db._watcher, f"{db.path.name} connection", touched))
         yield
-
-
-def cli_token(data_dir: Path, user: str = "alice", label: str = "script", *options: str) -> tuple[str, str]:
-    """`token add` through the real CLI: (the token, its id)."""
-    made = run_cli("token", "add", user, "--label", label, *options, data_dir=data_dir)
-    assert made.returncode == 0, made.stderr
-    first, second = made.stdout.splitlines()[:2]
-    assert TOKEN_RE.fullmatch(first), made.stdout
-    token_id = re.search(rf"\btoken ([0-9a-f]+) for {user}\b", second)
-    assert token_id, made.stdout
-    return first, token_id.group(1)
 
 
 def stored_tokens(data_dir: Path) -> list[ezauth.ApiToken]:
@@ -558,8 +551,8 @@ def test_account_page_without_a_session_goes_to_the_login_and_back(client, servi
 
     # A change posted without a session changes nothing and goes the same way.
     stranger = new_client(service)
-    posted = stranger.post(ACCOUNT, {"csrf": "c" * 43, "action": "end_others"},
-                           headers={"Cookie": f"ezauth_csrf={'c' * 43}"}, status=303)
+    posted = stranger.post(ACCOUNT, {"csrf": CSRF, "action": "end_others"},
+                           headers={"Cookie": f"ezauth_csrf={CSRF}"}, status=303)
     assert posted.headers["Location"] == "/ezauth/login?rd=%2Fezauth%2Faccount"
     assert len(service.stores.registry.live(service.clock(), "alice")) == 2
 
@@ -764,7 +757,7 @@ def test_an_enrolled_user_cannot_swap_the_second_factor_without_a_current_code(c
 
 
 def test_qr_code_is_an_svg_data_uri_of_the_otpauth_uri_with_segno(client):
-    segno = pytest.importorskip("segno")
+    import segno  # in requirements-test.txt: without it this test fails rather than skips
     login(client)
     page = change(client, "totp_begin", 200).text
     _, uri, _ = enrollment_on(page)
@@ -1280,13 +1273,12 @@ class Gunicorn:
 
 @pytest.fixture
 def gunicorn(tmp_path, gunicorn_bin) -> Iterator[Gunicorn]:
-    program = gunicorn_bin
     data_dir = tmp_path / "data"
     add_user(data_dir, "alice")
     port, access_log = free_port(), tmp_path / "access.log"
     with open(tmp_path / "gunicorn.log", "wb") as out:
         proc = subprocess.Popen(
-            [program, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
+            [gunicorn_bin, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
              "--access-logfile", str(access_log), "--access-logformat", "%(p)s %(r)s %(s)s", "ezauth:app"],
             cwd=HERE, stdout=out, stderr=subprocess.STDOUT, env=clean_env(EZAUTH_DATA_DIR=str(data_dir)))
     try:
@@ -1316,9 +1308,10 @@ def poll_verify(server: Gunicorn, headers: dict[str, str], seconds: float, tag: 
 def warm_up(server: Gunicorn, headers: dict[str, str], tag: str) -> None:
     """Until both workers have answered 200 to these credentials (each holds them as valid)."""
     answered: set[str] = set()
+    rounds = itertools.count()  # every request's mark is new, so the access log cannot pair it with an older one
 
     def both() -> bool:
-        answered.update(pid for _, status, pid in poll_verify(server, headers, 0.2, f"{tag}{len(answered)}-")
+        answered.update(pid for _, status, pid in poll_verify(server, headers, 0.2, f"{tag}{next(rounds)}-")
                         if status == 200)
         return len(answered) == 2
 

@@ -105,6 +105,14 @@ def test_theme_script_is_synchronous_and_first_in_head():
     assert tag.start() < head.index('rel="stylesheet"'), "theme.js must come before the stylesheet"
 
 
+# What the code supplies to each page besides the t_ texts, written out here so a change to either
+# side (a new placeholder, a value no longer passed) is seen.
+LOGIN_FIELDS = {"lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username", "remember",
+                "error", "error_state", "footer", "password_step", "code_step", "pending"}
+ACCOUNT_FIELDS = {"lang", "title", "static", "prefix", "action", "csrf", "user", "signed_in", "error", "error_state",
+                  "notice", "new_token", "session_rows", "totp", "token_rows"}
+
+
 def test_every_placeholder_is_supplied_in_both_languages(page_text):
     import ezauth
 
@@ -116,8 +124,8 @@ def test_every_placeholder_is_supplied_in_both_languages(page_text):
     t_keys = {lang: {k for k in texts if k.startswith("t_")} for lang, texts in page_text.items()}
     assert set(page_text) == {"en", "zh-CN"}
     assert t_keys["en"] == t_keys["zh-CN"], "both languages need the same t_ keys"
-    assert login_page - set(ezauth.PAGE_FIELDS) <= t_keys["en"], "the login page uses nothing unsupplied"
-    assert account_page - set(ezauth.ACCOUNT_FIELDS) <= t_keys["en"], "the account page uses nothing unsupplied"
+    assert login_page - t_keys["en"] == set(ezauth.PAGE_FIELDS) == LOGIN_FIELDS, "the login page's own values"
+    assert account_page - t_keys["en"] == set(ezauth.ACCOUNT_FIELDS) == ACCOUNT_FIELDS, "the account page's own"
     assert t_keys["en"] <= login_page | account_page | used(fragments), "every t_ key is used somewhere"
     assert all(page_text["zh-CN"][k] != page_text["en"][k] for k in t_keys["en"]), "untranslated t_ key"
 

@@ -33,7 +33,7 @@ def settled_thread_count(pid: int) -> int:
         samples.append(thread_count(pid))
         return samples[-1] == samples[-2]
 
-    wait_until(steady, timeout=5, interval=0.1)
+    assert wait_until(steady, timeout=5, interval=0.1), f"the thread count never settled: {samples}"
     return samples[-1]
 
 
@@ -113,12 +113,17 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
     cookie = session_cookie(port)
     # Warm up every pool the server keeps, so the baseline is its steady state: 16 logins at once,
     # each a real scrypt, keep every one of the pool's threads busy (it reuses idle ones otherwise).
-    warm = [threading.Thread(target=real_login, args=(port, USERS[n % 10]),
-                             kwargs={"ip": f"10.9.0.{n + 1}", "csrf": CSRF, "status": "*"}) for n in range(16)]
+    warm_statuses: list[int] = []
+
+    def warm_login(n: int) -> None:
+        warm_statuses.append(real_login(port, USERS[n % 10], ip=f"10.9.0.{n + 1}", csrf=CSRF, status="*").status)
+
+    warm = [threading.Thread(target=warm_login, args=(n,)) for n in range(16)]
     for thread in warm:
         thread.start()
     for thread in warm:
         thread.join(timeout=30)
+    assert warm_statuses == [303] * 16, warm_statuses
     http_call(port, "GET", "/ezauth/login")  # a first visit, so the counter file exists
     baseline = settled_thread_count(pid)
     counter_before = int((live_server.data_dir / "counter.txt").read_text())

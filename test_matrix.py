@@ -41,16 +41,22 @@ import pytest
 
 import ezauth
 from conftest import (
+    CACHE_MARK,
+    LOGIN,
     PASSWORD,
+    VERIFY,
     Browser,
     Reply,
     Stack,
+    atomic_write,
     b64,
     basic,
     build_stack,
+    cli_token,
     echo_header,
     forge,
     http_call,
+    jwt_parts,
     login_through_nginx,
     run_cli,
     wait_until,
@@ -70,7 +76,6 @@ CACHE_WINDOW = 5.0  # the documented lag of the auth cache (`proxy_cache_valid 2
 SLACK = 0.5  # scheduling and polling on a busy 2-core machine
 OVERRUN = 2.0  # keep watching this long past a deadline, so a late refusal is measured rather than just missed
 POLL = 0.05
-LOGIN_PATH = "/ezauth/login"
 FORBIDDEN_TEXT = ezauth.PAGE_TEXT["en"]["forbidden_text"]
 EZAUTH_COOKIE_RE = re.compile(r"(?:^|;)\s*ezauth\s*=")
 
@@ -106,7 +111,7 @@ class Config:
 CONFIGS = [Config(*bits) for bits in itertools.product((True, False), repeat=4)]
 
 
-# -- Helpers (candidates for conftest) ------------------------------------------------------------
+# -- Helpers ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -122,43 +127,6 @@ class HostBrowser(Browser):
         return super().request(method, path, body, sent)
 
 
-def add_token(data_dir: Path, user: str, label: str, *paths: str) -> tuple[str, str]:
-    """`python ezauth.py token add USER --label LABEL [--path P]...`: (secret, id) from its first two lines."""
-    args = ["token", "add", user, "--label", label, *itertools.chain.from_iterable(("--path", p) for p in paths)]
-    done = run_cli(*args, data_dir=data_dir)
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    lines = done.stdout.splitlines()
-    assert len(lines) >= 2 and lines[0].startswith("ezt_"), done.stdout
-    found = re.search(r"\btoken ([A-Za-z0-9_-]+)", lines[1])
-    assert found, f"no token id on the second line: {done.stdout!r}"
-    return lines[0].strip(), found.group(1)
-
-
-def jwt_parts(token: str) -> tuple[dict, dict, str]:
-    """(header, claims, signature) of a JWT, unverified."""
-    head, body, signature = token.split(".")
-    decode = lambda part: json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # noqa: E731
-    return decode(head), decode(body), signature
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write as a new inode, so a watching ezauth never reads half a file."""
-    staged = path.with_name(f".{path.name}.staged")
-    staged.write_text(text)
-    staged.replace(path)
-
-
-def app_echo(reply: Reply) -> dict | None:
-    """The stub app's echo when this reply came from the app, else None."""
-    if reply.status != 200:
-        return None
-    try:
-        data = json.loads(reply.body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and data.get("app") == "stub" else None
-
-
 SHOWN_HEADERS = ("cookie", "authorization", "x-auth-request-user", "x-forwarded-user")
 
 
@@ -169,7 +137,7 @@ def app_saw(echo: dict) -> str:
 
 def show(reply: Reply) -> str:
     """One line of evidence: the status and what the app saw, or the start of the body."""
-    echo = app_echo(reply)
+    echo = reply.app_echo()
     if echo is None:
         location = f" Location={reply.location!r}" if reply.location else ""
         return f"{reply.status}{location} body={reply.text[:160]!r}"
@@ -293,7 +261,7 @@ class Matrix:
         """`call`, and whether the app saw this request."""
         before = self.hits(path)
         reply = self.call(path, cookie, **how)
-        return reply, app_echo(reply) is not None or self.hits(path) > before
+        return reply, reply.app_echo() is not None or self.hits(path) > before
 
     def log_in(self, user: str) -> tuple[str, list[str]]:
         """Log USER in through nginx as a browser does: (session token, the Set-Cookie lines of the login)."""
@@ -323,7 +291,7 @@ class Findings:
             self.problems.append(f"REACHED THE APP: {what}: {request} -> {show(reply)}")
         elif reply.status not in statuses:
             self.problems.append(f"refused, but with {reply.status} not {statuses}: {what}: {request} -> {show(reply)}")
-        elif reply.status == 302 and not reply.location.startswith(LOGIN_PATH):
+        elif reply.status == 302 and not reply.location.startswith(LOGIN):
             self.problems.append(f"302 not to the login page: {what}: {request} -> {show(reply)}")
         elif reply.status == 403 and FORBIDDEN_TEXT not in reply.text:
             self.problems.append(f"403 without ezauth's forbidden page: {what}: {request} -> {show(reply)}")
@@ -339,7 +307,7 @@ class Findings:
         secret, and with exactly APP_AUTHORIZATION as its Authorization header (None: none at all)."""
         reply = self.m.call(path, cookie, **how)
         request = f"GET {path} Cookie={cookie!r} {how or ''}".rstrip()
-        echo = app_echo(reply)
+        echo = reply.app_echo()
         if echo is None:
             self.problems.append(f"did not reach the app: {what}: {request} -> {show(reply)}")
             return None
@@ -390,7 +358,7 @@ def replay_after_logout(m: Matrix) -> tuple[Timing, Timing]:
 def use_after_revoke(m: Matrix) -> Timing:
     """Use a token (so a cache that wrongly stores Authorization requests would hold a yes), revoke it with
     the CLI, and keep using it: requests with Authorization bypass the cache, so the limit is a second."""
-    secret, token_id = add_token(m.data_dir, "alice", "revoke probe")
+    secret, token_id = cli_token(m.data_dir, "alice", "revoke probe")
     url = m.mark("/api/revoked")
     # A running ezauth takes in new tokens with its once-a-second reload.
     assert wait_until(lambda: m.send(url, Authorization=f"Bearer {secret}")[1], timeout=5), \
@@ -416,9 +384,9 @@ def set_up(m: Matrix) -> None:
         atomic_write(m.data_dir / "rules", RULES)
     with ThreadPoolExecutor(max_workers=3) as pool:
         alice, bob = pool.submit(m.log_in, "alice"), pool.submit(m.log_in, "bob")
-        tokens = pool.submit(lambda: [add_token(m.data_dir, "alice", "t")[0],
-                                      add_token(m.data_dir, "alice", "api only", "/api/")[0],
-                                      add_token(m.data_dir, "bob", "bob's")[0]])
+        tokens = pool.submit(lambda: [cli_token(m.data_dir, "alice", "t")[0],
+                                      cli_token(m.data_dir, "alice", "api only", "--path", "/api/")[0],
+                                      cli_token(m.data_dir, "bob", "bob's")[0]])
         (m.alice, m.login_set_cookies), (m.bob, _) = alice.result(), bob.result()
         m.token, m.api_token, m.bob_token = tokens.result()
 
@@ -426,9 +394,10 @@ def set_up(m: Matrix) -> None:
     # until the new tokens (taken in all at once) and the rules decide.
     def verify(**headers: str) -> int:
         sent = {"X-Original-Host": m.host.split(":")[0], **{k.replace("_", "-"): v for k, v in headers.items()}}
-        return http_call(m.stack.ezauth.port, "GET", "/ezauth/verify", headers=sent).status
+        return http_call(m.stack.ezauth.port, "GET", VERIFY, headers=sent).status
 
-    wait_until(lambda: verify(Authorization=f"Bearer {m.bob_token}", X_Original_URI="/public/") == 200, timeout=5)
+    assert wait_until(lambda: verify(Authorization=f"Bearer {m.bob_token}", X_Original_URI="/public/") == 200,
+                      timeout=5), "ezauth never took in the tokens the CLI made"
     if m.config.rules:
         m.rules_loaded = bool(wait_until(lambda: verify(Cookie=f"ezauth={m.bob}", X_Original_URI="/admin") == 403,
                                          timeout=5))
@@ -452,7 +421,7 @@ def matrix(request, nginx_bin, tmp_path_factory) -> Iterator[Matrix]:
 def test_configuration_is_what_its_id_says(matrix):
     m, f = matrix, Findings(matrix)
     site = (m.stack.nginx.prefix / "ezauth.conf").read_text()
-    cache_lines = [line for line in site.splitlines() if "# ezauth-cache" in line]
+    cache_lines = [line for line in site.splitlines() if CACHE_MARK in line]
     f.check(bool(cache_lines) and all(line.lstrip().startswith("#") != m.config.cache for line in cache_lines),
             f"cache lines do not match cache={m.config.cache}: {cache_lines}")
     f.reached("a session", m.mark("/config/cache"), f"ezauth={m.alice}")
@@ -461,13 +430,13 @@ def test_configuration_is_what_its_id_says(matrix):
     f.check(bool(cached_files) == m.config.cache, f"auth cache files {cached_files} with cache={m.config.cache}")
 
     good_basic = m.call(m.mark("/config/basic"), Authorization=basic("alice", PASSWORD))
-    f.check((app_echo(good_basic) is not None) == m.config.basic,
+    f.check((good_basic.app_echo() is not None) == m.config.basic,
             f"good Basic credentials with basic={m.config.basic}: {show(good_basic)}")
 
     if m.config.rules:
         f.check(m.rules_loaded is True, "ezauth did not apply the rules file within 5 s")
     bob_admin = m.call(m.mark("/admin"), f"ezauth={m.bob}", navigate=True)
-    f.check((bob_admin.status == 403) == m.config.rules and (app_echo(bob_admin) is None) == m.config.rules,
+    f.check((bob_admin.status == 403) == m.config.rules and (bob_admin.app_echo() is None) == m.config.rules,
             f"bob on /admin with rules={m.config.rules}: {show(bob_admin)}")
 
     session_cookie = next((c for c in m.login_set_cookies if c.startswith("ezauth=")), "")
@@ -553,7 +522,7 @@ def test_three_or_more_session_cookies_are_refused_and_the_app_never_sees_a_thir
     for third in ("ezauth =", "ezauth= ", " ezauth=", "ezauth\t=", "ezauth=\""):
         path = m.mark("/three/spelled")
         reply = m.call(path, f"ezauth={a}; ezauth={a}; {third}{a}")
-        echo = app_echo(reply)
+        echo = reply.app_echo()
         if echo is not None:
             f.clean(f"two sessions and a third spelled {third!r}", f"GET {path} Cookie=ezauth=A; ezauth=A; {third}A",
                     echo, "alice", None)

@@ -34,13 +34,14 @@ from conftest import (
     PASSWORD,
     Nginx,
     Server,
-    Watch,
     add_user,
     basic,
+    clean_env,
     expect,
     free_port,
     http_call,
     missing,
+    open_page,
     render_example,
     require_tool,
     run_cli,
@@ -201,8 +202,8 @@ def start_app(command: list[str], port: int, ready_path: str, log_path: Path, en
 
 def offline_env(root: Path, **extra: str) -> dict[str, str]:
     """An environment for an app that must never reach the internet nor read the caller's state."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EZAUTH_", "GRADIO_", "JUPYTER", "HF_")) and k.lower() not in
+    env = {k: v for k, v in clean_env().items()
+           if not k.startswith(("GRADIO_", "JUPYTER", "HF_")) and k.lower() not in
            ("http_proxy", "https_proxy", "all_proxy")}
     env.update(HOME=str(root / "home"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **extra)
@@ -219,13 +220,14 @@ class AppStack:
     nginx: Nginx
 
     @property
-    def origin(self) -> str:
+    def url(self) -> str:
+        """nginx's origin; named like Server.url, so conftest.open_page takes a stack as its server."""
         return f"http://127.0.0.1:{self.nginx.port}"
 
 
 def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[[int], AppProcess],
                     **ezauth_env: str) -> AppStack:
-    """Start ezauth (user alice), the app (LAUNCH(port)) and nginx on a free port that is not 80."""
+    """Start ezauth (user alice), the app (LAUNCH(port)) and nginx on a free port (ephemeral, so never 80)."""
     nginx_bin = require_tool("nginx", REQUIRE, "nginx-light")
     data_dir = root / "data"
     add_user(data_dir, USER)
@@ -234,7 +236,6 @@ def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[
     app = launch(free_port())
     cleanup.callback(app.stop)
     port = free_port()
-    assert port != 80
     nginx = start_nginx(nginx_bin, root / "nginx", render_example(server.port, app.port, port), port)
     cleanup.callback(nginx.stop)
     return AppStack(server, app, nginx)
@@ -242,19 +243,19 @@ def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[
 
 def login_in_chromium(page: Page, stack: AppStack, target: str) -> None:
     """Open TARGET through nginx, land on ezauth's login page, log in, land on TARGET."""
-    page.goto(stack.origin + target)
+    page.goto(stack.url + target)
     landed = urlsplit(page.url)
     assert (landed.path, parse_qs(landed.query).get("rd")) == (LOGIN, [target]), page.url
     response = submit(page, USER, PASSWORD)
-    assert page.url == stack.origin + target, (page.url, response.status if response else None)
+    assert page.url == stack.url + target, (page.url, response.status if response else None)
 
 
 def logout_in_other_tab(context: BrowserContext, stack: AppStack) -> None:
     """Log out in a second tab, so the app's own tab stays open with its scripts running."""
     other = context.new_page()
-    other.goto(stack.origin + "/ezauth/logout")
+    other.goto(stack.url + "/ezauth/logout")
     assert urlsplit(other.url).path == LOGIN, other.url
-    assert not [c for c in context.cookies(stack.origin) if c["name"] == "ezauth"]
+    assert not [c for c in context.cookies(stack.url) if c["name"] == "ezauth"]
     other.close()
 
 
@@ -274,7 +275,7 @@ def assert_json_401(answer: dict, what: str) -> None:
 
 
 def assert_lands_on_login(page: Page, stack: AppStack, target: str) -> None:
-    page.goto(stack.origin + target)
+    page.goto(stack.url + target)
     landed = urlsplit(page.url)
     assert (landed.path, parse_qs(landed.query).get("rd")) == (LOGIN, [target]), page.url
     assert page.locator("#password").count() == 1
@@ -390,10 +391,7 @@ def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chrom
     big.write_bytes(os.urandom(UPLOAD_SIZE))
     digest = hashlib.sha256(big.read_bytes()).hexdigest()
 
-    context = chromium_realapps.new_context(viewport={"width": 1280, "height": 1600})
-    try:
-        page = context.new_page()
-        watch = Watch(page, stack.origin)
+    with open_page(chromium_realapps, stack, viewport={"width": 1280, "height": 1600}) as (page, watch):
         login_in_chromium(page, stack, "/?from=realapps")
         page.wait_for_selector("#run-job")
 
@@ -415,7 +413,7 @@ def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chrom
         expect(output).to_have_count(1, timeout=20_000)
         src = output.get_attribute("src") or ""
         output.scroll_into_view_if_needed()  # the <img> is loading="lazy"
-        assert urlsplit(src).netloc == urlsplit(stack.origin).netloc, f"output image URL lost the port: {src}"
+        assert urlsplit(src).netloc == urlsplit(stack.url).netloc, f"output image URL lost the port: {src}"
         assert loaded_size(page, output) == [64, 48], f"output image did not load: {src}"
 
         page.set_input_files("#upload input[type=file]", str(big))
@@ -429,7 +427,7 @@ def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chrom
         assert len(steps) >= 3 and steps[-1] != steps[0], steps
         assert [p for p in watch.problems if p not in GRADIO_NOISE] == []
 
-        logout_in_other_tab(context, stack)
+        logout_in_other_tab(page.context, stack)
         # The app's page is still open; its in-page requests now get a JSON 401, not a login page.
         with page.expect_response(lambda r: "/gradio_api/" in r.url and r.request.method == "POST") as refused:
             page.click("#stream")
@@ -439,8 +437,6 @@ def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chrom
         for url in ("/gradio_api/info", "/config", src):
             assert_json_401(page.evaluate(FETCH, url), url)
         assert_lands_on_login(page, stack, "/?from=realapps")
-    finally:
-        context.close()
 
 
 # -- gradio_client with HTTP Basic and API tokens ----------------------------------------------------
@@ -457,7 +453,7 @@ def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: p
     else:
         token = request.getfixturevalue("api_token")
         authorization = f"Bearer {token}" if how == "bearer_token" else basic(USER, token)
-    client = Client(gradio_stack.origin, headers={"Authorization": authorization}, verbose=False,
+    client = Client(gradio_stack.url, headers={"Authorization": authorization}, verbose=False,
                     download_files=str(tmp_path / "downloads"), analytics_enabled=False,
                     httpx_kwargs={"timeout": 60})
     try:
@@ -476,19 +472,28 @@ def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: p
 
 
 def test_gradio_api_without_credentials_is_a_json_401(gradio_stack: AppStack) -> None:
-    """What gradio_client (httpx, no Sec-Fetch-Mode) gets without or with wrong credentials."""
+    """What gradio_client (httpx, no Sec-Fetch-Mode) gets without or with wrong credentials: the
+    error verify names (in the JSON body nginx writes) and its challenge, which reaches the client
+    through auth_request. This stack has EZAUTH_BASIC_AUTH=1, so a wrong Basic password is checked."""
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError
 
-    for headers in ({}, {"Authorization": basic(USER, "wrong password")}):
+    unknown_token = "ezt_" + "A" * 43  # well-formed, never issued
+    cases = [
+        ({}, "login_required", 'Bearer realm="ezauth"'),
+        ({"Authorization": basic(USER, "wrong password")}, "wrong_credentials", 'Basic realm="ezauth"'),
+        ({"Authorization": f"Bearer {unknown_token}"}, "wrong_credentials", 'Bearer realm="ezauth"'),
+        ({"Authorization": basic(USER, unknown_token)}, "wrong_credentials", 'Basic realm="ezauth"'),
+    ]
+    for headers, error, challenge in cases:
         reply = http_call(gradio_stack.nginx.port, "GET", "/config", headers={"Accept": "*/*", **headers})
         seen = (headers, reply.status, dict(reply.headers), reply.text[:300])
         assert reply.status == 401, seen
         assert reply.headers.get("Content-Type", "").startswith("application/json"), seen
-        assert json.loads(reply.body)["error"] in ("login_required", "wrong_credentials"), seen
-        assert reply.headers.get("WWW-Authenticate"), seen
+        assert json.loads(reply.body) == {"error": error, "login": f"{LOGIN}?rd=%2Fconfig"}, seen
+        assert reply.headers.get_all("WWW-Authenticate") == [challenge], seen
     with pytest.raises(AuthenticationError):
-        Client(gradio_stack.origin, verbose=False, analytics_enabled=False)
+        Client(gradio_stack.url, verbose=False, analytics_enabled=False)
 
 
 # -- JupyterLab in Chromium ----------------------------------------------------------------------------
@@ -496,10 +501,7 @@ def test_gradio_api_without_credentials_is_a_json_401(gradio_stack: AppStack) ->
 
 def test_jupyterlab_in_chromium_runs_a_cell_then_logout(chromium_realapps: Chromium, jupyter_stack: AppStack) -> None:
     stack = jupyter_stack
-    context = chromium_realapps.new_context(viewport={"width": 1280, "height": 800})
-    try:
-        page = context.new_page()
-        watch = Watch(page, stack.origin)
+    with open_page(chromium_realapps, stack) as (page, watch):
         sockets: list[str] = []
         page.on("websocket", lambda ws: sockets.append(ws.url))
         login_in_chromium(page, stack, "/jupyter/lab")
@@ -526,21 +528,20 @@ def test_jupyterlab_in_chromium_runs_a_cell_then_logout(chromium_realapps: Chrom
 
         # The Origin check is real: the browser's session and XSRF token, sent again with only the
         # Origin changed, are refused by Jupyter (404, its answer to a cross-origin API call).
-        cookies = {c["name"]: c["value"] for c in context.cookies(stack.origin + "/jupyter/")}
-        for origin, status in ((stack.origin, 201), ("http://127.0.0.1:1", 404)):
+        cookies = {c["name"]: c["value"] for c in page.context.cookies(stack.url + "/jupyter/")}
+        for origin, status in ((stack.url, 201), ("http://127.0.0.1:1", 404)):
             made_again = http_call(stack.nginx.port, "POST", "/jupyter/api/contents", b'{"type": "file"}', {
                 "Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items()), "X-XSRFToken": cookies["_xsrf"],
                 "Origin": origin, "Content-Type": "application/json"})
             assert made_again.status == status, (origin, made_again.status, made_again.text[:300])
 
-        logout_in_other_tab(context, stack)
+        logout_in_other_tab(page.context, stack)
         assert_json_401(page.evaluate(FETCH, "/jupyter/api/contents"), "/jupyter/api/contents")
         opened = page.evaluate("""(url) => new Promise((done) => {
             const ws = new WebSocket(url);
             ws.onopen = () => { ws.close(); done("open"); };
             ws.onerror = () => done("refused");
+            setTimeout(() => done("no answer in 10 s"), 10000);
         })""", kernel_socket)
         assert opened == "refused", kernel_socket
         assert_lands_on_login(page, stack, "/jupyter/lab")
-    finally:
-        context.close()

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -32,7 +31,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import start_server
+from conftest import Server, parse_page, start_server, wait_until
 
 UNTRUSTED = "127.0.0.2"  # a client that is not a trusted proxy: the per-address cap applies to it
 OTHER = "127.0.0.3"  # a second untrusted client, unaffected by whatever 127.0.0.2 does
@@ -463,28 +462,6 @@ def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def settled(read: Callable[[], int], limit: int, timeout: float = 5.0) -> int:
-    """Poll READ until it is at most LIMIT or TIMEOUT passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while (value := read()) > limit and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
-
-
-class HiddenFields(HTMLParser):
-    """The name -> value of every <input type=hidden> in a page."""
-
-    def __init__(self, page: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.values: dict[str, str] = {}
-        self.feed(page)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        found = dict(attrs)
-        if tag == "input" and found.get("type") == "hidden" and found.get("name"):
-            self.values[found["name"]] = found.get("value") or ""
-
-
 @dataclass
 class Crowd:
     """Many client connections read together: what each received, and when the server closed it."""
@@ -527,11 +504,11 @@ class Crowd:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory) -> Iterator[Callable[[], Any]]:
+def running(tmp_path_factory) -> Iterator[Callable[[], Server]]:
     """The module's shared server (no users: none of these tests logs in); a new one if a test killed it."""
-    started: list[Any] = []
+    started: list[Server] = []
 
-    def current() -> Any:
+    def current() -> Server:
         if not started or started[-1].proc.poll() is not None:
             started.append(start_server(tmp_path_factory.mktemp("server") / "data"))
         return started[-1]
@@ -542,7 +519,7 @@ def running(tmp_path_factory) -> Iterator[Callable[[], Any]]:
 
 
 @pytest.fixture
-def server(running) -> Any:
+def server(running) -> Server:
     return running()
 
 
@@ -624,7 +601,7 @@ def test_absolute_form_target_overrides_host(server, target, host, rd):
     data, _ = exchange(server.port, msg(b"GET " + target + b" HTTP/1.1", b"Host: " + host, b"Connection: close"))
     answers, _ = parse_answers(data)
     assert answers and answers[0].status == 200, data[:300]
-    assert HiddenFields(answers[0].body.decode()).values["rd"] == rd
+    assert parse_page(answers[0].body.decode()).hidden["rd"] == rd
 
 
 # -- The requests that used to kill the process -----------------------------------------------
@@ -750,7 +727,8 @@ def test_fuzzed_connections_leave_the_server_healthy_and_its_memory_flat(server_
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.lists(st.tuples(PAYLOADS, st.sampled_from([True, True, False])), min_size=1, max_size=6))
     def one_batch(batch: list[tuple[bytes, bool]]) -> None:
-        assert server.proc.poll() is None, f"ezauth died on the batch {[(p[:300], h) for p, h in sent[-1]]}"
+        last = [(p[:300], h) for p, h in sent[-1]] if sent else "before the first batch"
+        assert server.proc.poll() is None, f"ezauth died on the batch {last}"
         sent.append(batch)
         answers = send_batch(server.port, batch, read_for=0.4)
         for (payload, _), got in zip(batch, answers, strict=True):
@@ -758,7 +736,7 @@ def test_fuzzed_connections_leave_the_server_healthy_and_its_memory_flat(server_
             assert not got or got.startswith(b"HTTP/1.1 "), (payload[:200], got[:200])
             assert 500 not in codes and 503 not in codes, (payload[:300], got[:300])
         assert_serving(server)
-        assert settled(lambda: open_fds(server.proc.pid), fds) <= fds, "the server kept connections open"
+        assert wait_until(lambda: open_fds(server.proc.pid) <= fds), "the server kept connections open"
         rss = rss_kib(server.proc.pid)
         assert rss <= baseline * (1 + FUZZ_RSS_GROWTH), f"RSS {rss} KiB, {baseline} KiB at the start"
 
@@ -877,7 +855,7 @@ def test_half_closed_client_gets_the_whole_login_page(server):
     data, closed = exchange(server.port, msg(b"GET /ezauth/login HTTP/1.1", HOST), half_close=True)
     answers, rest = parse_answers(data)
     assert [a.status for a in answers] == [200] and rest == b"" and closed, data[:300]
-    assert b"</html>" in answers[0].body and "csrf" in HiddenFields(answers[0].body.decode()).values
+    assert b"</html>" in answers[0].body and "csrf" in parse_page(answers[0].body.decode()).hidden
 
 
 PIPELINE = [
