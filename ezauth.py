@@ -1646,9 +1646,10 @@ def ezauth_credentials(authorization: str, basic_auth: bool) -> bool:
     return basic_auth or (credentials is not None and credentials[1].startswith(TOKEN_PREFIX))
 
 
-def hashes_a_password(authorization: str, basic_auth: bool) -> bool:
-    """Whether verify may have to run scrypt for this header: HTTP Basic with a password, not a token."""
-    if not basic_auth or authorization[:6].lower() != "basic ":
+def hashes_a_password(authorization: str) -> bool:
+    """Whether verify may have to run scrypt for this header (when HTTP Basic is on): HTTP Basic with
+    a password, not a token."""
+    if authorization[:6].lower() != "basic ":
         return False
     credentials = parse_basic(authorization)
     return credentials is not None and not credentials[1].startswith(TOKEN_PREFIX)
@@ -3179,7 +3180,7 @@ class EzauthApp:
             return True
         if path != VERIFY_PATH:
             return False
-        return not hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", "")), self.settings.basic_auth)
+        return not (self.settings.basic_auth and hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", ""))))
 
     def body_limit(self, environ: Mapping[str, Any]) -> int:
         """The largest request body any route reads: the login form."""
