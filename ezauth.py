@@ -194,6 +194,9 @@ class Settings:
         "a session ends after this many seconds without use (renewed while in use)", parse_int, check_positive))
     remember_ttl: int = field(default=2592000, metadata=spec(
         "lifetime of a session with 'remember me' (30 days)", parse_int, check_positive))
+    session_max_age: int = field(default=2592000, metadata=spec(
+        "a session ends this long after its login however much it is used, remember me included (30 days)",
+        parse_int, check_positive))
     rotate_every: int = field(default=86400, metadata=spec(
         "make a new signing key this often", parse_int, check_positive))
     trusted_proxies: tuple[IPNetwork, ...] = field(default=DEFAULT_PROXIES, metadata=spec(
@@ -237,6 +240,9 @@ class Settings:
             problem = spec.check(getattr(self, item.name)) if spec.check else ""
             if problem:
                 raise SettingsError(f"{variable(item)}: {problem}")
+        if self.session_max_age < self.session_ttl:
+            raise SettingsError(f"EZAUTH_SESSION_MAX_AGE: {self.session_max_age} is below EZAUTH_SESSION_TTL "
+                                f"({self.session_ttl}); a session could never last its idle time")
 
     @property
     def longest_ttl(self) -> int:
@@ -466,6 +472,23 @@ class WatchedFile:
     def use(self, data: bytes | None) -> None:
         """Take in a new version (None: there is no file); ValueError if it makes no sense."""
         raise NotImplementedError
+
+
+def private_secret(path: Path, now: float) -> bytes:
+    """32 random bytes kept in PATH, made on first use under its lock so every worker shares them; a
+    damaged file is moved aside and replaced."""
+    with locked(path):
+        try:
+            secret = path.read_bytes()
+        except FileNotFoundError:
+            secret = b""
+        if len(secret) == 32:
+            return secret
+        if secret:
+            log.error("event=secret_corrupt path=%s moved_to=%s action=new_secret", path, move_aside(path, now))
+        secret = secrets.token_bytes(32)
+        write_atomic(path, secret)
+        return secret
 
 
 def prepare_data_dir(path: Path) -> None:
@@ -789,6 +812,7 @@ class Session:
     expires: int
     remember: bool
     sid: str  # the session's id in the registry; renewed tokens keep it
+    auth_time: int  # when its password was entered: renewals never carry it past EZAUTH_SESSION_MAX_AGE
 
     @property
     def renew_at(self) -> float:
@@ -805,8 +829,8 @@ def token_secret(key: SigningKey, purpose: str) -> bytes:
 
 def issue_token(session: Session, key: SigningKey) -> str:
     """Sign SESSION as an HS256 JWT with KEY's id in the header."""
-    claims = {"sub": session.user, "iat": session.issued, "exp": session.expires,
-              "fp": session.fingerprint, "rem": int(session.remember), "sid": session.sid}
+    claims = {"sub": session.user, "iat": session.issued, "exp": session.expires, "fp": session.fingerprint,
+              "rem": int(session.remember), "sid": session.sid, "auth_time": session.auth_time}
     return jwt.encode(claims, token_secret(key, SESSION), algorithm="HS256", headers={"kid": key.kid})
 
 
@@ -853,6 +877,8 @@ def check_claims(claims: dict[str, Any], now: float, purpose: str) -> None:
         raise InvalidSession("bad subject or fingerprint")
     if not (isinstance(iat, int) and isinstance(exp, int)) or isinstance(iat, bool) or isinstance(exp, bool):
         raise InvalidSession("bad times")
+    if purpose == SESSION and not (type(claims.get("auth_time")) is int and claims["auth_time"] <= iat):
+        raise InvalidSession("no login time")
     if exp <= now:
         raise InvalidSession("expired")
     nbf = claims.get("nbf", iat)
@@ -864,7 +890,7 @@ def read_token(token: str, keys: KeyRing, now: float) -> Session:
     """The session in TOKEN, or InvalidSession."""
     claims, kid = decode_token(token, keys, now, SESSION)
     return Session(claims["sub"], claims["fp"], kid, claims["iat"], claims["exp"], bool(claims.get("rem")),
-                   claims["sid"])
+                   claims["sid"], claims["auth_time"])
 
 
 def read_pending(token: str, keys: KeyRing, now: float) -> tuple[str, str, bool]:
@@ -1030,7 +1056,6 @@ class SessionRecord:
     expires: float
     ended: float | None
     reason: str
-    confirmed: float
 
 
 class SessionRegistry:
@@ -1039,7 +1064,7 @@ class SessionRegistry:
     SCHEMA = ("CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user TEXT NOT NULL, fp TEXT NOT NULL,"
               " created REAL NOT NULL, last_seen REAL NOT NULL, ip TEXT NOT NULL, agent TEXT NOT NULL,"
               " remember INTEGER NOT NULL, expires REAL NOT NULL, ended REAL, reason TEXT NOT NULL DEFAULT '',"
-              " confirmed REAL NOT NULL DEFAULT 0, ttl REAL NOT NULL DEFAULT 0);"
+              " ttl REAL NOT NULL DEFAULT 0);"
               "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);"
               "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);")
 
@@ -1052,9 +1077,10 @@ class SessionRegistry:
     def start(self, session: Session, ip: str, agent: str, now: float) -> None:
         """Record a session that has just begun (its password was entered now)."""
         self.db.run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, '', ?, ?)",
+            "INSERT OR REPLACE INTO sessions (sid, user, fp, created, last_seen, ip, agent, remember, expires, ttl)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (session.sid, session.user, session.fingerprint, now, now, ip, describe_agent(agent),
-             int(session.remember), session.expires, now, session.expires - session.issued)), now)
+             int(session.remember), session.expires, session.expires - session.issued)), now)
 
     def end(self, sids: Iterable[str], reason: str, now: float) -> int:
         """End these sessions; how many were live. An ended session is remembered until every token
@@ -1069,7 +1095,8 @@ class SessionRegistry:
     def end_token(self, session: Session, reason: str, now: float) -> None:
         """End the session of a token in hand, even if the registry has lost its row (a logout)."""
         self.db.run(lambda db: db.execute(
-            "INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, '', '', ?, ?, NULL, '', 0, ?)",
+            "INSERT OR IGNORE INTO sessions (sid, user, fp, created, last_seen, ip, agent, remember, expires, ttl)"
+            " VALUES (?, ?, ?, ?, ?, '', '', ?, ?, ?)",
             (session.sid, session.user, session.fingerprint, session.issued, now, int(session.remember),
              session.expires, session.expires - session.issued)), now)
         self.end([session.sid], reason, now)
@@ -1081,19 +1108,15 @@ class SessionRegistry:
     def live(self, now: float, user: str | None = None) -> list[SessionRecord]:
         """Sessions that have neither ended nor expired, newest first."""
         return [self._record(row) for row in self.db.run(lambda db: db.execute(
-            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed"
+            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason"
             " FROM sessions WHERE ended IS NULL AND expires > ? AND (? IS NULL OR user = ?) ORDER BY created DESC",
             (now, user, user)).fetchall(), now)]
 
     def get(self, sid: str, now: float) -> SessionRecord | None:
         rows = self.db.run(lambda db: db.execute(
-            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed"
+            "SELECT sid, user, created, last_seen, ip, agent, remember, expires, ended, reason"
             " FROM sessions WHERE sid = ?", (sid,)).fetchall(), now)
         return self._record(rows[0]) if rows else None
-
-    def confirm(self, sid: str, now: float) -> None:
-        """This session's password was entered again (sensitive account changes need it recently)."""
-        self.db.run(lambda db: db.execute("UPDATE sessions SET confirmed = ? WHERE sid = ?", (now, sid)), now)
 
     def refingerprint(self, sid: str, fingerprint: str, now: float) -> None:
         self.db.run(lambda db: db.execute("UPDATE sessions SET fp = ? WHERE sid = ?", (fingerprint, sid)), now)
@@ -1126,9 +1149,8 @@ class SessionRegistry:
 
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SessionRecord:
-        sid, user, created, last_seen, ip, agent, remember, expires, ended, reason, confirmed = row
-        return SessionRecord(sid, user, created, last_seen, ip, agent, bool(remember), expires, ended, reason,
-                             confirmed)
+        sid, user, created, last_seen, ip, agent, remember, expires, ended, reason = row
+        return SessionRecord(sid, user, created, last_seen, ip, agent, bool(remember), expires, ended, reason)
 
 
 class Sessions:
@@ -1137,23 +1159,28 @@ class Sessions:
     MAX_CACHED = 10_000
 
     def __init__(self, users: Users, keys: KeyRing, registry: SessionRegistry, session_ttl: int,
-                 remember_ttl: int) -> None:
+                 remember_ttl: int, max_age: int) -> None:
         self.users, self.keys, self.registry = users, keys, registry
-        self.session_ttl, self.remember_ttl = session_ttl, remember_ttl
+        self.session_ttl, self.remember_ttl, self.max_age = session_ttl, remember_ttl, max_age
         self._verified: dict[str, Session] = {}
 
     def start(self, user: str, now: float, remember: bool, ip: str = "", agent: str = "") -> tuple[str, Session]:
         """A new session for USER, recorded in the registry, and its token."""
-        token, session = self.sign(user, now, remember, secrets.token_hex(16))  # hex: never a leading "-"
+        token, session = self.sign(user, now, remember, secrets.token_hex(16), int(now))  # hex: no leading "-"
         self.registry.start(session, ip, agent, now)
         return token, session
 
-    def sign(self, user: str, now: float, remember: bool, sid: str) -> tuple[str, Session]:
-        """A token for session SID, signed by the current key, good for a whole lifetime from NOW."""
-        ttl = self.remember_ttl if remember else self.session_ttl
+    def sign(self, user: str, now: float, remember: bool, sid: str, auth_time: int) -> tuple[str, Session]:
+        """A token for session SID, signed by the current key, good for a whole lifetime from NOW but
+        never past its login time (AUTH_TIME) plus the absolute lifetime."""
         key = self.keys.signer(now)
-        session = Session(user, self.users.fingerprint(user) or "", key.kid, int(now), int(now) + ttl, remember, sid)
+        session = Session(user, self.users.fingerprint(user) or "", key.kid, int(now),
+                          self.expiry(now, remember, auth_time), remember, sid, auth_time)
         return issue_token(session, key), session
+
+    def expiry(self, now: float, remember: bool, auth_time: int) -> int:
+        """When a token signed NOW expires: its lifetime, cut at the login time plus the absolute lifetime."""
+        return min(int(now) + (self.remember_ttl if remember else self.session_ttl), auth_time + self.max_age)
 
     def check(self, token: str, now: float) -> Session | None:
         """The live session in TOKEN, or None. A cached answer is rechecked against the user, the key
@@ -1166,15 +1193,17 @@ class Sessions:
                 return None
             self._remember(token, session, now)
         if (session.expires <= now or self.keys.get(session.kid) is None or session.sid in self.registry.ended
-                or self.users.fingerprint(session.user) != session.fingerprint):
+                or self.users.fingerprint(session.user) != session.fingerprint
+                or session.auth_time + self.max_age <= now):
             return None
         return session
 
     def renew(self, session: Session, now: float) -> tuple[str, Session] | None:
-        """A fresh token for the same session once it is past half its lifetime, else None."""
-        if now < session.renew_at:
+        """A fresh token for the same session once it is past half its lifetime, else None (also when
+        the absolute lifetime leaves nothing to add)."""
+        if now < session.renew_at or self.expiry(now, session.remember, session.auth_time) <= session.expires:
             return None
-        return self.sign(session.user, now, session.remember, session.sid)
+        return self.sign(session.user, now, session.remember, session.sid, session.auth_time)
 
     def _remember(self, token: str, session: Session, now: float) -> None:
         if len(self._verified) >= self.MAX_CACHED:
@@ -1852,6 +1881,7 @@ class Stores:
     throttle: Throttle
     totp: TotpStore
     rules: AccessRules
+    name_key: bytes = field(repr=False)
     _next_refresh: float = 0.0
     _next_flush: float = 0.0
     _next_look: float = 0.0
@@ -1866,11 +1896,13 @@ class Stores:
         keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
         shared = open_sessions_database(data, now)
         registry = SessionRegistry(shared)
-        return cls(users, keys, registry, Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl),
+        sessions = Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl,
+                            settings.session_max_age)
+        return cls(users, keys, registry, sessions,
                    ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
                    Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
                             settings.lockout_time, now),
-                   TotpStore(data / "totp"), AccessRules(data / "rules"))
+                   TotpStore(data / "totp"), AccessRules(data / "rules"), private_secret(data / "names.key", now))
 
     def refresh(self, now: float) -> int:
         """At most once a second, pick up what the CLI or other workers changed; returns how many
@@ -1922,6 +1954,13 @@ class Stores:
             log.error("event=sessions_flush_failed error=%s", logval(str(err)))
         finally:
             self._flushing.release()
+
+    def log_name(self, name: str) -> str:
+        """NAME as log lines and the lockout hold it: a user's own name, but anything else (a password
+        typed into the name field, say) only as a keyed hash that tells repeats apart and reveals nothing."""
+        if self.users.fingerprint(name) is not None:
+            return name
+        return "hash:" + hmac.new(self.name_key, name.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
     def factors(self, name: str) -> str | None:
         """What proves NAME: their password hash and whether they have a second factor."""
@@ -1986,6 +2025,20 @@ def ip_in(address: str, networks: Iterable[IPNetwork]) -> bool:
     return any(ip in net for net in networks if net.version == ip.version)
 
 
+@functools.lru_cache(maxsize=256)
+def bare_host(host: str) -> str:
+    """A host as ezauth compares hosts: lower case, without its port, brackets or a trailing dot."""
+    if re.search(r"(^|[^:]):\d*$|\]:\d*$", host):
+        host = host.rpartition(":")[0]
+    return host.strip("[]").lower().rstrip(".")
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    """ip_in for the peer of a connection, remembered: nginx's few addresses come on every verify."""
+    return ip_in(peer, trusted)
+
+
 def cookie_values(header: str, name: str) -> list[str]:
     """Every value of cookie NAME in a Cookie header, in the order sent. `ezauth =x` counts as an
     ezauth cookie, as Python's and most apps' cookie parsers read it (and nginx's stripping maps)."""
@@ -2029,10 +2082,7 @@ class Request:
 
     @property
     def host(self) -> str:
-        host = self.header("Host") or self.environ.get("SERVER_NAME", "")
-        if re.search(r"(^|[^:]):\d*$|\]:\d*$", host):
-            host = host.rpartition(":")[0]
-        return host.strip("[]").lower()
+        return bare_host(self.header("Host") or self.environ.get("SERVER_NAME", ""))
 
     @property
     def from_trusted_proxy(self) -> bool:
@@ -2041,7 +2091,7 @@ class Request:
         peer = self.environ.get("REMOTE_ADDR")
         if peer == "" or (isinstance(peer, str) and peer.startswith("/")):
             return True
-        return ip_in(peer or "", self._trusted)
+        return peer_trusted(peer or "", self._trusted)
 
     @property
     def is_https(self) -> bool:
@@ -2132,6 +2182,20 @@ def navigates(request: Request) -> bool:
     return not request.header("X-Requested-With") and "text/html" in request.header("Accept")
 
 
+def top_level_navigation(request: Request) -> bool:
+    """Whether a browser that sends Fetch Metadata is opening this as a page of its own (not a fetch(),
+    an XHR, an iframe or an image); a client without it (curl, an old browser) is judged as before."""
+    dest = request.header("Sec-Fetch-Dest")
+    return not dest or dest == "document"
+
+
+def same_origin_post(request: Request) -> bool:
+    """Whether a browser that sends Fetch Metadata posts from a page of this origin (or the user typed
+    it: `none`); another site, even a sibling subdomain (`same-site`), may not make changes here."""
+    site = request.header("Sec-Fetch-Site")
+    return not site or site in ("same-origin", "none")
+
+
 def make_cookie(name: str, value: str, *, secure: bool, domain: str = "", max_age: int | None = None,
                 path: str = "/") -> str:
     """A Set-Cookie value: always HttpOnly and SameSite=Lax."""
@@ -2143,6 +2207,66 @@ def make_cookie(name: str, value: str, *, secure: bool, domain: str = "", max_ag
     if secure:
         parts.append("Secure")
     return "; ".join(parts)
+
+
+HOST_PREFIX, SECURE_PREFIX = "__Host-", "__Secure-"
+
+
+@dataclass(frozen=True)
+class CookieNames:
+    """The names of ezauth's two cookies for one kind of request, and the CSRF cookie's path."""
+
+    session: str
+    csrf: str
+    csrf_path: str
+
+
+class CookiePolicy:
+    """Which cookies ezauth sets and reads for a request. Over https they carry a prefix that the
+    browser lets only a secure response of this very host (`__Host-`), or of a secure page under
+    EZAUTH_COOKIE_DOMAIN (`__Secure-`), set: a cookie tossed in over plain http (another port of the
+    same host) is never read as ezauth's, and a plain-http login never collides with an https one."""
+
+    def __init__(self, name: str, domain: str, secure: str) -> None:
+        self.domain, self.always_secure, self.never_secure = domain, secure == "1", secure == "0"
+        self.plain = CookieNames(name, f"{name}_csrf", f"{PREFIX}/")
+        self.prefixed = CookieNames(f"{SECURE_PREFIX if domain else HOST_PREFIX}{name}", f"{HOST_PREFIX}{name}_csrf",
+                                    "/")  # a __Host- cookie must have Path=/
+        self.owned = frozenset((name, f"{name}_csrf", f"{HOST_PREFIX}{name}", f"{SECURE_PREFIX}{name}",
+                                f"{HOST_PREFIX}{name}_csrf"))
+        self.base = name
+
+    def secure(self, request: Request) -> bool:
+        """Whether REQUEST's cookies are Secure (and so prefixed): over https, or always with 1."""
+        return self.always_secure or (not self.never_secure and request.is_https)
+
+    def names(self, request: Request) -> CookieNames:
+        return self.prefixed if self.secure(request) else self.plain
+
+    def session(self, request: Request, token: str, max_age: int | None) -> tuple[str, str]:
+        """The Set-Cookie header of a session token (a browser session's cookie when MAX_AGE is None)."""
+        secure = self.secure(request)
+        name = self.prefixed.session if secure else self.plain.session
+        domain = self.domain if not secure or name.startswith(SECURE_PREFIX) else ""
+        return "Set-Cookie", make_cookie(name, token, secure=secure, domain=domain, max_age=max_age)
+
+    def clear_session(self, request: Request) -> list[tuple[str, str]]:
+        """Set-Cookie headers that remove every session cookie this kind of request may carry."""
+        secure = self.secure(request)
+        name = self.prefixed.session if secure else self.plain.session
+        clear = [("Set-Cookie", make_cookie(name, "", secure=secure, max_age=0))]
+        if self.domain:  # a __Host- cookie has no Domain, but then there is no domain either
+            clear.append(("Set-Cookie", make_cookie(name, "", secure=secure, domain=self.domain, max_age=0)))
+        return clear
+
+    def app_cookie(self, header: str) -> str | None:
+        """HEADER without any cookie of ezauth's (under any of its names), for the app; None when it
+        holds none (nginx then passes the header as it came)."""
+        if self.base not in header:
+            return None
+        kept = [part.strip() for part in header.split(";")
+                if part.strip() and part.partition("=")[0].strip() not in self.owned]
+        return "; ".join(kept)
 
 
 def choose_lang(accept_language: str, forced: str = "") -> str:
@@ -2271,16 +2395,22 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_revoke": "Revoke",
         "t_token_days": "Expires after this many days (empty: never)",
         "t_token_paths": "Only under these paths, separated by spaces (empty: everywhere)",
-        "t_confirm_password": "Current password (not needed within 10 minutes of entering it)",
+        "t_confirm_password": "Current password",
         "t_create_token": "Create token",
         "t_token_once": "Your new token. It is shown only this once: copy it now.",
         "t_copy": "Copy",
-        "t_confirm_note": "Changing your password, two-factor login or tokens needs your current password, "
-                          "unless you entered it in the last 10 minutes.",
+        "t_confirm_note": "Creating an API token, changing your password and turning two-factor login on or off "
+                          "each need your current password. Ending sessions and revoking tokens do not.",
+        "t_keep_tokens": "Keep my API tokens working (otherwise they are revoked)",
+        "t_end_all": "Log out everywhere, this browser too",
+        "t_end_all_hint": "Also revokes your API tokens. Use it if a cookie may have been copied.",
+        "t_logout_question": "Log out of this browser?",
+        "msg_not_signed_in": "You are not logged in.",
         "word_never": "never",
         "word_everywhere": "everywhere",
         "msg_no_tokens": "No tokens yet.",
-        "msg_password_changed": "Password changed. Every other session has ended.",
+        "msg_password_changed": "Password changed. Every other session has ended. API tokens revoked: {count}.",
+        "msg_password_changed_kept": "Password changed. Every other session has ended; your API tokens still work.",
         "msg_session_ended": "That session has ended.",
         "msg_others_ended": "You are logged out everywhere else.",
         "msg_totp_on": "Two-factor login is on.",
@@ -2356,15 +2486,22 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_revoke": "吊销",
         "t_token_days": "有效天数（留空：永不过期）",
         "t_token_paths": "仅限这些路径，用空格分隔（留空：全部）",
-        "t_confirm_password": "当前密码（输入后 10 分钟内无需再次输入）",
+        "t_confirm_password": "当前密码",
         "t_create_token": "创建令牌",
         "t_token_once": "新令牌只显示这一次，请立即复制。",
         "t_copy": "复制",
-        "t_confirm_note": "修改密码、两步验证或令牌需要当前密码，除非你在 10 分钟内输入过。",
+        "t_confirm_note": "创建 API 令牌、修改密码以及开启或关闭两步验证，每次都需要输入当前密码。"
+                          "结束会话和吊销令牌则不需要。",
+        "t_keep_tokens": "保留我的 API 令牌（否则将被吊销）",
+        "t_end_all": "退出所有设备（包括本浏览器）",
+        "t_end_all_hint": "同时吊销你的所有 API 令牌。如果 Cookie 可能已被复制，请使用此项。",
+        "t_logout_question": "要在此浏览器上退出登录吗？",
+        "msg_not_signed_in": "你尚未登录。",
         "word_never": "从未",
         "word_everywhere": "全部",
         "msg_no_tokens": "还没有令牌。",
-        "msg_password_changed": "密码已修改，其他所有会话均已结束。",
+        "msg_password_changed": "密码已修改，其他所有会话均已结束。已吊销的 API 令牌：{count} 个。",
+        "msg_password_changed_kept": "密码已修改，其他所有会话均已结束；你的 API 令牌仍然有效。",
         "msg_session_ended": "该会话已结束。",
         "msg_others_ended": "已退出其他所有设备。",
         "msg_totp_on": "两步验证已开启。",
@@ -2406,6 +2543,34 @@ FORBIDDEN_PAGE = string.Template("""<!doctype html>
 </body>
 </html>
 """)
+# GET /ezauth/logout: logging out is a POST with the CSRF token; this page holds the button.
+LOGOUT_PAGE = string.Template("""<!doctype html>
+<html lang="$lang">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex, nofollow">
+<title>$t_logout · $title</title>
+<script src="$static/theme.js"></script>
+<link rel="stylesheet" href="$static/login.css">
+</head>
+<body>
+<main class="card" data-state="$error_state">
+  <h1>$t_logout_question</h1>
+  <div class="oops" role="alert">
+    <img class="cat" src="$static/cat.svg" alt="" width="96" height="96">
+    <p class="bubble">$error</p>
+  </div>
+  <p class="subtitle" id="signed-in">$signed_in</p>
+  <form method="post" action="$action" class="form">
+    <input type="hidden" name="csrf" value="$csrf">
+    <button type="submit" class="submit" id="logout">$t_logout</button>
+  </form>
+  <p class="links"><a href="/">$t_open_app</a></p>
+</main>
+</body>
+</html>
+""")
 
 
 # Pieces of the account page, each rendered through `render` (so escaped there) and then
@@ -2427,19 +2592,19 @@ NEW_TOKEN = string.Template(
     "$t_copy</button></div>")
 CONFIRM_FIELD = string.Template(
     '<div class="field"><label for="$id">$t_confirm_password</label>'
-    '<input id="$id" name="current" type="password" autocomplete="current-password"></div>')
+    '<input id="$id" name="current" type="password" autocomplete="current-password" required></div>')
 CODE_FIELD = string.Template(
     '<div class="field"><label for="$id">$t_code</label><input id="$id" name="code" type="text" '
     'inputmode="numeric" pattern="[0-9]{6}" maxlength="6" autocomplete="one-time-code" required></div>')
 TOTP_OFF = string.Template(
     '    <p>$t_totp_is_off</p>\n    <form method="post" action="$action" class="form" id="totp-form">'
     '<input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" value="totp_begin">'
-    '$confirm<button type="submit" class="submit">$t_totp_turn_on</button></form>')
+    '<button type="submit" class="submit">$t_totp_turn_on</button></form>')
 TOTP_ENROLL = string.Template(
     '    <p>$t_totp_scan</p>\n    $qr<p class="secret">$t_totp_secret <code id="totp-secret">$secret</code></p>'
     '<p class="uri"><code id="totp-uri">$uri</code></p>\n    <form method="post" action="$action" class="form" '
     'id="totp-form"><input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" '
-    'value="totp_confirm"><input type="hidden" name="enrollment" value="$enrollment">$code'
+    'value="totp_confirm"><input type="hidden" name="enrollment" value="$enrollment">$code$confirm'
     '<button type="submit" class="submit">$t_totp_confirm</button></form>')
 TOTP_ON = string.Template(
     '    <p>$t_totp_is_on</p>\n    <form method="post" action="$action" class="form" id="totp-form">'
@@ -2523,6 +2688,7 @@ class AccountView:
     error: str = ""
     notice: str = ""
     retry_after: int = 0  # with error msg_locked: how long the lockout lasts
+    count: int = 0  # with notice msg_password_changed: how many API tokens it revoked
 
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -2535,34 +2701,33 @@ class Pages:
     CSRF cookie: every value goes through render_page, the one escaping point."""
 
     def __init__(self, settings: Settings, template: string.Template, account_template: string.Template,
-                 counter: VisitCounter) -> None:
-        self.settings, self.template, self.account_template, self.counter = (
-            settings, template, account_template, counter)
-        self.csrf_cookie = f"{settings.cookie_name}_csrf"
+                 counter: VisitCounter, cookies: CookiePolicy) -> None:
+        self.settings, self.template, self.account_template, self.counter, self.cookies = (
+            settings, template, account_template, counter, cookies)
         extra_form_action = f" https://*.{settings.cookie_domain.lstrip('.')}" if settings.cookie_domain else ""
+        # Cross-Origin-Opener-Policy: a page of the app that opens one of these in a window gets no
+        # handle on it, so a script there cannot read its CSRF token out of the window.
         self.headers = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
                         ("Content-Security-Policy", PAGE_CSP.format(extra=extra_form_action)),
-                        ("Vary", "Accept-Language"), *SECURITY_HEADERS]
+                        ("Cross-Origin-Opener-Policy", "same-origin"), ("Vary", "Accept-Language"),
+                        *SECURITY_HEADERS]
 
     def lang(self, request: Request) -> str:
         return choose_lang(request.header("Accept-Language"), self.settings.lang)
 
-    def message(self, request: Request, key: str, retry_after: int = 0) -> str:
+    def message(self, request: Request, key: str, retry_after: int = 0, count: int = 0) -> str:
         lang = self.lang(request)
-        return PAGE_TEXT[lang][key].format(wait=wait_text(lang, retry_after))
-
-    def secure(self, request: Request) -> bool:
-        """Whether cookies set for REQUEST get the Secure flag."""
-        return self.settings.cookie_secure == "1" or (self.settings.cookie_secure == "auto" and request.is_https)
+        return PAGE_TEXT[lang][key].format(wait=wait_text(lang, retry_after), count=count)
 
     def csrf(self, request: Request) -> tuple[str, list[tuple[str, str]]]:
         """The visitor's CSRF token, and the Set-Cookie header for it when they had none."""
-        token = next((c for c in request.cookies(self.csrf_cookie) if CSRF_RE.fullmatch(c)), "")
+        names = self.cookies.names(request)
+        token = next((c for c in request.cookies(names.csrf) if CSRF_RE.fullmatch(c)), "")
         if token:
             return token, []
         token = secrets.token_urlsafe(32)
-        return token, [("Set-Cookie", make_cookie(self.csrf_cookie, token, secure=self.secure(request),
-                                                  path=f"{PREFIX}/"))]
+        return token, [("Set-Cookie", make_cookie(names.csrf, token, secure=self.cookies.secure(request),
+                                                  path=names.csrf_path))]
 
     def login(self, request: Request, status: int, state: FormState = FormState(), error: str = "",
               visits: int | None = None, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -2601,7 +2766,7 @@ class Pages:
             "signed_in": PAGE_TEXT[lang]["msg_signed_in"].format(user=view.user),
             "error": self.message(request, view.error, view.retry_after) if view.error else "",
             "error_state": "error" if view.error else "none",
-            "notice": self.message(request, view.notice) if view.notice else "",
+            "notice": self.message(request, view.notice, count=view.count) if view.notice else "",
             "new_token": render(NEW_TOKEN, lang, {"secret": view.new_token}) if view.new_token else Markup(),
             "session_rows": Markup("\n".join(self.session_row(lang, form, r, view.sid) for r in view.sessions)),
             "totp": self.totp_block(lang, form, view),
@@ -2640,11 +2805,21 @@ class Pages:
             return render(TOTP_ON, lang, {**form, "code": code, "confirm": confirm})
         secret, uri, enrollment = view.enrollment
         if not enrollment:
-            return render(TOTP_OFF, lang, {**form, "confirm": confirm})
+            return render(TOTP_OFF, lang, form)
         qr = qr_data_uri(uri)
         image = render(QR_IMAGE, lang, {"src": qr[0], "size": qr[1]}) if qr else Markup()
         return render(TOTP_ENROLL, lang, {**form, "qr": image, "secret": secret, "uri": uri,
-                                          "enrollment": enrollment, "code": code})
+                                          "enrollment": enrollment, "code": code, "confirm": confirm})
+
+    def logout(self, request: Request, status: int, user: str, error: str = "") -> Response:
+        """The page with the logout button (USER: who is logged in here, if anyone)."""
+        lang, (csrf, csrf_header) = self.lang(request), self.csrf(request)
+        text = PAGE_TEXT[lang]
+        body = render_page(LOGOUT_PAGE, lang, {
+            "title": self.settings.title or text["default_title"], "static": f"{PREFIX}/static",
+            "action": f"{PREFIX}/logout", "csrf": csrf, "error": error, "error_state": "error" if error else "none",
+            "signed_in": text["msg_signed_in"].format(user=user) if user else text["msg_not_signed_in"]})
+        return Response(status, body, [*self.headers, *csrf_header])
 
     def forbidden(self, request: Request) -> Response:
         """The page nginx shows instead of the app when access rules keep a logged-in user out."""
@@ -2684,8 +2859,8 @@ def find_static(name: str, roots: Iterable[Path]) -> Path | None:
     return None
 
 
-CONFIRM_FOR = 600  # a password entered this recently counts for sensitive account changes
-ACCOUNT_NOTICES = ("password_changed", "session_ended", "others_ended", "totp_on", "totp_off", "token_revoked")
+ACCOUNT_NOTICES = ("password_changed", "password_changed_kept", "session_ended", "others_ended", "totp_on", "totp_off",
+                   "token_revoked")
 
 
 class Handlers:
@@ -2694,7 +2869,7 @@ class Handlers:
 
     def __init__(self, settings: Settings, stores: Stores, pages: Pages, clock: Clock, metrics: Metrics) -> None:
         self.settings, self.stores, self.pages, self.clock, self.metrics = settings, stores, pages, clock, metrics
-        self.cookie = settings.cookie_name
+        self.cookies = pages.cookies
         self.basic_cache = BasicCache()
         self.static_roots = (settings.data_dir / "static", HERE / "static")
 
@@ -2734,10 +2909,11 @@ class Handlers:
         if form is None:
             log.warning("event=login_rejected reason=bad_form ip=%s", logval(request.client_ip))
             raise Refused(400, "msg_bad_form")
-        sent = form.get("csrf", "").encode()
-        if not sent or not any(hmac.compare_digest(c.encode(), sent) for c in request.cookies(self.pages.csrf_cookie)):
+        sent, names = form.get("csrf", "").encode(), self.cookies.names(request)
+        if not sent or not any(hmac.compare_digest(c.encode(), sent) for c in request.cookies(names.csrf)):
             name = form.get("username", "").strip()
-            log.warning("event=login_rejected reason=csrf ip=%s user=%s", logval(request.client_ip), logval(name))
+            log.warning("event=login_rejected reason=csrf ip=%s user=%s", logval(request.client_ip),
+                        logval(self.stores.log_name(name)))
             raise Refused(403, "msg_csrf", FormState(name, self.target(request, form.get("rd", ""))))
         return form
 
@@ -2776,11 +2952,12 @@ class Handlers:
     def reserve(self, request: Request, name: str, now: float, how: str = "",
                 state: FormState | None = None) -> Attempt:
         """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
-        attempt = self.stores.throttle.begin([f"ip:{request.client_ip}", f"user:{name.lower()[:64]}"], now)
+        shown = self.stores.log_name(name)
+        attempt = self.stores.throttle.begin([f"ip:{request.client_ip}", f"user:{shown.lower()[:64]}"], now)
         if attempt.locked:
             self.metrics.logins_locked += 1
             log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
-                        how, logval(name), logval(request.client_ip), attempt.retry_after)
+                        how, logval(shown), logval(request.client_ip), attempt.retry_after)
             raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
         return attempt
 
@@ -2788,7 +2965,8 @@ class Handlers:
         """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
         self.stores.throttle.failed(attempt, now)
         self.metrics.logins_failed += 1
-        log.warning("event=login_failed %suser=%s ip=%s", how, logval(name), logval(request.client_ip))
+        log.warning("event=login_failed %suser=%s ip=%s", how, logval(self.stores.log_name(name)),
+                    logval(request.client_ip))
 
     def logged_in(self, request: Request, name: str, now: float, rd: str, remember: bool) -> Response:
         token, session = self.stores.sessions.start(name, now, remember, request.client_ip,
@@ -2802,23 +2980,25 @@ class Handlers:
         return safe_return_target(raw, request.host, self.settings.cookie_domain)
 
     def session_cookie(self, request: Request, token: str, session: Session) -> tuple[str, str]:
-        max_age = session.expires - session.issued if session.remember else None
-        return ("Set-Cookie", make_cookie(self.cookie, token, secure=self.pages.secure(request),
-                                          domain=self.settings.cookie_domain, max_age=max_age))
+        return self.cookies.session(request, token, session.expires - session.issued if session.remember else None)
 
     # -- verify: nginx asks on every request --
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
-        tokens = request.cookies(self.cookie)
+        tokens = request.cookies(self.cookies.names(request).session)
         if len(tokens) > MAX_SESSION_COOKIES:
             log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
                         len(tokens), logval(request.client_ip))
             return self.deny(request, True, "too_many_cookies")
-        for token in tokens:
-            session = self.stores.sessions.check(token, now)
-            if session is not None:
-                return self.grant_session(request, session, now)
+        sessions = [s for token in tokens if (s := self.stores.sessions.check(token, now)) is not None]
+        if len({s.user for s in sessions}) > 1:
+            # A browser holds one login; two users' sessions mean one was tossed in (by a sibling host
+            # under EZAUTH_COOKIE_DOMAIN, say) to make the visitor act as someone else.
+            log.warning("event=verify_refused reason=sessions_of_two_users ip=%s", logval(request.client_ip))
+            return self.deny(request, True)
+        if sessions:
+            return self.grant_session(request, sessions[0], now)
         authorization = request.header("Authorization")
         if authorization[:7].lower() == "bearer " and authorization[7:].strip().startswith(TOKEN_PREFIX):
             return self.verify_api_token(request, authorization[7:].strip(), None, now, bool(tokens))
@@ -2839,10 +3019,17 @@ class Handlers:
 
     def grant(self, request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
         """200 for a proven USER, unless access rules keep them off this host and path (403)."""
+        original_host = request.header("X-Original-Host")
+        if original_host and bare_host(original_host) != request.host:
+            # The rules judge the host of the request line; the app gets the Host header: one host only.
+            self.metrics.verify_denied += 1
+            log.warning("event=verify_refused reason=host_mismatch host=%s original_host=%s ip=%s",
+                        logval(request.host), logval(original_host), logval(request.client_ip))
+            return Response(403, b"", [("Cache-Control", "no-cache")])
         rules = self.stores.rules.rules
         if rules is not None:
             uri = request.header("X-Original-URI") or "/"
-            host = (request.header("X-Original-Host") or request.host).lower()
+            host = bare_host(original_host) if original_host else request.host
             if not rules.allows_every(user, host, uri):
                 self.metrics.verify_denied += 1
                 log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
@@ -2851,6 +3038,9 @@ class Handlers:
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
             headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
+        app_cookie = self.cookies.app_cookie(request.header("Cookie"))
+        if app_cookie is not None:  # nginx passes this on instead of the Cookie header (";" marks it as ours)
+            headers.append(("X-Ezauth-App-Cookie", f";{app_cookie}"))
         self.metrics.verify_allowed += 1
         return Response(200, b"", headers)
 
@@ -2922,34 +3112,35 @@ class Handlers:
         if session is None:
             return self.to_login(request)
         try:
-            done = request.query("done")
+            done, count = request.query("done"), request.query("count")
         except ValueError:
-            done = ""
+            done = count = ""
         notice = f"msg_{done}" if done in ACCOUNT_NOTICES else ""
-        return self.pages.account(request, 200, self.account_view(session, notice=notice))
+        return self.pages.account(request, 200, self.account_view(
+            session, notice=notice, count=int(count) if re.fullmatch(r"[0-9]{1,6}", count) else 0))
 
     def account_submit(self, request: Request) -> Response:
         """Every change on the account page: a POST with the CSRF token, dispatched by its action."""
         session = self.account_session(request)
         if session is None:
             return self.to_login(request)
-        action = ""
+        form: dict[str, str] = {}
         try:
             form = self.read_form_with_csrf(request)
-            action = form.get("action", "")
-            change = ACCOUNT_ACTIONS.get(action)
+            change = ACCOUNT_ACTIONS.get(form.get("action", ""))
             if change is None:
                 raise Refused(400, "msg_bad_form")
             return change(self, request, session, form)
         except Refused as refused:
-            log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(action or "-"),
+            log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(form.get("action") or "-"),
                         refused.message, logval(session.user), logval(request.client_ip))
-            view = self.account_view(session, error=refused.message, retry_after=refused.retry_after)
+            view = self.account_view(session, error=refused.message, retry_after=refused.retry_after,
+                                     enrollment=self.enrollment(session, form.get("enrollment", "")))
             return self.pages.account(request, refused.status, view)
 
     def cookie_sessions(self, request: Request, now: float) -> list[Session]:
         """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
-        return [s for t in request.cookies(self.cookie)[:MAX_SESSION_COOKIES]
+        return [s for t in request.cookies(self.cookies.names(request).session)[:MAX_SESSION_COOKIES]
                 if (s := self.stores.sessions.check(t, now)) is not None]
 
     def account_session(self, request: Request) -> Session | None:
@@ -2966,27 +3157,26 @@ class Handlers:
                            **outcome)
 
     def changed(self, request: Request, session: Session, action: str, notice: str,
-                *headers: tuple[str, str]) -> Response:
-        """A change made: its log line, and back to the page (a reload does not post it again)."""
-        log.info("event=account_%s user=%s ip=%s", action, logval(session.user), logval(request.client_ip))
-        return Response(303, b"", [("Location", f"{ACCOUNT}?done={notice}"), ("Cache-Control", "no-store"),
-                                   *headers])
+                *headers: tuple[str, str], revoked: int | None = None) -> Response:
+        """A change made: its log line, and back to the page (a reload does not post it again). REVOKED:
+        how many API tokens it revoked, for the line and the page."""
+        count = "" if revoked is None else f" tokens_revoked={revoked}"
+        log.info("event=account_%s user=%s ip=%s%s", action, logval(session.user), logval(request.client_ip), count)
+        query = f"done={notice}" + ("" if revoked is None else f"&count={revoked}")
+        return Response(303, b"", [("Location", f"{ACCOUNT}?{query}"), ("Cache-Control", "no-store"), *headers])
 
-    def confirm(self, request: Request, session: Session, form: Mapping[str, str], always: bool = False) -> None:
-        """Sensitive changes need the current password, or one entered in the last CONFIRM_FOR seconds;
-        a wrong one counts toward the lockout like a wrong login."""
+    def confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> None:
+        """A lasting change needs the current password in the very request that makes it: a script in the
+        app, or a copied cookie, has the session but not the password. A wrong one counts toward the
+        lockout like a wrong login."""
         now, password = self.clock(), form.get("current", "")
         if not password:
-            record = self.stores.registry.get(session.sid, now)
-            if always or record is None or now - record.confirmed > CONFIRM_FOR:
-                raise Refused(403, "msg_confirm_needed")
-            return
+            raise Refused(403, "msg_confirm_needed")
         attempt = self.reserve(request, session.user, now, "via=account ")
         if not self.stores.users.check(session.user, password):
             self.refuse(request, attempt, session.user, now, "via=account ")
             raise Refused(401, "msg_wrong_current")
         self.stores.throttle.succeeded(attempt)
-        self.stores.registry.confirm(session.sid, now)
 
     def end_session(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
         sid = form.get("sid", "")
@@ -2999,31 +3189,55 @@ class Handlers:
         self.stores.registry.end_user(session.user, "ended_from_account", self.clock(), keep=session.sid)
         return self.changed(request, session, "others_ended", "others_ended")
 
+    def end_all(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """Log out everywhere, this browser too, and revoke every API token: what to press when a cookie
+        may have been copied (a copy is a session like any other)."""
+        now = self.clock()
+        ended = self.stores.registry.end_user(session.user, "ended_everywhere", now)
+        revoked = self.stores.tokens.revoke_user(session.user, now)
+        log.info("event=account_ended_everywhere user=%s ip=%s sessions=%d tokens_revoked=%d",
+                 logval(session.user), logval(request.client_ip), ended, revoked)
+        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
+                                   ("Cache-Control", "no-store")])
+
     def change_password(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """A new password ends every other session; this one goes on with a fresh cookie."""
+        """A new password ends every other session and, unless the user keeps them, revokes their API
+        tokens (made with the old password, perhaps by someone who had it); this one goes on."""
         new = form.get("new", "")
         if len(new) < MIN_PASSWORD:
             raise Refused(400, "msg_password_short")
         if not hmac.compare_digest(new.encode(), form.get("again", "").encode()):
             raise Refused(400, "msg_password_mismatch")
-        self.confirm(request, session, form, always=True)
-        now, stores = self.clock(), self.stores
+        self.confirm(request, session, form)
+        now, stores, kept = self.clock(), self.stores, form.get("keep_tokens") in ("1", "on", "yes")
         stores.users.set_password(session.user, new)
         stores.registry.end_user(session.user, "password_changed", now, keep=session.sid)
-        token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid)
+        revoked = 0 if kept else stores.tokens.revoke_user(session.user, now)
+        token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid, session.auth_time)
         stores.registry.refingerprint(session.sid, renewed.fingerprint, now)
         stores.registry.seen(session.sid, now, request.client_ip, renewed.expires)
-        return self.changed(request, session, "password_changed", "password_changed",
-                            self.session_cookie(request, token, renewed))
+        notice = "password_changed_kept" if kept else "password_changed"
+        return self.changed(request, session, "password_changed", notice, self.session_cookie(request, token, renewed),
+                            revoked=revoked)
 
     def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed."""
-        self.confirm(request, session, form)
+        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed,
+        with the password, so nothing here needs the password yet."""
         now, secret = self.clock(), secrets.token_bytes(20)
         enrollment = issue_enrollment(session.user, session.fingerprint, secret, self.stores.keys.signer(now), now)
-        shown = base64.b32encode(secret).decode().rstrip("=")
-        view = self.account_view(session, enrollment=(shown, totp_uri(session.user, secret), enrollment))
-        return self.pages.account(request, 200, view)
+        return self.pages.account(request, 200, self.account_view(session, enrollment=self.enrollment(
+            session, enrollment)))
+
+    def enrollment(self, session: Session, token: str) -> tuple[str, str, str]:
+        """(secret as shown, otpauth URI, TOKEN) of a two-factor set-up still under way for SESSION's
+        user, so a mistyped password or code does not make them scan a new secret; else empty."""
+        try:
+            user, fingerprint, secret = read_enrollment(token, self.stores.keys, self.clock())
+        except InvalidSession:
+            return "", "", ""
+        if (user, fingerprint) != (session.user, session.fingerprint):
+            return "", "", ""
+        return base64.b32encode(secret).decode().rstrip("="), totp_uri(user, secret), token
 
     def totp_confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
         now = self.clock()
@@ -3033,6 +3247,7 @@ class Handlers:
             raise Refused(400, "msg_too_slow") from None
         if (user, fingerprint) != (session.user, session.fingerprint):
             raise Refused(400, "msg_too_slow")
+        self.confirm(request, session, form)
         attempt = self.reserve(request, user, now, "step=enroll ")
         step = matching_step(secret, form.get("code", "").replace(" ", ""), now, -1)
         if step is None:
@@ -3073,20 +3288,28 @@ class Handlers:
 
     # -- the small routes --
 
+    def logout_page(self, request: Request) -> Response:
+        """A page with a logout button: logging out is a POST with the CSRF token, so a link from
+        another site cannot log anyone out, while links here (the forbidden page's) still work."""
+        session = self.account_session(request)
+        return self.pages.logout(request, 200, session.user if session else "")
+
     def logout(self, request: Request) -> Response:
         """End the session, not just this browser's cookie: a copy of the token stops working too."""
+        try:
+            self.read_form_with_csrf(request)
+        except Refused as refused:
+            session = self.account_session(request)
+            return self.pages.logout(request, refused.status, session.user if session else "",
+                                     self.pages.message(request, refused.message))
         now = self.clock()
         sessions = self.cookie_sessions(request, now)
         for session in sessions:
             self.stores.registry.end_token(session, "logout", now)
-        secure = self.pages.secure(request)
-        clear = [("Set-Cookie", make_cookie(self.cookie, "", secure=secure, max_age=0))]
-        if self.settings.cookie_domain:
-            clear.append(("Set-Cookie", make_cookie(self.cookie, "", secure=secure,
-                                                    domain=self.settings.cookie_domain, max_age=0)))
         log.info("event=logout user=%s ip=%s", logval(sessions[0].user if sessions else "-"),
                  logval(request.client_ip))
-        return Response(303, b"", [("Location", f"{PREFIX}/login"), *clear, ("Cache-Control", "no-store")])
+        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
+                                   ("Cache-Control", "no-store")])
 
     def healthz(self, request: Request) -> Response:
         return text_response(200, "ok")
@@ -3117,7 +3340,7 @@ class Handlers:
 
 
 ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, str]], Response]] = {
-    "end_session": Handlers.end_session, "end_others": Handlers.end_others,
+    "end_session": Handlers.end_session, "end_others": Handlers.end_others, "end_all": Handlers.end_all,
     "password": Handlers.change_password, "totp_begin": Handlers.totp_begin, "totp_confirm": Handlers.totp_confirm,
     "totp_off": Handlers.totp_off, "token_create": Handlers.token_create, "token_revoke": Handlers.token_revoke,
 }
@@ -3127,6 +3350,30 @@ ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, st
 
 Handler = Callable[[Request], Response]
 VERIFY_PATH, HEALTHZ_PATH = f"{PREFIX}/verify", f"{PREFIX}/healthz"
+
+
+def navigation_only(handler: Handler) -> Handler:
+    """A GET of a page that holds a token authorizing changes (the CSRF token) shares its origin with
+    the app, and any script the app serves could fetch it: answered only to a top-level navigation,
+    anything else gets 403 without a token in it."""
+    def answer(request: Request) -> Response:
+        if top_level_navigation(request):
+            return handler(request)
+        log.warning("event=page_refused reason=not_a_navigation dest=%s path=%s ip=%s",
+                    logval(request.header("Sec-Fetch-Dest")), logval(request.path), logval(request.client_ip))
+        return text_response(403, "ezauth: this page opens only on its own, not inside another page or a script")
+    return answer
+
+
+def same_origin_only(handler: Handler) -> Handler:
+    """A POST that changes something: only from a page of this origin, where the browser says so."""
+    def answer(request: Request) -> Response:
+        if same_origin_post(request):
+            return handler(request)
+        log.warning("event=change_refused reason=cross_site site=%s path=%s ip=%s",
+                    logval(request.header("Sec-Fetch-Site")), logval(request.path), logval(request.client_ip))
+        return text_response(403, "ezauth: changes are accepted only from ezauth's own pages")
+    return answer
 
 
 class EzauthApp:
@@ -3190,21 +3437,22 @@ class EzauthApp:
 def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     """Build the service: the stores in the data dir, the pages, the handlers and the one route table."""
     stores = Stores.open(settings, clock)
+    cookies = CookiePolicy(settings.cookie_name, settings.cookie_domain, settings.cookie_secure)
     pages = Pages(settings, load_template(settings.data_dir),
-                  load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter)
+                  load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter, cookies)
     handlers = Handlers(settings, stores, pages, clock, Metrics(started=clock()))
     routes: dict[tuple[str, str], Handler] = {
-        ("GET", f"{PREFIX}/login"): handlers.login_page,
-        ("POST", f"{PREFIX}/login"): handlers.login_submit,
+        ("GET", f"{PREFIX}/login"): navigation_only(handlers.login_page),
+        ("POST", f"{PREFIX}/login"): same_origin_only(handlers.login_submit),
         # auth_request subrequests keep the method of the request they check.
         **{(method, f"{PREFIX}/verify"): handlers.verify
            for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
-        ("GET", f"{PREFIX}/logout"): handlers.logout,
-        ("POST", f"{PREFIX}/logout"): handlers.logout,
+        ("GET", f"{PREFIX}/logout"): navigation_only(handlers.logout_page),
+        ("POST", f"{PREFIX}/logout"): same_origin_only(handlers.logout),
         ("GET", f"{PREFIX}/healthz"): handlers.healthz,
         ("GET", f"{PREFIX}/forbidden"): handlers.forbidden,
-        ("GET", ACCOUNT): handlers.account_page,
-        ("POST", ACCOUNT): handlers.account_submit,
+        ("GET", ACCOUNT): navigation_only(handlers.account_page),
+        ("POST", ACCOUNT): same_origin_only(handlers.account_submit),
         ("GET", f"{PREFIX}/metrics"): handlers.metrics_page,
     }
     for name, _ in settings.legacy_users:
@@ -3802,29 +4050,55 @@ def open_registry(settings: Settings) -> tuple[SessionRegistry, ApiTokens]:
 
 
 def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
-    """Create a user or change their password (their sessions end)."""
+    """Create a user or change their password: their sessions end and, unless --keep-tokens, their API
+    tokens are revoked (whoever knew the old password may have made them)."""
     if not NAME_RE.fullmatch(args.name):
         raise CliError(f"{args.name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
     password = read_new_password(args)
     users = open_users(settings)
     existed = users.fingerprint(args.name) is not None
     users.set_password(args.name, password)
-    if existed:
-        open_registry(settings)[0].end_user(args.name, "password_changed", time.time())
-    print(f"{'changed the password of' if existed else 'created user'} {args.name}"
-          f"{'; their sessions have ended' if existed else ''}")
+    if not existed:
+        print(f"created user {args.name}")
+        return 0
+    registry, tokens = open_registry(settings)
+    ended = registry.end_user(args.name, "password_changed", time.time())
+    revoked = f"{tokens.revoke_user(args.name, time.time())} API token(s) revoked" if not args.keep_tokens else (
+        "API tokens kept (--keep-tokens)")
+    print(f"changed the password of {args.name}; {ended} session(s) ended, {revoked}")
     return 0
 
 
+def rules_naming(path: Path, name: str) -> list[str]:
+    """Where the rules file still names NAME (as a rule's user or a group member), as "line N" notes."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if (words[:1] == ["group"] and name in words[2:]) or (words[:1] in (["allow"], ["deny"])
+                                                               and words[1:2] == [name]):
+            found.append(f"line {number}")
+    return found
+
+
 def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete a user; their sessions end within a second (their API tokens stop working with them)."""
+    """Delete a user and everything of theirs: second factor, sessions, API tokens. A new user of the
+    same name starts clean; the rules file is theirs to edit, so it is only pointed out."""
     if not open_users(settings).delete(args.name):
         raise CliError(f"no user {args.name!r}")
+    second_factor = TotpStore(settings.data_dir / "totp").remove(args.name)
     registry, tokens = open_registry(settings)
-    registry.end_user(args.name, "user_deleted", time.time())
+    ended = registry.end_user(args.name, "user_deleted", time.time())
     revoked = tokens.revoke_user(args.name, time.time())
-    print(f"deleted user {args.name}; their sessions have ended"
-          f"{f' and their {revoked} API token(s) are revoked' if revoked else ''}")
+    print(f"deleted user {args.name}: {ended} session(s) ended, {revoked} API token(s) revoked"
+          f"{', second factor removed' if second_factor else ''}")
+    lines = rules_naming(settings.data_dir / "rules", args.name)
+    if lines:
+        print(f"ezauth: warning: {settings.data_dir / 'rules'} still names {args.name} ({', '.join(lines)}): "
+              f"a new user called {args.name} would get those rules", file=sys.stderr)
     return 0
 
 
@@ -3838,7 +4112,9 @@ def print_table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> Non
 
 def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
     """List live sessions, or end one (by id or an unambiguous prefix) or all of a user's."""
-    registry, now = open_registry(settings)[0], time.time()
+    if args.revoke_tokens and not args.end_user:
+        raise CliError("--revoke-tokens goes with --end-user NAME")
+    (registry, tokens), now = open_registry(settings), time.time()
     if args.end:
         matches = [r for r in registry.live(now) if r.sid.startswith(args.end)]
         if len(matches) != 1 or len(args.end) < 6:
@@ -3847,7 +4123,8 @@ def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ended session {matches[0].sid[:8]} of {matches[0].user}; it is refused within a second")
     elif args.end_user:
         count = registry.end_user(args.end_user, "ended_by_admin", now)
-        print(f"ended {count} session{'s' * (count != 1)} of {args.end_user}")
+        revoked = f"; {tokens.revoke_user(args.end_user, now)} API token(s) revoked" if args.revoke_tokens else ""
+        print(f"ended {count} session{'s' * (count != 1)} of {args.end_user}{revoked}")
     else:
         print_table(("ID", "USER", "CREATED", "LAST SEEN", "IP", "BROWSER"),
                     ((r.sid[:8], r.user, format_time(r.created, "en"), format_time(r.last_seen, "en"), r.ip, r.agent)
@@ -4010,6 +4287,8 @@ def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     passwd_p.add_argument("name")
     passwd_p.add_argument("--password-stdin", action="store_true",
                           help="read the password from one line of standard input")
+    passwd_p.add_argument("--keep-tokens", action="store_true",
+                          help="keep the user's API tokens working (by default a new password revokes them)")
     sub.add_parser("deluser", parents=[common], help="delete a user").add_argument("name")
     sub.add_parser("users", parents=[common], help="list users")
     totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
@@ -4020,6 +4299,8 @@ def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ending = sessions_p.add_mutually_exclusive_group()
     ending.add_argument("--end", metavar="ID", help="end one session (its id, or 6+ characters of it)")
     ending.add_argument("--end-user", metavar="NAME", help="end every session of NAME")
+    sessions_p.add_argument("--revoke-tokens", action="store_true",
+                            help="with --end-user: revoke NAME's API tokens too (a copied cookie or a stolen token)")
 
 
 def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
