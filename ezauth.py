@@ -2039,9 +2039,24 @@ def peer_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return ip_in(peer, trusted)
 
 
+def split_cookies(header: str, names: frozenset[str]) -> tuple[dict[str, list[str]], str]:
+    """The values of the cookies called one of NAMES in a Cookie header, in the order sent, and the
+    header without them. `ezauth =x` counts as an ezauth cookie, as Python's and most apps' cookie
+    parsers read it."""
+    found: dict[str, list[str]] = {}
+    kept = []
+    for part in header.split(";"):
+        key, sep, value = part.partition("=")
+        name = key.strip()
+        if sep and name in names:
+            found.setdefault(name, []).append(value.strip().strip('"'))
+        elif name or value:
+            kept.append(part.strip())
+    return found, "; ".join(kept)
+
+
 def cookie_values(header: str, name: str) -> list[str]:
-    """Every value of cookie NAME in a Cookie header, in the order sent. `ezauth =x` counts as an
-    ezauth cookie, as Python's and most apps' cookie parsers read it (and nginx's stripping maps)."""
+    """Every value of cookie NAME in a Cookie header, in the order sent (read as split_cookies reads)."""
     if name not in header:
         return []
     values = []
@@ -2097,8 +2112,10 @@ class Request:
     def is_https(self) -> bool:
         if self.environ.get("wsgi.url_scheme") == "https":
             return True
-        proto = self.header("X-Forwarded-Proto").split(",")[0].strip().lower()
-        return proto == "https" and self.from_trusted_proxy
+        proto = self.environ.get("HTTP_X_FORWARDED_PROTO")  # asked on every verify: no work for "http"
+        if not proto:
+            return False
+        return str(proto).split(",")[0].strip().lower() == "https" and self.from_trusted_proxy
 
     @property
     def client_ip(self) -> str:
@@ -2212,6 +2229,18 @@ def make_cookie(name: str, value: str, *, secure: bool, domain: str = "", max_ag
 HOST_PREFIX, SECURE_PREFIX = "__Host-", "__Secure-"
 
 
+class SessionCookies(NamedTuple):
+    """What verify reads from a Cookie header in one pass: the session tokens under the name the
+    request may use, and the header without any of ezauth's cookies for the app (None when it held
+    none, so nginx passes it on as it came)."""
+
+    tokens: list[str]
+    app_cookie: str | None
+
+
+NO_COOKIES = SessionCookies([], None)
+
+
 @dataclass(frozen=True)
 class CookieNames:
     """The names of ezauth's two cookies for one kind of request, and the CSRF cookie's path."""
@@ -2243,6 +2272,17 @@ class CookiePolicy:
     def names(self, request: Request) -> CookieNames:
         return self.prefixed if self.secure(request) else self.plain
 
+    def read(self, request: Request) -> SessionCookies:
+        """REQUEST's session tokens: under the prefixed name, which only a secure response can have set,
+        or else under the plain name where ezauth itself sets plain ones (never over https)."""
+        header = request.environ.get("HTTP_COOKIE", "")
+        if self.base not in header:
+            return NO_COOKIES
+        found, rest = split_cookies(header, self.owned)
+        tokens = found.get(self.prefixed.session) or (
+            found.get(self.plain.session, []) if not self.secure(request) else [])
+        return SessionCookies(tokens, rest)
+
     def session(self, request: Request, token: str, max_age: int | None) -> tuple[str, str]:
         """The Set-Cookie header of a session token (a browser session's cookie when MAX_AGE is None)."""
         secure = self.secure(request)
@@ -2258,15 +2298,6 @@ class CookiePolicy:
         if self.domain:  # a __Host- cookie has no Domain, but then there is no domain either
             clear.append(("Set-Cookie", make_cookie(name, "", secure=secure, domain=self.domain, max_age=0)))
         return clear
-
-    def app_cookie(self, header: str) -> str | None:
-        """HEADER without any cookie of ezauth's (under any of its names), for the app; None when it
-        holds none (nginx then passes the header as it came)."""
-        if self.base not in header:
-            return None
-        kept = [part.strip() for part in header.split(";")
-                if part.strip() and part.partition("=")[0].strip() not in self.owned]
-        return "; ".join(kept)
 
 
 def choose_lang(accept_language: str, forced: str = "") -> str:
@@ -2986,27 +3017,28 @@ class Handlers:
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
-        tokens = request.cookies(self.cookies.names(request).session)
+        cookies = self.cookies.read(request)
+        tokens = cookies.tokens
         if len(tokens) > MAX_SESSION_COOKIES:
             log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
                         len(tokens), logval(request.client_ip))
             return self.deny(request, True, "too_many_cookies")
         sessions = [s for token in tokens if (s := self.stores.sessions.check(token, now)) is not None]
-        if len({s.user for s in sessions}) > 1:
+        if len(sessions) > 1 and any(s.user != sessions[0].user for s in sessions):
             # A browser holds one login; two users' sessions mean one was tossed in (by a sibling host
             # under EZAUTH_COOKIE_DOMAIN, say) to make the visitor act as someone else.
             log.warning("event=verify_refused reason=sessions_of_two_users ip=%s", logval(request.client_ip))
             return self.deny(request, True)
         if sessions:
-            return self.grant_session(request, sessions[0], now)
+            return self.grant_session(request, sessions[0], now, cookies.app_cookie)
         authorization = request.header("Authorization")
         if authorization[:7].lower() == "bearer " and authorization[7:].strip().startswith(TOKEN_PREFIX):
-            return self.verify_api_token(request, authorization[7:].strip(), None, now, bool(tokens))
+            return self.verify_api_token(request, authorization[7:].strip(), None, now, cookies)
         if authorization[:6].lower() == "basic ":
-            return self.verify_basic(request, now, bool(tokens))
+            return self.verify_basic(request, now, cookies)
         return self.deny(request, bool(tokens))
 
-    def grant_session(self, request: Request, session: Session, now: float) -> Response:
+    def grant_session(self, request: Request, session: Session, now: float, app_cookie: str | None) -> Response:
         headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
         renewed = self.stores.sessions.renew(session, now)
         if renewed:
@@ -3015,12 +3047,13 @@ class Handlers:
         registry = self.stores.registry
         if renewed or registry.stale(session.sid, now):  # a renewal's new expiry always reaches the registry
             registry.seen(session.sid, now, request.client_ip, (renewed[1] if renewed else session).expires)
-        return self.grant(request, session.user, headers)
+        return self.grant(request, session.user, headers, app_cookie)
 
-    def grant(self, request: Request, user: str, headers: list[tuple[str, str]]) -> Response:
-        """200 for a proven USER, unless access rules keep them off this host and path (403)."""
+    def grant(self, request: Request, user: str, headers: list[tuple[str, str]], app_cookie: str | None) -> Response:
+        """200 for a proven USER, unless access rules keep them off this host and path (403). APP_COOKIE:
+        the Cookie header for the app, without ezauth's cookies."""
         original_host = request.header("X-Original-Host")
-        if original_host and bare_host(original_host) != request.host:
+        if original_host and original_host != request.header("Host") and bare_host(original_host) != request.host:
             # The rules judge the host of the request line; the app gets the Host header: one host only.
             self.metrics.verify_denied += 1
             log.warning("event=verify_refused reason=host_mismatch host=%s original_host=%s ip=%s",
@@ -3038,7 +3071,6 @@ class Handlers:
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
             headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
-        app_cookie = self.cookies.app_cookie(request.header("Cookie"))
         if app_cookie is not None:  # nginx passes this on instead of the Cookie header (";" marks it as ours)
             headers.append(("X-Ezauth-App-Cookie", f";{app_cookie}"))
         self.metrics.verify_allowed += 1
@@ -3055,26 +3087,29 @@ class Handlers:
                                    *challenge, *headers])
 
     def verify_api_token(self, request: Request, secret: str, name: str | None, now: float,
-                         had_cookie: bool) -> Response:
+                         cookies: SessionCookies) -> Response:
         """An API token, as a bearer token or as the password of HTTP Basic: one SHA-256, no scrypt."""
         token = self.stores.tokens.check(secret, now) or self.stores.look_again(secret, now)
         if token is None or name not in (None, token.user) or self.stores.users.fingerprint(token.user) is None:
             log.warning("event=token_rejected ip=%s", logval(request.client_ip))
             scheme = "Basic" if name is not None else "Bearer"
-            return self.deny(request, had_cookie, "wrong_credentials", ("WWW-Authenticate", f'{scheme} realm="ezauth"'))
+            return self.deny(request, bool(cookies.tokens), "wrong_credentials",
+                             ("WWW-Authenticate", f'{scheme} realm="ezauth"'))
         if not token.allows(request.header("X-Original-URI") or "/"):
             self.metrics.verify_denied += 1
             log.info("event=access_denied user=%s token=%s reason=outside_token_paths", logval(token.user), token.id)
             return Response(403, b"", [("Cache-Control", "no-cache")])
         self.stores.tokens.used(token, now)
-        return self.grant(request, token.user, [("X-Auth-Request-User", token.user), ("Cache-Control", "no-cache")])
+        return self.grant(request, token.user, [("X-Auth-Request-User", token.user), ("Cache-Control", "no-cache")],
+                          cookies.app_cookie)
 
-    def verify_basic(self, request: Request, now: float, had_cookie: bool) -> Response:
+    def verify_basic(self, request: Request, now: float, cookies: SessionCookies) -> Response:
         """HTTP Basic for API clients: an API token as the password, or (with EZAUTH_BASIC_AUTH) the
         user's password, checked once (scrypt, lockout) and then cached for a minute."""
         credentials = parse_basic(request.header("Authorization"))
         if credentials is not None and credentials[1].startswith(TOKEN_PREFIX):
-            return self.verify_api_token(request, credentials[1], credentials[0], now, had_cookie)
+            return self.verify_api_token(request, credentials[1], credentials[0], now, cookies)
+        had_cookie = bool(cookies.tokens)
         if not self.settings.basic_auth:
             return self.deny(request, had_cookie)
         try:
@@ -3083,7 +3118,8 @@ class Handlers:
                 user = (self.basic_cache.get(digest, self.stores.factors, now)
                         or self.check_basic(request, *credentials, digest, now))
                 if user is not None:
-                    return self.grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")])
+                    return self.grant(request, user, [("X-Auth-Request-User", user), ("Cache-Control", "no-cache")],
+                                      cookies.app_cookie)
         except Refused as locked:
             return self.deny(request, had_cookie, "too_many_attempts", ("Retry-After", str(locked.retry_after)))
         # WWW-Authenticate only for a client that sent credentials: a browser must not show a password dialog.
@@ -3140,7 +3176,7 @@ class Handlers:
 
     def cookie_sessions(self, request: Request, now: float) -> list[Session]:
         """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
-        return [s for t in request.cookies(self.cookies.names(request).session)[:MAX_SESSION_COOKIES]
+        return [s for t in self.cookies.read(request).tokens[:MAX_SESSION_COOKIES]
                 if (s := self.stores.sessions.check(t, now)) is not None]
 
     def account_session(self, request: Request) -> Session | None:
