@@ -125,6 +125,17 @@ def parse_networks(name: str, raw: str) -> tuple[IPNetwork, ...]:
         raise SettingsError(f"{name}: {err}") from None
 
 
+def ip_in(address: str, networks: Iterable[IPNetwork]) -> bool:
+    """Whether ADDRESS (IPv4-mapped IPv6 read as the IPv4 it maps) lies in one of NETWORKS."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
 def parse_text(name: str, raw: str) -> str:
     return raw
 
@@ -173,11 +184,37 @@ def check_text(text: str) -> str:
     return "" if len(text) <= 300 else "longer than 300 characters"
 
 
+def check_proxy_headers(value: str) -> str:
+    return "" if value in PROXY_HEADERS else f"{value!r} is not one of {', '.join(PROXY_HEADERS)}"
+
+
+def parse_portal(name: str, raw: str) -> str:
+    """A portal address as scheme://host[:port], without a path; SettingsError otherwise."""
+    try:
+        parts = urllib.parse.urlsplit(raw.strip())
+        _ = parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or (
+            parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise SettingsError(f"{name}: {raw!r} is not an address like https://auth.example.com")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def host_under(host: str, domain: str) -> bool:
+    """True when HOST is DOMAIN or one of its subdomains."""
+    domain = domain.lstrip(".").lower()
+    return bool(domain) and (host == domain or host.endswith("." + domain))
+
+
 def check_bool(value: object) -> str:
     return "" if isinstance(value, bool) else f"{value!r} is not 1 or 0"
 
 
 DEFAULT_PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+# The headers that name the request a proxy asks verify about: (URI, host, port), by family.
+PROXY_HEADERS = {"original": ("X-Original-URI", "X-Original-Host", "X-Original-Port"),
+                 "forwarded": ("X-Forwarded-Uri", "X-Forwarded-Host", "X-Forwarded-Port")}
 
 
 @dataclass(frozen=True)
@@ -233,6 +270,13 @@ class Settings:
         check_bool))
     basic_auth: bool = field(default=False, metadata=spec(
         "`1` lets API clients send `Authorization: Basic`", parse_bool, check_bool))
+    proxy_headers: str = field(default="original", metadata=spec(
+        "how the proxy names the request it asks about: `original` (nginx: X-Original-URI, -Host, -Port) or "
+        "`forwarded` (Caddy, Traefik: X-Forwarded-Uri, -Host, -Port); the other family is never read",
+        parse_lower, check_proxy_headers))
+    portal: str = field(default="", metadata=spec(
+        "the login pages' own address, e.g. `https://auth.example.com` (with EZAUTH_COOKIE_DOMAIN): every "
+        "ezauth page on an app's host sends the visitor there", parse_portal, shown="unset"))
     legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
 
     def __post_init__(self) -> None:
@@ -240,6 +284,9 @@ class Settings:
             problem = spec.check(getattr(self, item.name)) if spec.check else ""
             if problem:
                 raise SettingsError(f"{variable(item)}: {problem}")
+        if self.portal and not host_under(urllib.parse.urlsplit(self.portal).hostname or "", self.cookie_domain):
+            raise SettingsError(f"EZAUTH_PORTAL: {self.portal} is not under EZAUTH_COOKIE_DOMAIN "
+                                f"({self.cookie_domain or 'unset'}), so its cookie would not reach the apps")
         if self.session_max_age < self.session_ttl:
             raise SettingsError(f"EZAUTH_SESSION_MAX_AGE: {self.session_max_age} is below EZAUTH_SESSION_TTL "
                                 f"({self.session_ttl}); a session could never last its idle time")
@@ -1476,12 +1523,38 @@ class TotpStore(WatchedFile):
 # -- Access rules ---------------------------------------------------------------------------
 
 
+ANYONE = "anyone"  # a rule's user that matches every visitor, logged in or not
+
+
+class Target(NamedTuple):
+    """Where a request goes and where it comes from, as a rule judges it besides user and path: the
+    host, the port nginx received it on ("" when unknown) and the client's address ("" when no rule
+    asks for it)."""
+
+    host: str
+    port: str
+    client: str
+
+
 @dataclass(frozen=True)
 class Rule:
     allow: bool
-    who: str  # a user name, @group or *
+    who: str  # a user name, @group, * (every logged-in user) or anyone (every visitor)
     host: str  # a host name, *.domain or *
+    port: str  # the port the request came in on, or "" for any
     prefix: str
+    networks: tuple[IPNetwork, ...] = ()  # only for clients in these networks; () for every client
+
+    def matches(self, target: Target, path: str, fold: bool) -> bool:
+        """Whether this rule speaks for one reading of the path; FOLD compares it as a case-insensitive
+        app would."""
+        if not (path.lower().startswith(self.prefix.lower()) if fold else path.startswith(self.prefix)):
+            return False
+        if not (self.host in ("*", target.host) or (
+                self.host.startswith("*.") and target.host.endswith(self.host[1:]))):
+            return False
+        return (not self.port or self.port == target.port) and (
+            not self.networks or ip_in(target.client, self.networks))
 
 
 ABSOLUTE_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -1493,36 +1566,60 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Rules:
-    """Who may reach which host and path: the first matching rule decides, no match denies."""
+    """Who may reach which host and path: the first matching rule decides, no match denies. A visitor
+    who is not logged in (user None) meets only the `anyone` rules."""
 
     def __init__(self, rules: tuple[Rule, ...], groups: Mapping[str, frozenset[str]]) -> None:
         self.count = len(rules)
-        named = {r.who for r in rules if r.who != "*" and not r.who.startswith("@")}
+        named = {r.who for r in rules if r.who not in ("*", ANYONE) and not r.who.startswith("@")}
         named.update(*groups.values())
 
         def applies(rule: Rule, user: str) -> bool:
-            return rule.who in ("*", user) or (rule.who.startswith("@") and user in groups[rule.who[1:]])
+            return rule.who in ("*", ANYONE, user) or (rule.who.startswith("@") and user in groups[rule.who[1:]])
 
         # Each user's own list, worked out once per load, so a check only walks the rules that concern them.
-        self._anyone = tuple(r for r in rules if r.who == "*")
+        self._visitor = tuple(r for r in rules if r.who == ANYONE)
+        self._anyone = tuple(r for r in rules if r.who in ("*", ANYONE))
         self._by_user = {user: tuple(r for r in rules if applies(r, user)) for user in named}
+        self.public = bool(self._visitor)  # some path or network is open without a login
+        self.by_port = any(r.port for r in rules)
+        self.by_network = any(r.networks for r in rules)
 
-    def allows(self, user: str, host: str, path: str, fold: bool = False) -> bool:
+    def allows(self, user: str | None, target: Target, path: str, fold: bool = False) -> bool:
         """The decision for one reading of the path; FOLD compares it as a case-insensitive app would."""
-        for rule in self._by_user.get(user, self._anyone):
-            matched = path.lower().startswith(rule.prefix.lower()) if fold else path.startswith(rule.prefix)
-            if matched and (rule.host in ("*", host) or (
-                    rule.host.startswith("*.") and host.endswith(rule.host[1:]))):
+        for rule in self._visitor if user is None else self._by_user.get(user, self._anyone):
+            if rule.matches(target, path, fold):
                 return rule.allow
         return False
 
-    def allows_every(self, user: str, host: str, uri: str) -> bool:
+    def allows_every(self, user: str | None, target: Target, uri: str) -> bool:
         """True only when every reading of URI's path is allowed: an app that decodes, splits or
         resolves the path differently from these rules must still land somewhere allowed."""
         readings = path_readings(uri)
         if any(CONTROL_RE.search(path) for path in readings):
             return False  # a decoded NUL or line break: no app should get such a path
-        return all(self.allows(user, host, path) and self.allows(user, host, path, fold=True) for path in readings)
+        return all(self.allows(user, target, path) and self.allows(user, target, path, fold=True)
+                   for path in readings)
+
+
+RULE_HOST_RE = re.compile(r"(\*|(?:\*\.)?[^:]+)(?::([0-9]{1,5}))?")
+
+
+def parse_rule(number: int, words: list[str]) -> Rule:
+    """One `allow|deny WHO HOST[:PORT] /PATH [from CIDR,...]` line; ValueError naming the line."""
+    verb, who, host, prefix = words[:4]
+    if not (who in ("*", ANYONE) or NAME_RE.fullmatch(who.removeprefix("@"))):
+        raise ValueError(f"line {number}: {who!r} is not a user, @group, * or anyone")
+    place = RULE_HOST_RE.fullmatch(host.lower())
+    if place is None or not (place[1] == "*" or DOMAIN_RE.fullmatch(place[1].removeprefix("*."))) or (
+            place[2] and not 1 <= int(place[2]) <= 65535) or not prefix.startswith("/"):
+        raise ValueError(f"line {number}: expected a host (or *), optionally with :PORT, and a path starting with /")
+    try:
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in "".join(words[5:]).split(",")) if (
+            len(words) > 4) else ()
+    except ValueError as err:
+        raise ValueError(f"line {number}: after 'from': {err}") from None
+    return Rule(verb == "allow", who, place[1], place[2] or "", prefix, networks)
 
 
 def parse_rules(text: str) -> Rules:
@@ -1539,18 +1636,14 @@ def parse_rules(text: str) -> Rules:
             if not NAME_RE.fullmatch(name) or not all(NAME_RE.fullmatch(m) for m in members):
                 raise ValueError(f"line {number}: bad group name or member")
             groups[name] = frozenset(members)
-        elif words[0] in ("allow", "deny") and len(words) == 4:
-            _, who, host, prefix = words
-            name = who.removeprefix("@")
-            if not (who == "*" or NAME_RE.fullmatch(name)):
-                raise ValueError(f"line {number}: {who!r} is not a user, @group or *")
-            if not (host == "*" or DOMAIN_RE.fullmatch(host.lower().removeprefix("*."))) or not prefix.startswith("/"):
-                raise ValueError(f"line {number}: expected a host (or *) and a path starting with /")
-            if who.startswith("@"):
-                used_groups.setdefault(name, number)
-            rules.append(Rule(words[0] == "allow", who, host.lower(), prefix))
+        elif words[0] in ("allow", "deny") and (len(words) == 4 or (len(words) >= 6 and words[4] == "from")):
+            rule = parse_rule(number, words)
+            if rule.who.startswith("@"):
+                used_groups.setdefault(rule.who[1:], number)
+            rules.append(rule)
         else:
-            raise ValueError(f"line {number}: expected 'allow|deny WHO HOST /PATH' or 'group NAME: USERS'")
+            raise ValueError(f"line {number}: expected 'allow|deny WHO HOST[:PORT] /PATH [from CIDR,...]' "
+                             "or 'group NAME: USERS'")
     for name, number in used_groups.items():
         if name not in groups:
             raise ValueError(f"line {number}: no group {name!r}")
@@ -2015,16 +2108,6 @@ def valid_ip(text: str) -> bool:
     return True
 
 
-def ip_in(address: str, networks: Iterable[IPNetwork]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks if net.version == ip.version)
-
-
 @functools.lru_cache(maxsize=256)
 def bare_host(host: str) -> str:
     """A host as ezauth compares hosts: lower case, without its port, brackets or a trailing dot."""
@@ -2073,6 +2156,17 @@ def header_key(name: str) -> str:
     return "HTTP_" + name.upper().replace("-", "_")
 
 
+class Original(NamedTuple):
+    """The request a proxy asks verify about, as the proxy's headers name it ("" for what they lack)."""
+
+    uri: str
+    host: str
+    port: str
+
+
+NO_ORIGINAL = Original("", "", "")
+
+
 class Request:
     """A thin read-only view of the WSGI environ."""
 
@@ -2086,6 +2180,14 @@ class Request:
 
     def header(self, name: str) -> str:
         return str(self.environ.get(header_key(name), ""))
+
+    def original(self, names: tuple[str, str, str]) -> Original:
+        """The request a trusted proxy asks about, from its family of headers NAMES (URI, host, port; see
+        PROXY_HEADERS); nothing from anyone else, and never from the other family."""
+        if not self.from_trusted_proxy:
+            return NO_ORIGINAL
+        uri, host, port = (self.header(name) for name in names)
+        return Original(uri, host, port)
 
     def query(self, name: str) -> str:
         """The first value of NAME in the query string; ValueError for one with too many fields."""
@@ -2143,12 +2245,6 @@ class Request:
         return client
 
 
-def host_under(host: str, domain: str) -> bool:
-    """True when HOST is DOMAIN or one of its subdomains."""
-    domain = domain.lstrip(".").lower()
-    return bool(domain) and (host == domain or host.endswith("." + domain))
-
-
 def _same_site_path(path: str) -> str:
     # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
     if not path.startswith("/") or path.startswith("//") or any(
@@ -2181,13 +2277,13 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
     return "/"
 
 
-def login_url(original_uri: str, expired: bool) -> str:
-    """The login page URL that returns the visitor to ORIGINAL_URI afterwards."""
+def login_url(original_uri: str, expired: bool, portal: str = "") -> str:
+    """The login page URL (on the PORTAL, when there is one) that returns the visitor to ORIGINAL_URI."""
     query = {"rd": original_uri} if original_uri else {}
     if expired:
         query["expired"] = "1"
     encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
-    return f"{PREFIX}/login" + (f"?{encoded}" if encoded else "")
+    return f"{portal}{PREFIX}/login" + (f"?{encoded}" if encoded else "")
 
 
 def navigates(request: Request) -> bool:
@@ -2858,7 +2954,8 @@ class Pages:
         text = PAGE_TEXT[lang]
         body = render_page(FORBIDDEN_PAGE, lang, {
             "title": text["forbidden_title"], "text": text["forbidden_text"], "home": text["forbidden_home"],
-            "switch": text["forbidden_switch"], "logout": f"{PREFIX}/logout", "static": f"{PREFIX}/static"})
+            "switch": text["forbidden_switch"], "logout": f"{self.settings.portal}{PREFIX}/logout",
+            "static": f"{PREFIX}/static"})
         return Response(403, body, self.headers)
 
 
@@ -2901,6 +2998,7 @@ class Handlers:
     def __init__(self, settings: Settings, stores: Stores, pages: Pages, clock: Clock, metrics: Metrics) -> None:
         self.settings, self.stores, self.pages, self.clock, self.metrics = settings, stores, pages, clock, metrics
         self.cookies = pages.cookies
+        self.proxy_names = PROXY_HEADERS[settings.proxy_headers]
         self.basic_cache = BasicCache()
         self.static_roots = (settings.data_dir / "static", HERE / "static")
 
@@ -3036,7 +3134,7 @@ class Handlers:
             return self.verify_api_token(request, authorization[7:].strip(), None, now, cookies)
         if authorization[:6].lower() == "basic ":
             return self.verify_basic(request, now, cookies)
-        return self.deny(request, bool(tokens))
+        return self.public(request, cookies) or self.deny(request, bool(tokens))
 
     def grant_session(self, request: Request, session: Session, now: float, app_cookie: str | None) -> Response:
         headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
@@ -3050,24 +3148,15 @@ class Handlers:
         return self.grant(request, session.user, headers, app_cookie)
 
     def grant(self, request: Request, user: str, headers: list[tuple[str, str]], app_cookie: str | None) -> Response:
-        """200 for a proven USER, unless access rules keep them off this host and path (403). APP_COOKIE:
-        the Cookie header for the app, without ezauth's cookies."""
-        original_host = request.header("X-Original-Host")
-        if original_host and original_host != request.header("Host") and bare_host(original_host) != request.host:
-            # The rules judge the host of the request line; the app gets the Host header: one host only.
+        """200 for a proven USER, unless the request's host is in doubt or access rules keep them off this
+        host, port and path (403). APP_COOKIE: the Cookie header for the app, without ezauth's cookies."""
+        if not (self.one_host(request) and self.ruled_in(request, user)):
             self.metrics.verify_denied += 1
-            log.warning("event=verify_refused reason=host_mismatch host=%s original_host=%s ip=%s",
-                        logval(request.host), logval(original_host), logval(request.client_ip))
             return Response(403, b"", [("Cache-Control", "no-cache")])
-        rules = self.stores.rules.rules
-        if rules is not None:
-            uri = request.header("X-Original-URI") or "/"
-            host = bare_host(original_host) if original_host else request.host
-            if not rules.allows_every(user, host, uri):
-                self.metrics.verify_denied += 1
-                log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
-                         logval(rules_path(uri)))
-                return Response(403, b"", [("Cache-Control", "no-cache")])
+        return self.allowed(request, headers, app_cookie)
+
+    def allowed(self, request: Request, headers: list[tuple[str, str]], app_cookie: str | None) -> Response:
+        """200 for nginx, telling it which of the client's credentials and cookies to keep from the app."""
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
             headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
@@ -3076,13 +3165,63 @@ class Handlers:
         self.metrics.verify_allowed += 1
         return Response(200, b"", headers)
 
+    def one_host(self, request: Request) -> bool:
+        """Whether the host nginx judged (the request line's, X-Original-Host) is the host the app gets
+        (the Host header): `GET http://public.example.com/` with `Host: private.example.com` is not."""
+        original_host = request.header("X-Original-Host") if self.proxy_names is PROXY_HEADERS["original"] else ""
+        if not original_host or original_host == request.header("Host") or bare_host(original_host) == request.host:
+            return True
+        log.warning("event=verify_refused reason=host_mismatch host=%s original_host=%s ip=%s",
+                    logval(request.host), logval(original_host), logval(request.client_ip))
+        return False
+
+    def ruled_in(self, request: Request, user: str | None, quiet: bool = False) -> bool:
+        """Whether the access rules let USER (None: a visitor not logged in) reach the request's host,
+        port and path. Rules judge only what the proxy names: without its URI (or a port some rule
+        needs) nothing is allowed, never `/` instead. QUIET: no log line for a plain refusal."""
+        rules = self.stores.rules.rules
+        if rules is None:
+            return True
+        original = request.original(self.proxy_names)
+        host = original.host or (request.header("Host") if self.proxy_names is PROXY_HEADERS["original"] else "")
+        missing = ("uri" if not original.uri else "host" if not host else
+                   "port" if rules.by_port and not original.port else "")
+        if missing:
+            log.warning("event=no_original_%s user=%s ip=%s note=the_proxy_must_send_%s", missing, logval(user or "-"),
+                        logval(request.client_ip), "_".join(self.proxy_names))
+            return False
+        target = Target(bare_host(host), original.port, request.client_ip if rules.by_network else "")
+        if rules.allows_every(user, target, original.uri):
+            return True
+        if not quiet:
+            log.info("event=access_denied user=%s host=%s port=%s path=%s", logval(user or "-"), logval(target.host),
+                     logval(target.port or "-"), logval(rules_path(original.uri)))
+        return False
+
+    def public(self, request: Request, cookies: SessionCookies) -> Response | None:
+        """200 without a user for a visitor the rules let in without a login (`allow anyone ...`), else None."""
+        rules = self.stores.rules.rules
+        if rules is None or not rules.public or not (self.one_host(request) and self.ruled_in(request, None, True)):
+            return None
+        return self.allowed(request, [("Cache-Control", "no-cache")], cookies.app_cookie)
+
+    def return_to(self, request: Request) -> str:
+        """Where the login page sends the visitor back to: the URI the proxy asked about; a whole URL
+        when the login pages live on a portal host of their own."""
+        original = request.original(self.proxy_names)
+        if not self.settings.portal or not original.uri.startswith("/"):
+            return original.uri
+        host = original.host if self.proxy_names is PROXY_HEADERS["forwarded"] else request.header("Host")
+        return f"{'https' if request.is_https else 'http'}://{host}{original.uri}" if host else ""
+
     def deny(self, request: Request, had_cookie: bool, error: str = "", *headers: tuple[str, str]) -> Response:
         """401 for nginx. A browser navigating is sent to the login page; anything else gets a short
         JSON answer saying ERROR (X-Ezauth-Error), and nginx makes a lockout 429 (Retry-After)."""
         self.metrics.verify_denied += 1
         error = error or ("" if navigates(request) else "login_required")
         challenge = [("WWW-Authenticate", 'Bearer realm="ezauth"')] if error == "login_required" else []
-        return Response(401, b"", [("X-Ezauth-Login", login_url(request.header("X-Original-URI"), had_cookie)),
+        login = login_url(self.return_to(request), had_cookie, self.settings.portal)
+        return Response(401, b"", [("X-Ezauth-Login", login),
                                    ("Cache-Control", "no-cache"), *([("X-Ezauth-Error", error)] if error else []),
                                    *challenge, *headers])
 
@@ -3095,7 +3234,13 @@ class Handlers:
             scheme = "Basic" if name is not None else "Bearer"
             return self.deny(request, bool(cookies.tokens), "wrong_credentials",
                              ("WWW-Authenticate", f'{scheme} realm="ezauth"'))
-        if not token.allows(request.header("X-Original-URI") or "/"):
+        uri = request.original(self.proxy_names).uri
+        if token.paths and not uri:
+            self.metrics.verify_denied += 1
+            log.warning("event=no_original_uri user=%s token=%s ip=%s", logval(token.user), token.id,
+                        logval(request.client_ip))
+            return Response(403, b"", [("Cache-Control", "no-cache")])
+        if not token.allows(uri):
             self.metrics.verify_denied += 1
             log.info("event=access_denied user=%s token=%s reason=outside_token_paths", logval(token.user), token.id)
             return Response(403, b"", [("Cache-Control", "no-cache")])
@@ -3401,6 +3546,26 @@ def navigation_only(handler: Handler) -> Handler:
     return answer
 
 
+def on_portal(portal: str, handler: Handler) -> Handler:
+    """With a PORTAL, ezauth's pages exist only on that host: an app host (whose scripts are not the
+    portal's) sends a page view there, path and query kept, and makes no change itself."""
+    if not portal:
+        return handler
+    portal_host = bare_host(urllib.parse.urlsplit(portal).netloc)
+
+    def answer(request: Request) -> Response:
+        if request.host == portal_host:
+            return handler(request)
+        if request.method in ("GET", "HEAD"):
+            query = request.environ.get("QUERY_STRING", "")
+            location = f"{portal}{request.path}" + (f"?{query}" if query else "")
+            return Response(303, b"", [("Location", location), ("Cache-Control", "no-store")])
+        log.warning("event=change_refused reason=not_the_portal host=%s path=%s ip=%s", logval(request.host),
+                    logval(request.path), logval(request.client_ip))
+        return text_response(403, f"ezauth: changes are made on {portal} only")
+    return answer
+
+
 def same_origin_only(handler: Handler) -> Handler:
     """A POST that changes something: only from a page of this origin, where the browser says so."""
     def answer(request: Request) -> Response:
@@ -3477,18 +3642,25 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
     pages = Pages(settings, load_template(settings.data_dir),
                   load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter, cookies)
     handlers = Handlers(settings, stores, pages, clock, Metrics(started=clock()))
+
+    def page(handler: Handler) -> Handler:
+        return navigation_only(on_portal(settings.portal, handler))
+
+    def change(handler: Handler) -> Handler:
+        return same_origin_only(on_portal(settings.portal, handler))
+
     routes: dict[tuple[str, str], Handler] = {
-        ("GET", f"{PREFIX}/login"): navigation_only(handlers.login_page),
-        ("POST", f"{PREFIX}/login"): same_origin_only(handlers.login_submit),
+        ("GET", f"{PREFIX}/login"): page(handlers.login_page),
+        ("POST", f"{PREFIX}/login"): change(handlers.login_submit),
         # auth_request subrequests keep the method of the request they check.
         **{(method, f"{PREFIX}/verify"): handlers.verify
            for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
-        ("GET", f"{PREFIX}/logout"): navigation_only(handlers.logout_page),
-        ("POST", f"{PREFIX}/logout"): same_origin_only(handlers.logout),
+        ("GET", f"{PREFIX}/logout"): page(handlers.logout_page),
+        ("POST", f"{PREFIX}/logout"): change(handlers.logout),
         ("GET", f"{PREFIX}/healthz"): handlers.healthz,
         ("GET", f"{PREFIX}/forbidden"): handlers.forbidden,
-        ("GET", ACCOUNT): navigation_only(handlers.account_page),
-        ("POST", ACCOUNT): same_origin_only(handlers.account_submit),
+        ("GET", ACCOUNT): page(handlers.account_page),
+        ("POST", ACCOUNT): change(handlers.account_submit),
         ("GET", f"{PREFIX}/metrics"): handlers.metrics_page,
     }
     for name, _ in settings.legacy_users:
@@ -4255,35 +4427,173 @@ def ezauth_address(raw: str) -> str:
     return parts.netloc
 
 
-def render_nginx_config(template: str, app: str, listen: str, server_name: str | None,
-                        ezauth: str) -> str:
-    """nginx.conf.example with the app, listen address, server name and ezauth address filled in."""
-    parts = urllib.parse.urlsplit(app if "://" in app else f"http://{app}")
+SHARED_MARK = "# ---- The shared part:"
+APPS_MARK = "# ---- One server block per app"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One server block nginx-config writes: an app behind ezauth, or (app "") the portal's own host."""
+
+    app: str  # the app's HOST:PORT, or "" for the portal
+    listen: str
+    server_name: str
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def https(self) -> bool:
+        return bool(self.tls_cert)
+
+
+class InOrder(argparse.Action):
+    """Keeps nginx-config's site flags in the order given: the ones after an --app belong to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.sites = [*(getattr(namespace, "sites", None) or []), (self.dest, values)]
+
+
+def app_address(raw: str) -> str:
+    """HOST:PORT of an --app URL; CliError unless it is http://HOST:PORT."""
+    parts = urllib.parse.urlsplit(raw if "://" in raw else f"http://{raw}")
     try:
-        if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
             raise ValueError
     except ValueError:
-        raise CliError(f"--app {app!r}: give the app's address as http://HOST:PORT") from None
-    text = template.replace("127.0.0.1:7860", parts.netloc).replace("server 127.0.0.1:2424;", f"server {ezauth};")
-    text = text.replace("listen 80;", f"listen {listen};")  # the server block and the copies in its comments
-    if server_name:
-        text = text.replace("server_name _;", f"server_name {server_name};")
-    return text
+        raise CliError(f"--app {raw!r}: give the app's address as http://HOST:PORT") from None
+    return parts.netloc
+
+
+def site_of(app: str, flags: Mapping[str, str]) -> Site:
+    """A Site from one --app (or the portal, APP "") and the flags that apply to it; CliError naming
+    what is wrong."""
+    cert, key = flags.get("tls_cert", ""), flags.get("tls_key", "")
+    if bool(cert) != bool(key):
+        raise CliError("--tls-cert and --tls-key go together: give both files, or neither")
+    listen = listen_address(flags.get("listen") or ("443" if cert else "80"))
+    if not cert and listen.rpartition(":")[2] == "443":
+        raise CliError(f"--listen {listen}: port 443 is for https; add --tls-cert FILE --tls-key FILE "
+                       "(e.g. /etc/letsencrypt/live/NAME/fullchain.pem and privkey.pem), or listen on 80")
+    name = flags.get("server_name") or "_"
+    if not re.fullmatch(r"[A-Za-z0-9.*_-]+( [A-Za-z0-9.*_-]+)*", name):
+        raise CliError(f"--server-name {name!r}: not a server name")
+    for path in (cert, key):
+        if path and (not path.startswith("/") or re.search(r"[\s;{}\"'$]", path)):
+            raise CliError(f"{path!r}: give certificate and key as absolute paths without spaces or quotes")
+    return Site(app, listen, name, cert, key)
+
+
+def sites_from(entries: Iterable[tuple[str, str]], portal: str | None) -> list[Site]:
+    """The sites of nginx-config's flags in order: before the first --app they are defaults for all."""
+    defaults: dict[str, str] = {}
+    apps: list[tuple[str, dict[str, str]]] = []
+    for dest, value in entries:
+        if dest == "app":
+            apps.append((app_address(value), dict(defaults)))
+        else:
+            (apps[-1][1] if apps else defaults)[dest] = value
+    sites = [site_of(app, flags) for app, flags in apps]
+    if portal:
+        sites.append(site_of("", {**defaults, "server_name": portal}))
+    seen = [(s.listen, name) for s in sites for name in s.server_name.split()]
+    if len(seen) != len(set(seen)):
+        raise CliError("two sites listen on the same address with the same --server-name: give each its own")
+    return sites
+
+
+def tls_lines(site: Site) -> str:
+    """The https lines of a server block with a certificate."""
+    return (f"    ssl_certificate     {site.tls_cert};\n    ssl_certificate_key {site.tls_key};\n"
+            "    # http:// typed against this https port: back to https, same host and port.\n"
+            "    error_page 497 =301 https://$ezauth_host$request_uri;\n")
+
+
+def redirect_server(site: Site) -> str:
+    """Plain http on port 80 of an https site's name, sent to https."""
+    port = site.listen.rpartition(":")[2]
+    target = "https://$host" + ("" if port == "443" else f":{port}") + "$request_uri"
+    return (f"server {{\n    listen 80;\n    server_name {site.server_name};\n    # Plain http: to https.\n"
+            f"    return 301 {target};\n}}\n")
+
+
+PORTAL_SERVER = """server {
+    listen $listen;
+    server_name $server_name;
+$tls
+    absolute_redirect off;
+
+    # The portal: ezauth's login, account and logout pages on a host of their own, so no app's
+    # scripts share an origin with them (EZAUTH_PORTAL points here).
+    location /ezauth/ {
+        proxy_pass http://ezauth;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $$ezauth_host;
+        proxy_set_header X-Forwarded-For $$remote_addr;
+        proxy_set_header X-Real-IP $$remote_addr;
+        proxy_set_header X-Forwarded-Proto $$scheme;
+        client_max_body_size 64k;
+        error_page 502 504 = @ezauth_down;
+    }
+    location = /ezauth/verify {
+        return 404;
+    }
+    location @ezauth_down {
+        default_type text/plain;
+        return 503 "The sign-in service is not available right now. Try again in a moment.\\n";
+    }
+    location / {
+        return 302 /ezauth/account;
+    }
+}
+"""
+
+
+def render_site(server_block: str, site: Site) -> str:
+    """The shipped server block filled in for one app (or the portal block), https lines included."""
+    if not site.app:
+        block = string.Template(PORTAL_SERVER).substitute(
+            listen=f"{site.listen} ssl" if site.https else site.listen, server_name=site.server_name,
+            tls=tls_lines(site) if site.https else "")
+    else:
+        block = server_block.replace("127.0.0.1:7860", site.app).replace(
+            "    listen 80;\n", f"    listen {site.listen}{' ssl' if site.https else ''};\n")
+        block = block.replace("    server_name _;\n", f"    server_name {site.server_name};\n"
+                              + (tls_lines(site) if site.https else ""))
+    return block + ("\n" + redirect_server(site) if site.https else "")
+
+
+def render_nginx_config(template: str, sites: list[Site], ezauth: str, part: str = "all") -> str:
+    """nginx.conf.example filled in: the shared part once (ezauth's address in its upstream) and/or a
+    server block for each site."""
+    head, _, rest = template.partition(SHARED_MARK)
+    shared, _, apps = rest.partition(APPS_MARK)
+    apps_mark, _, server_block = (APPS_MARK + apps).partition("\n")
+    shared = (SHARED_MARK + shared).replace("server 127.0.0.1:2424;", f"server {ezauth};")
+    blocks = "\n".join(render_site(server_block.lstrip("\n"), site) for site in sites)
+    return {"shared": shared, "apps": blocks, "all": f"{head}{shared}{apps_mark}\n\n{blocks}"}[part]
 
 
 def cmd_nginx_config(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the shipped nginx config with this setup's values filled in."""
-    if args.server_name and not re.fullmatch(r"[A-Za-z0-9.*_-]+( [A-Za-z0-9.*_-]+)*", args.server_name):
-        raise CliError(f"--server-name {args.server_name!r}: not a server name")
+    """Print the shipped nginx config with this setup's values filled in: the shared part once, and
+    a server block per --app (and for --portal)."""
+    sites = sites_from(getattr(args, "sites", None) or [], args.portal)
+    if args.part != "shared" and not sites:
+        raise CliError("give at least one --app http://HOST:PORT (or --part shared for the shared part alone)")
     if args.ezauth:
         ezauth, source = ezauth_address(args.ezauth), "--ezauth"
     else:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         ezauth, source = f"{host}:{settings.port}", "EZAUTH_HOST and EZAUTH_PORT; --ezauth to choose"
     template = (HERE / "nginx.conf.example").read_text(encoding="utf-8")
-    site = render_nginx_config(template, args.app, listen_address(args.listen), args.server_name, ezauth)
-    sys.stdout.write(f"# Rendered by `python ezauth.py nginx-config`: ezauth at {ezauth} (from {source}),\n"
-                     f"# the app at {args.app}, nginx listening on {args.listen}.\n\n{site}")
+    notes = [f"# Rendered by `python ezauth.py nginx-config`: ezauth at {ezauth} (from {source})."]
+    notes += [f"# {s.server_name} on {s.listen}{' (https)' if s.https else ''}: "
+              + (f"the app at http://{s.app}" if s.app else "the login portal") for s in sites]
+    if args.portal:
+        notes.append(f"# For the portal set EZAUTH_PORTAL=https://{args.portal} and EZAUTH_COOKIE_DOMAIN (a "
+                     "parent domain of every app and of the portal) for ezauth.")
+    sys.stdout.write("\n".join(notes) + "\n\n" + render_nginx_config(template, sites, ezauth, args.part))
     return 0
 
 
@@ -4352,6 +4662,28 @@ def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     token_sub.add_parser("revoke", parents=[common], help="revoke a token by its id").add_argument("id")
 
 
+def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """nginx-config: --listen, --server-name, --tls-cert and --tls-key after an --app are that app's;
+    before the first --app they are every app's."""
+    nginx_p = sub.add_parser(
+        "nginx-config", parents=[common], help="print nginx.conf.example filled in, for one app or several",
+        epilog="e.g. nginx-config --app http://127.0.0.1:7860 --listen 8080 --app http://127.0.0.1:8888 --listen 8081")
+    nginx_p.add_argument("--app", action=InOrder, help="a protected app, e.g. http://127.0.0.1:7860 (repeatable)")
+    nginx_p.add_argument("--listen", action=InOrder, help="where nginx listens for it: a port (80), ADDR:PORT "
+                         "(127.0.0.1:8080) or [::]:8080; default 80, or 443 with a certificate")
+    nginx_p.add_argument("--server-name", action=InOrder, help="nginx server_name, e.g. sd.example.com")
+    nginx_p.add_argument("--tls-cert", action=InOrder, help="https: the certificate (fullchain.pem) file")
+    nginx_p.add_argument("--tls-key", action=InOrder, help="https: the private key (privkey.pem) file")
+    nginx_p.add_argument("--portal", metavar="NAME", help="a server block for the login pages on a host name of "
+                         "their own (with EZAUTH_PORTAL and EZAUTH_COOKIE_DOMAIN); uses the defaults' "
+                         "--listen and certificate")
+    nginx_p.add_argument("--part", choices=("all", "shared", "apps"), default="all",
+                         help="print everything (default), only the shared part (once per nginx), or only the "
+                         "server blocks (to add an app to an nginx that has the shared part)")
+    nginx_p.add_argument("--ezauth", help="where ezauth listens: a port, HOST:PORT, http://HOST:PORT or "
+                         "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ezauth.py", description="Login page and session check for nginx auth_request.",
@@ -4365,13 +4697,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_commands(sub, common)
     add_token_commands(sub, common)
     sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
-    nginx_p = sub.add_parser("nginx-config", parents=[common], help="print nginx.conf.example filled in")
-    nginx_p.add_argument("--app", required=True, help="the protected app, e.g. http://127.0.0.1:7860")
-    nginx_p.add_argument("--listen", required=True,
-                         help="where nginx listens: a port (80), ADDR:PORT (127.0.0.1:8080) or [::]:8080")
-    nginx_p.add_argument("--server-name", help="nginx server_name, e.g. sd.example.com")
-    nginx_p.add_argument("--ezauth", help="where ezauth listens: a port, HOST:PORT, http://HOST:PORT or "
-                         "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
+    add_nginx_config_command(sub, common)
     return parser
 
 
