@@ -2542,6 +2542,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "msg_others_ended": "You are logged out everywhere else.",
         "msg_totp_on": "Two-factor login is on.",
         "msg_totp_off": "Two-factor login is off.",
+        "msg_totp_already_on": "Two-factor login is already on. Turn it off first, with a current code.",
         "msg_token_revoked": "The token is revoked.",
         "msg_confirm_needed": "Enter your current password to make this change.",
         "msg_wrong_current": "That is not your current password.",
@@ -2633,6 +2634,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "msg_others_ended": "已退出其他所有设备。",
         "msg_totp_on": "两步验证已开启。",
         "msg_totp_off": "两步验证已关闭。",
+        "msg_totp_already_on": "两步验证已经开启。请先用当前验证码将其关闭。",
         "msg_token_revoked": "令牌已吊销。",
         "msg_confirm_needed": "请输入当前密码以完成此更改。",
         "msg_wrong_current": "当前密码不正确。",
@@ -3404,6 +3406,8 @@ class Handlers:
     def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
         """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed,
         with the password, so nothing here needs the password yet."""
+        if self.stores.totp.enrolled(session.user):
+            raise Refused(409, "msg_totp_already_on")
         now, secret = self.clock(), secrets.token_bytes(20)
         enrollment = issue_enrollment(session.user, session.fingerprint, secret, self.stores.keys.signer(now), now)
         return self.pages.account(request, 200, self.account_view(session, enrollment=self.enrollment(
@@ -3428,6 +3432,8 @@ class Handlers:
             raise Refused(400, "msg_too_slow") from None
         if (user, fingerprint) != (session.user, session.fingerprint):
             raise Refused(400, "msg_too_slow")
+        if self.stores.totp.enrolled(user):  # a new secret in place of the old needs the old one's code first
+            raise Refused(409, "msg_totp_already_on")
         self.confirm(request, session, form)
         attempt = self.reserve(request, user, now, "step=enroll ")
         step = matching_step(secret, form.get("code", "").replace(" ", ""), now, -1)
