@@ -21,6 +21,7 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -609,7 +610,7 @@ def test_corrupt_counter_is_moved_aside_and_restarts(tmp_path, caplog, content):
 
 
 def test_unusable_counter_returns_none_and_logs(tmp_path, caplog):
-    (tmp_path / "counter.txt.lock").mkdir()
+    (tmp_path / "counter.txt").mkdir()
     assert VisitCounter(tmp_path / "counter.txt", FakeClock(T0)).increment() is None
     assert VisitCounter(tmp_path / "missing-dir" / "counter.txt", FakeClock(T0)).increment() is None
     assert len(events(caplog, "counter_skipped")) == 2
@@ -621,6 +622,33 @@ def test_counter_is_exact_across_threads(tmp_path):
         seen = list(pool.map(lambda _: counter.increment(), range(400)))
     assert sorted(seen) == list(range(1, 401))
     assert (tmp_path / "counter.txt").read_text().strip() == "400"
+
+
+def test_counter_rewrites_in_place_without_an_fsync_per_view(tmp_path, monkeypatch):
+    clock = FakeClock(T0)
+    counter = VisitCounter(tmp_path / "counter.txt", clock)
+    counter.increment()
+    inode = (tmp_path / "counter.txt").stat().st_ino
+    calls: list[str] = []
+    real_fsync, real_replace, real_mkstemp = os.fsync, os.replace, tempfile.mkstemp
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (calls.append("replace"), real_replace(*a, **k))[1])
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (calls.append("mkstemp"), real_mkstemp(*a, **k))[1])
+    assert [counter.increment() for _ in range(500)] == list(range(2, 502))
+    assert calls == []  # 500 views: no new file, no rename, nothing forced to the disk
+    assert (tmp_path / "counter.txt").stat().st_ino == inode
+    clock.advance(ezauth.COUNTER_SYNC_EVERY)
+    counter.increment()
+    assert calls == ["fsync"]  # once a minute, so a power cut loses at most a minute of views
+    assert (tmp_path / "counter.txt").read_bytes() == b"502\n"
+
+
+def test_counter_shrinking_digits_never_leave_old_ones_behind(tmp_path):
+    (tmp_path / "counter.txt").write_text("000041\n")  # leading zeros, as a human might type it
+    counter = VisitCounter(tmp_path / "counter.txt", FakeClock(T0))
+    assert counter.increment() == 42
+    assert (tmp_path / "counter.txt").read_bytes() == b"42\n"
+    assert counter.current() == 42
 
 
 # -- Throttle ---------------------------------------------------------------------------------
@@ -1733,7 +1761,7 @@ def test_counter_is_shown_in_the_footer_and_counts_each_page_view_once(client, s
 
 
 def test_unusable_counter_never_breaks_the_page(client, service, caplog):
-    (service.settings.data_dir / "counter.txt.lock").mkdir()
+    (service.settings.data_dir / "counter.txt").mkdir()
     page = client.get(LOGIN, status=200)
     assert text("msg_visits", count="\x00").split("\x00")[0] not in page.text
     assert form_field(page.text, "csrf")
