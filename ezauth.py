@@ -1228,8 +1228,24 @@ class VisitCounter:
             os.close(fd)
         return int(text) if COUNT_RE.fullmatch(text) else None
 
+    def _open(self) -> int:
+        """The counter file, made with "0" in it the first time: never an empty one, even when its first
+        writer is killed half-way (a half-made `.counter.txt.new` is simply made again)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDWR)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # one creator at a time, in every process
+            if not self.path.exists():
+                fresh = self.path.with_name(f".{self.path.name}.new")
+                fresh.write_bytes(b"0\n")
+                os.replace(fresh, self.path)
+        finally:
+            os.close(dir_fd)
+        return os.open(self.path, os.O_RDWR)
+
     def _increment(self) -> int | None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if not self._still_the_file(fd):
@@ -1258,13 +1274,13 @@ class VisitCounter:
             return False
 
     def _parse(self, raw: bytes) -> int | None:
-        """The count in RAW (0 for a new, empty file); a corrupt file is moved aside (None)."""
+        """The count in RAW; a corrupt file is moved aside (None)."""
         try:
             text = raw.decode("ascii").strip()
         except UnicodeDecodeError:
             text = "?"
-        if not text or COUNT_RE.fullmatch(text):
-            return int(text or 0)
+        if COUNT_RE.fullmatch(text):
+            return int(text)
         aside = move_aside(self.path, self.clock())
         log.error("event=counter_corrupt moved_to=%s action=restart_from_zero", aside)
         return None
