@@ -321,6 +321,17 @@ def legacy_users(dotenv: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 # -- Files ----------------------------------------------------------------------------------
 
 
+class StoreUnavailable(Exception):
+    """A file in the data dir that cannot be read or written right now: a full disk, a read-only
+    mount, a lock held too long, a permission. The operation fails closed (503 for a request, exit 1
+    for the CLI) and the next one tries the file again: no store ever carries on in private memory,
+    where it would forget what the CLI and the other workers wrote."""
+
+    def __init__(self, path: Path, error: object) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, str(error)
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on PATH.lock: every writer of PATH in every process takes it."""
@@ -356,15 +367,19 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def rewrite_lines(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
-    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive."""
-    with locked(path):
-        try:
-            lines = path.read_bytes().splitlines()
-        except FileNotFoundError:
-            lines = []
-        new = change(lines)
-        if new != lines:
-            write_atomic(path, b"".join(line + b"\n" for line in new))
+    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive.
+    StoreUnavailable when the file cannot be read or written: the change is not made."""
+    try:
+        with locked(path):
+            try:
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
+                lines = []
+            new = change(lines)
+            if new != lines:
+                write_atomic(path, b"".join(line + b"\n" for line in new))
+    except OSError as err:
+        raise StoreUnavailable(path, err.strerror or err) from None
 
 
 def line_name(line: bytes) -> str:
@@ -474,6 +489,21 @@ def prepare_data_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.stat().st_mode & 0o077:
             path.chmod(0o700)
+
+
+def require_writable(path: Path) -> None:
+    """StoreUnavailable naming PATH unless a file can be made, written to the disk and removed there:
+    a server that could not record a login, a lockout or a logout must not start."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ezauth-write-test.", dir=path)
+        try:
+            os.write(fd, b"ezauth\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise StoreUnavailable(path, f"the data dir cannot be written ({err.strerror or err})") from None
 
 
 # -- Passwords and users --------------------------------------------------------------------
@@ -703,7 +733,7 @@ class KeyRing(WatchedFile):
         try:
             with locked(self.path):
                 self._load_or_replace(now)
-        except OSError as err:  # a read-only data dir: carry on with the keys that are there
+        except OSError as err:  # its lock cannot be taken: carry on with the keys every worker shares
             with contextlib.suppress(OSError, ValueError):
                 self.read_if_changed()
             if self.keys:
@@ -711,9 +741,9 @@ class KeyRing(WatchedFile):
                 return
             if file_stamp(self.path) is not None:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
-            log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
-                      logval(str(err)))
-            self._use((new_key(now, now),))
+            # No ring to share and none can be written: a key of our own would sign sessions no other
+            # worker accepts and a restart forgets, so refuse to start instead.
+            raise StoreUnavailable(self.path, err.strerror or err) from None
 
     def _load_or_replace(self, now: float) -> None:
         try:
@@ -889,21 +919,24 @@ def corrupt_database(err: sqlite3.DatabaseError) -> bool:
     return "not a database" in str(err) or "malformed" in str(err)
 
 
+DB_TIMEOUT = 10.0  # a transaction waits this long for another process's, then fails closed
+
+
 class SharedDatabase:
     """An SQLite file in the data dir that every worker process shares. Each transaction takes the
     write lock first (BEGIN IMMEDIATE); a damaged file, at start-up or later, is moved aside and
-    started afresh; one that cannot be written falls back to a database in this process's memory."""
+    started afresh. One that cannot be read or written (disk full, read-only, locked longer than
+    DB_TIMEOUT) raises StoreUnavailable, and the next transaction tries the file again."""
 
     def __init__(self, path: Path, schema: str, event: str, now: float, wal: bool = False) -> None:
         self.path, self.schema, self.event, self.wal = path, schema, event, wal
-        self._memory: sqlite3.Connection | None = None
         self._watcher: sqlite3.Connection | None = None
         self._version: int | None = None
         self._lock = threading.Lock()
         try:
             self._init_file(now)
-        except sqlite3.Error as err:
-            self._fall_back(err)
+        except (sqlite3.OperationalError, OSError) as err:
+            raise StoreUnavailable(self.path, err) from None
 
     def _init_file(self, now: float) -> None:
         try:
@@ -931,9 +964,8 @@ class SharedDatabase:
 
     def read_if_changed(self, read: Callable[[sqlite3.Connection], None]) -> None:
         """Call READ when some connection has committed since the last look. The look is one PRAGMA
-        on a connection kept for it, so the once-a-second refresh stays cheap."""
-        if self._memory is not None:
-            return  # one process: its own writes already updated what it holds
+        on a connection kept for it, so the once-a-second refresh stays cheap. StoreUnavailable when
+        the file cannot be read; the next look opens it afresh."""
         try:
             if self._watcher is None:
                 self._watcher = self.connect()
@@ -942,52 +974,46 @@ class SharedDatabase:
                 read(self._watcher)
                 self._version = version
         except sqlite3.Error as err:
-            warn_once(f"{self.event}_unreadable", "event=%s_unreadable error=%s action=keeping_what_was_read",
-                      self.event, logval(str(err)))
+            watcher, self._watcher, self._version = self._watcher, None, None
+            if watcher is not None:
+                watcher.close()
+            raise StoreUnavailable(self.path, err) from None
 
     def connect(self) -> sqlite3.Connection:
-        """A connection of its own for the caller (or the shared one in memory)."""
-        if self._memory is not None:
-            return self._memory
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        """A connection of its own for the caller."""
+        db = sqlite3.connect(self.path, timeout=DB_TIMEOUT, isolation_level=None, check_same_thread=False)
         if self.wal:  # readers (verify's once-a-second look) never wait for a writer
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks back after a checkpoint
         return db
 
-    def _fall_back(self, err: Exception) -> None:
-        log.error("event=%s_unwritable error=%s action=per_process_memory", self.event, logval(str(err)))
-        self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self._memory.executescript(self.schema)
-
     def run(self, work: Callable[[sqlite3.Connection], R], now: float) -> R:
-        """WORK in one write transaction; a database damaged meanwhile is replaced as at start-up."""
+        """WORK in one write transaction; a database damaged or deleted meanwhile is replaced as at start-up."""
         with self._lock:
             try:
                 return self._transaction(work)
             except sqlite3.DatabaseError as err:
-                if self._memory is not None:
+                if not (corrupt_database(err) or "no such table" in str(err)):  # damaged, or deleted by hand
+                    if isinstance(err, sqlite3.OperationalError):
+                        raise StoreUnavailable(self.path, err) from None
                     raise
-                if corrupt_database(err):
-                    self._replace_corrupt(now)
-                else:
-                    self._fall_back(err)
+            try:
+                self._init_file(now)
                 return self._transaction(work)
+            except (sqlite3.OperationalError, OSError) as err:
+                raise StoreUnavailable(self.path, err) from None
 
     def _transaction(self, work: Callable[[sqlite3.Connection], R]) -> R:
-        db = self.connect()
-        try:
+        with contextlib.closing(self.connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # after a full disk SQLite has rolled back itself
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return result
-        finally:
-            if db is not self._memory:
-                db.close()
 
 
 # -- Sessions -------------------------------------------------------------------------------
@@ -1122,7 +1148,11 @@ class SessionRegistry:
                            [(at, ip, expires, sid) for sid, (at, ip, expires) in seen.items()])
             # A live session renewed by another worker may not have its new expiry here yet: a margin.
             db.execute("DELETE FROM sessions WHERE expires <= ?", (now - 2 * SEEN_EVERY,))
-        self.db.run(work, now)
+        try:
+            self.db.run(work, now)
+        except StoreUnavailable:
+            self._seen = {**seen, **self._seen}  # written by the next flush instead of lost
+            raise
 
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SessionRecord:
@@ -1477,7 +1507,8 @@ class TotpStore(WatchedFile):
 
     def accept(self, name: str, code: str, now: float) -> bool:
         """Check CODE and burn its time step, under the lock, so no worker accepts it twice.
-        A code that cannot be burnt (read-only data dir) is refused: replay protection first."""
+        StoreUnavailable when the step cannot be burnt: replay protection first, and a right code
+        is not counted as a wrong one."""
         used: list[int] = []
 
         def burn(lines: list[bytes]) -> list[bytes]:
@@ -1491,11 +1522,7 @@ class TotpStore(WatchedFile):
             line = f"{name}:{base64.b32encode(entry[0]).decode().rstrip('=')}:{step}".encode()
             return [line if line_name(ln) == name else ln for ln in lines]
 
-        try:
-            rewrite_lines(self.path, burn)
-        except OSError as err:
-            log.error("event=totp_unwritable error=%s action=code_refused", logval(str(err)))
-            return False
+        rewrite_lines(self.path, burn)
         self.reload()
         return bool(used)
 
@@ -1833,9 +1860,13 @@ class ApiTokens:
 
     def flush(self, now: float) -> None:
         used, self._used = self._used, {}
-        self.db.run(lambda db: db.executemany(
-            "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
-            [(at, token_id) for token_id, at in used.items()]), now)
+        try:
+            self.db.run(lambda db: db.executemany(
+                "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
+                [(at, token_id) for token_id, at in used.items()]), now)
+        except StoreUnavailable:
+            self._used = {**used, **self._used}  # written by the next flush instead of lost
+            raise
 
     @staticmethod
     def _token(row: tuple[Any, ...]) -> ApiToken:
@@ -1887,6 +1918,10 @@ class Metrics:
 
 FLUSH_EVERY = 60.0  # how often last-seen times reach the registry
 LOOK_EVERY = 0.1  # how often an unknown API token may make a worker look at the registry early
+# Verify trusts its last look at the registry this long when it cannot look again (a disk error, a
+# file replaced by hand); after that it refuses everyone (503) rather than miss a revocation made
+# meanwhile, until a look succeeds.
+REGISTRY_GRACE = 5.0
 
 
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
@@ -1911,6 +1946,8 @@ class Stores:
     _next_refresh: float = 0.0
     _next_flush: float = 0.0
     _next_look: float = 0.0
+    _registry_read: float = 0.0  # when the registry was last looked at
+    _registry_state: str = "ok"  # or "failing" (within the grace), or "refusing" (past it)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
     _flushing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1918,15 +1955,19 @@ class Stores:
     def open(cls, settings: Settings, clock: Clock) -> Stores:
         data, now = settings.data_dir, clock()
         prepare_data_dir(data)
+        require_writable(data)
         users = Users(data / "users", {name: legacy_hash(name, pw) for name, pw in settings.legacy_users})
         keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
         shared = open_sessions_database(data, now)
         registry = SessionRegistry(shared)
-        return cls(users, keys, registry, Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl),
-                   ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
-                   Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
-                            settings.lockout_time, now),
-                   TotpStore(data / "totp"), AccessRules(data / "rules"))
+        stores = cls(users, keys, registry,
+                     Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl),
+                     ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
+                     Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
+                              settings.lockout_time, now),
+                     TotpStore(data / "totp"), AccessRules(data / "rules"))
+        stores.look_at_registry(now)
+        return stores
 
     def refresh(self, now: float) -> int:
         """At most once a second, pick up what the CLI or other workers changed; returns how many
@@ -1940,7 +1981,7 @@ class Stores:
             for watched in (self.users, self.totp, self.rules):
                 watched.load()
             self.keys.refresh(now)
-            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+            self.look_at_registry(now)
             if now >= self._next_flush:
                 self._next_flush = now + FLUSH_EVERY
                 threading.Thread(target=self.flush, args=(now,), name="ezauth-flush", daemon=True).start()
@@ -1959,6 +2000,8 @@ class Stores:
         try:
             self._next_look = now + LOOK_EVERY
             self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+        except StoreUnavailable:
+            return None  # the once-a-second look logs it and decides what verify does
         finally:
             self._refresh_lock.release()
         return self.tokens.check(secret, now)
@@ -1967,6 +2010,27 @@ class Stores:
         self.registry.reload(db, now)
         self.tokens.reload(db)
 
+    def look_at_registry(self, now: float) -> None:
+        """Take in sessions ended and tokens revoked elsewhere; a look that fails is logged when the
+        failures begin, when they outlast REGISTRY_GRACE (verify refuses from then on) and when they end."""
+        try:
+            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+        except StoreUnavailable as err:
+            state = "refusing" if self.registry_stale(now) else "failing"
+            if state != self._registry_state:
+                action = ("verify_refuses_everyone" if state == "refusing"
+                          else f"verify_refuses_after_{REGISTRY_GRACE:.0f}s")
+                log.error("event=sessions_unreadable error=%s action=%s", logval(err.error), action)
+                self._registry_state = state
+            return
+        if self._registry_state != "ok":
+            log.warning("event=sessions_readable_again action=verify_answers_again")
+        self._registry_read, self._registry_state = now, "ok"
+
+    def registry_stale(self, now: float) -> bool:
+        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O)."""
+        return now - self._registry_read > REGISTRY_GRACE
+
     def flush(self, now: float) -> None:
         """Write what verify only noted in memory: last seen, last used; forget expired sessions."""
         if not self._flushing.acquire(blocking=False):
@@ -1974,8 +2038,8 @@ class Stores:
         try:
             self.registry.flush(now)
             self.tokens.flush(now)
-        except sqlite3.Error as err:
-            log.error("event=sessions_flush_failed error=%s", logval(str(err)))
+        except StoreUnavailable as err:
+            log.error("event=sessions_flush_failed error=%s action=retry_at_the_next_flush", logval(str(err)))
         finally:
             self._flushing.release()
 
@@ -2866,6 +2930,8 @@ class Handlers:
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
+        if self.stores.registry_stale(now):
+            return self.blind()
         tokens = request.cookies(self.cookie)
         if len(tokens) > MAX_SESSION_COOKIES:
             log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
@@ -2881,6 +2947,12 @@ class Handlers:
         if authorization[:6].lower() == "basic ":
             return self.verify_basic(request, now, bool(tokens))
         return self.deny(request, bool(tokens))
+
+    def blind(self) -> Response:
+        """503 while the registry has been unreadable past its grace: a session ended or a token revoked
+        meanwhile would be missed, so nobody gets in; nginx shows "sign-in service not available"."""
+        self.metrics.verify_denied += 1
+        return text_response(503, "the session registry cannot be read; see the ezauth log")
 
     def grant_session(self, request: Request, session: Session, now: float) -> Response:
         headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
@@ -3207,6 +3279,12 @@ class EzauthApp:
             if rotated:
                 self.handlers.metrics.key_rotations += rotated
             response = self.dispatch(request)
+        except StoreUnavailable as err:
+            # The file whole (logval would cut a long path): the one thing the operator must find.
+            log.error("event=store_unavailable method=%s path=%s file=%s error=%s action=refused_503",
+                      logval(request.method), logval(request.path), json.dumps(str(err.path)), logval(err.error))
+            response = text_response(503, "ezauth cannot save this right now; try again in a minute",
+                                     ("Retry-After", "60"))
         except Exception:
             log.exception("event=error method=%s path=%s", logval(request.method), logval(request.path))
             response = text_response(500, "internal error")
@@ -3874,11 +3952,15 @@ def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
     """Delete a user; their sessions end within a second (their API tokens stop working with them)."""
-    if not open_users(settings).delete(args.name):
+    users = open_users(settings)
+    if users.fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}")
+    # Sessions and tokens first, the user last: a failure part-way leaves a user to delete again,
+    # never a deleted user whose tokens would come back with a new user of the same name.
     registry, tokens = open_registry(settings)
     registry.end_user(args.name, "user_deleted", time.time())
     revoked = tokens.revoke_user(args.name, time.time())
+    users.delete(args.name)
     print(f"deleted user {args.name}; their sessions have ended"
           f"{f' and their {revoked} API token(s) are revoked' if revoked else ''}")
     return 0
@@ -4131,26 +4213,36 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"ezauth: {err}", file=sys.stderr)
         return 1
+    except StoreUnavailable as err:
+        print(f"ezauth: cannot use {err.path}: {err.error}; this command did not finish, run it again once "
+              "that is fixed", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"ezauth: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 1
 
 
-_service: EzauthApp | None = None
+GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts instead of starting it again
 _service_lock = threading.Lock()
 
 
-def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
-    """WSGI entry point for `gunicorn 'ezauth:app'`: built from the environment on first use."""
-    global _service
-    if _service is None:
-        with _service_lock:
-            if _service is None:
-                logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
+def __getattr__(name: str) -> EzauthApp:
+    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then, from
+    the environment. A data dir that cannot be written stops the worker from booting with one line
+    naming it, and gunicorn halts rather than start workers that could not record a login."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _service_lock:
+        if "app" not in globals():
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
+            try:
                 service = make_app(Settings.from_env())
-                announce_first_admin(service.stores.users, sys.stdout.isatty())
-                _service = service
-    return _service(environ, start_response)
+            except StoreUnavailable as err:
+                print(f"ezauth: cannot use {err.path}: {err.error}", file=sys.stderr, flush=True)
+                raise SystemExit(GUNICORN_APP_LOAD_ERROR) from None
+            announce_first_admin(service.stores.users, sys.stdout.isatty())
+            globals()["app"] = service
+    return cast(EzauthApp, globals()["app"])
 
 
 if __name__ == "__main__":

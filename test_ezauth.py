@@ -729,14 +729,27 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
     assert events(caplog, "throttle_corrupt")
 
 
-def test_unwritable_throttle_still_limits_in_memory(tmp_path, caplog):
+def test_unwritable_throttle_refuses_to_open_naming_its_file(tmp_path):
     path = tmp_path / "throttle.sqlite3"
     path.mkdir()  # cannot be opened as a database, even by root
+    with pytest.raises(ezauth.StoreUnavailable) as refused:
+        Throttle(path, 3, 60, 120, T0)
+    assert refused.value.path == path
+
+
+def test_throttle_that_becomes_unwritable_fails_closed_and_forgets_nothing(tmp_path):
+    path = tmp_path / "throttle.sqlite3"
     throttle = Throttle(path, 3, 60, 120, T0)
-    for _ in range(3):
-        fail(throttle, ["ip:x"], T0)
-    assert throttle.begin(["ip:x"], T0).locked
-    assert events(caplog, "throttle_unwritable")
+    fail(throttle, ["ip:x"], T0)
+    fail(throttle, ["ip:x"], T0)
+    path.rename(tmp_path / "aside")
+    path.mkdir()  # for now the file cannot be opened: no private memory takes its place
+    with pytest.raises(ezauth.StoreUnavailable):
+        throttle.begin(["ip:x"], T0 + 1)
+    path.rmdir()
+    (tmp_path / "aside").rename(path)
+    fail(throttle, ["ip:x"], T0 + 2)  # the third failure, counted with the two from before
+    assert throttle.begin(["ip:x"], T0 + 3).locked
 
 
 # -- Return targets ---------------------------------------------------------------------------
