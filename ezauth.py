@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, field, fields, replace
@@ -661,6 +662,70 @@ class Users(WatchedFile):
             write_atomic(self.path, f"admin:{hash_password(password)}\n".encode())
         self.reload()
         return password
+
+
+# At most this many password checks run at once in a process: scrypt holds a core for ~0.1 s, and
+# more at once only make every check slower, a real user's included.
+HASH_SLOTS = 2
+
+
+class HashGate:
+    """Every password check a request makes passes this gate: at most SLOTS run at once. Waiting
+    clients take turns: each has a line of its own and the lines are served round robin, so a flood
+    from one network holds one place in the rotation, never the whole queue (how many checks one
+    client has in flight at all, the lockout limits). Unknown user names are checked against a dummy
+    hash through the same gate, so they cost what known ones cost."""
+
+    def __init__(self, slots: int = HASH_SLOTS) -> None:
+        self.slots = slots
+        self._changed = threading.Condition()
+        self._running = 0
+        self._lines: dict[str, deque[object]] = {}  # client -> its waiting checks, oldest first
+        self._turns: deque[str] = deque()  # the clients with a line, in the order they are served
+        self._admitted: set[object] = set()
+
+    @property
+    def waiting(self) -> int:
+        """How many checks wait for a slot."""
+        with self._changed:
+            return sum(len(line) for line in self._lines.values())
+
+    def run(self, client: str, check: Callable[[], R]) -> R:
+        """CHECK's result, run when CLIENT's turn comes."""
+        self._enter(client)
+        try:
+            return check()
+        finally:
+            self._leave()
+
+    def _enter(self, client: str) -> None:
+        with self._changed:
+            if self._running < self.slots and not self._turns:
+                self._running += 1
+                return
+            ticket = object()
+            if client not in self._lines:
+                self._lines[client] = deque()
+                self._turns.append(client)
+            self._lines[client].append(ticket)
+            while ticket not in self._admitted:
+                self._changed.wait()
+            self._admitted.discard(ticket)
+
+    def _leave(self) -> None:
+        """Hand the slot to the first waiting check of the client whose turn it is, or free it."""
+        with self._changed:
+            if not self._turns:
+                self._running -= 1
+                return
+            turn = self._turns.popleft()
+            line = self._lines[turn]
+            self._admitted.add(line.popleft())
+            if line:
+                self._turns.append(turn)  # the back of the rotation: every other client goes first
+            else:
+                del self._lines[turn]
+            self._changed.notify_all()
 
 
 # -- Tokens ---------------------------------------------------------------------------------
@@ -1319,6 +1384,20 @@ class VisitCounter:
 # -- Login throttle -------------------------------------------------------------------------
 
 
+def client_block(address: str) -> str:
+    """The addresses one client can rotate through, as one key: an IPv6 client's /64 (every home and
+    server gets a whole /64), an IPv4 client's address; an IPv4-mapped IPv6 address is its IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 @dataclass(frozen=True)
 class Attempt:
     """A login attempt reserved in the throttle before the password is checked."""
@@ -1891,7 +1970,7 @@ class Metrics:
     sessions_renewed: int = 0
     key_rotations: int = 0
 
-    def render(self, visits: int | None) -> str:
+    def render(self, visits: int | None, hashes_waiting: int) -> str:
         """The Prometheus text exposition format, version 0.0.4."""
         lines = ["# HELP ezauth_logins_total Login attempts (form and HTTP Basic) by outcome.",
                  "# TYPE ezauth_logins_total counter"]
@@ -1905,6 +1984,8 @@ class Metrics:
                 ("ezauth_sessions_renewed_total", self.sessions_renewed, "Sessions renewed past half their life."),
                 ("ezauth_key_rotations_total", self.key_rotations, "New signing keys this process picked up.")):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
+        lines += ["# HELP ezauth_password_checks_waiting Password checks waiting for the hash gate.",
+                  "# TYPE ezauth_password_checks_waiting gauge", f"ezauth_password_checks_waiting {hashes_waiting}"]
         if visits is not None:
             lines += ["# HELP ezauth_visits The login page visit counter.", "# TYPE ezauth_visits gauge",
                       f"ezauth_visits {visits}"]
@@ -2816,6 +2897,7 @@ class Handlers:
         self.settings, self.stores, self.pages, self.clock, self.metrics = settings, stores, pages, clock, metrics
         self.cookie = settings.cookie_name
         self.basic_cache = BasicCache()
+        self.gate = HashGate()
         self.static_roots = (settings.data_dir / "static", HERE / "static")
 
     # -- the login page and form --
@@ -2864,7 +2946,7 @@ class Handlers:
     def check_login(self, request: Request, password: str, state: FormState) -> Response:
         now, name, stores = self.clock(), state.username, self.stores
         attempt = self.reserve(request, name, now, state=state)
-        if not stores.users.check(name, password):
+        if not self.password_ok(request, name, password):
             self.refuse(request, attempt, name, now)
             raise Refused(401, "msg_wrong", state)
         stores.throttle.succeeded(attempt)
@@ -2896,13 +2978,18 @@ class Handlers:
     def reserve(self, request: Request, name: str, now: float, how: str = "",
                 state: FormState | None = None) -> Attempt:
         """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
-        attempt = self.stores.throttle.begin([f"ip:{request.client_ip}", f"user:{name.lower()[:64]}"], now)
+        keys = [f"ip:{client_block(request.client_ip)}", f"user:{name.lower()[:64]}"]  # IPv6: the whole /64
+        attempt = self.stores.throttle.begin(keys, now)
         if attempt.locked:
             self.metrics.logins_locked += 1
             log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
                         how, logval(name), logval(request.client_ip), attempt.retry_after)
             raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
         return attempt
+
+    def password_ok(self, request: Request, name: str, password: str) -> bool:
+        """NAME's password, checked through the hash gate in turn with other clients (by network)."""
+        return self.gate.run(client_block(request.client_ip), lambda: self.stores.users.check(name, password))
 
     def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
         """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
@@ -3034,7 +3121,7 @@ class Handlers:
             self.stores.throttle.succeeded(attempt)
             return name
         # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
-        if not self.stores.users.check(name, password) or self.stores.totp.enrolled(name):
+        if not self.password_ok(request, name, password) or self.stores.totp.enrolled(name):
             self.refuse(request, attempt, name, now, "via=basic ")
             return None
         self.stores.throttle.succeeded(attempt)
@@ -3110,7 +3197,7 @@ class Handlers:
                 raise Refused(403, "msg_confirm_needed")
             return
         attempt = self.reserve(request, session.user, now, "via=account ")
-        if not self.stores.users.check(session.user, password):
+        if not self.password_ok(request, session.user, password):
             self.refuse(request, attempt, session.user, now, "via=account ")
             raise Refused(401, "msg_wrong_current")
         self.stores.throttle.succeeded(attempt)
@@ -3227,7 +3314,7 @@ class Handlers:
         client = request.client_ip
         if not self.settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, self.settings.trusted_proxies)):
             return text_response(404, "not found")
-        return Response(200, self.metrics.render(self.stores.counter.current()).encode(),
+        return Response(200, self.metrics.render(self.stores.counter.current(), self.gate.waiting).encode(),
                         [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
 
     def static(self, request: Request) -> Response:

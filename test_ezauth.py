@@ -651,6 +651,67 @@ def test_counter_shrinking_digits_never_leave_old_ones_behind(tmp_path):
     assert counter.current() == 42
 
 
+# -- Hash gate --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "block"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),
+    ("unknown", "unknown"),
+])
+def test_client_block_is_the_ipv6_64_and_the_ipv4_address(address, block):
+    assert ezauth.client_block(address) == block
+
+
+def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.Semaphore,
+                 order: list[str]) -> list[threading.Thread]:
+    """One thread per client name, each running a check that waits for RELEASE and records its client."""
+    def check(client: str) -> bool:
+        release.acquire()
+        order.append(client)
+        return True
+
+    threads = [threading.Thread(target=gate.run, args=(client, lambda c=client: check(c))) for client in clients]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_hash_gate_lets_another_client_in_ahead_of_a_200_check_flood():
+    gate, release, order = ezauth.HashGate(slots=2), threading.Semaphore(0), []
+    threads = gated_checks(gate, ["flood"] * 202, release, order)
+    assert wait_until(lambda: gate.waiting == 200, timeout=10)  # two run, two hundred wait in line
+    threads += gated_checks(gate, ["2001:db8:2::/64"], release, order)
+    assert wait_until(lambda: gate.waiting == 201, timeout=10)
+    for _ in threads:
+        release.release()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(order) == 203
+    # FIFO would run it last; taking turns, it runs once one flood check has had its turn after the two running.
+    assert order.index("2001:db8:2::/64") <= 3, order.index("2001:db8:2::/64")
+
+
+def test_hash_gate_runs_at_most_its_slots_at_once_and_every_check_once():
+    gate, lock, running, most = ezauth.HashGate(slots=2), threading.Lock(), [0], [0]
+
+    def check(n: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.001)  # a check that takes a moment, so the checks overlap
+        with lock:
+            running[0] -= 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        done = list(pool.map(lambda n: gate.run(f"client{n % 5}", lambda: check(n)), range(300)))
+    assert done == list(range(300)) and most[0] == 2 and gate.waiting == 0
+
+
 # -- Throttle ---------------------------------------------------------------------------------
 
 

@@ -639,6 +639,49 @@ def test_spoofed_forwarded_entries_behind_a_trusted_proxy_do_not_reset_the_count
     login(client, "dave", "x", csrf=CSRF, extra_environ=forwarded_for("7.7.7.7, 203.0.113.5"), status=429)
 
 
+def guesses(client, addresses: list[str]) -> list[int]:
+    """A wrong password under a new user name from each address in turn: the statuses."""
+    return [login(client, f"user{n}", "wrong password", csrf=CSRF, extra_environ=forwarded_for(address),
+                  status="*").status_int for n, address in enumerate(addresses)]
+
+
+def test_240_guesses_from_240_addresses_of_one_ipv6_64_lock_out_like_one_address(make_client):
+    _, rotating = make_client()
+    statuses = guesses(rotating, [f"2001:db8:1:2::{n:x}" for n in range(1, 241)])
+    _, one_address = make_client(data_dir=rotating.app.settings.data_dir.parent / "other")
+    assert statuses == guesses(one_address, ["2001:db8:1:2::1"] * 240) == [401] * 5 + [429] * 235
+    login(rotating, "bob", PASSWORD, csrf=CSRF, extra_environ=forwarded_for("2001:db8:1:2:ffff::9"), status=429)
+    login(rotating, "bob", PASSWORD, csrf=CSRF, extra_environ=forwarded_for("2001:db8:1:3::1"), status=303)
+
+
+def test_an_ipv4_mapped_address_shares_the_lockout_of_its_ipv4_address(make_client):
+    _, client = make_client(max_attempts=3)
+    assert guesses(client, ["203.0.113.9", "::ffff:203.0.113.9", "::ffff:cb00:7109", "203.0.113.9"]) == [
+        401, 401, 401, 429]
+    assert guesses(client, ["203.0.113.10"]) == [401]  # IPv4 stays per address
+
+
+def test_every_password_check_of_a_request_goes_through_the_hash_gate(make_client, monkeypatch):
+    """The login form, HTTP Basic in verify and the account page's password check, known and unknown
+    names alike, each pass the gate once, in the line of the client's network."""
+    app, client = make_client(basic_auth=True)
+    entered: list[str] = []
+    real_run = app.handlers.gate.run
+    monkeypatch.setattr(app.handlers.gate, "run", lambda who, check: (entered.append(who), real_run(who, check))[1])
+    v6 = forwarded_for("2001:db8:5:6::77")
+    login(client, "alice", "wrong password", csrf=CSRF, extra_environ=v6, status=401)
+    login(client, "nobody", "wrong password", csrf=CSRF, extra_environ=v6, status=401)
+    client.get("/ezauth/verify", headers={"Authorization": basic("nobody", "wrong password")}, extra_environ=v6,
+               status=401)
+    assert entered == ["2001:db8:5:6::/64"] * 3
+    token = session_token(client, csrf=CSRF)
+    client.set_cookie("ezauth", token)
+    page = client.get("/ezauth/account", status=200)
+    form = {**parse_page(page.text).hidden, "action": "token_create", "label": "x", "current": "wrong password"}
+    client.post("/ezauth/account", form, status=401)
+    assert entered == ["2001:db8:5:6::/64"] * 3 + ["127.0.0.1"] * 2  # the login, then the account page
+
+
 def real_cost_client(tmp_path: Path, **overrides):
     """A client on a data dir whose alice has a real-cost hash, like the unknown user's dummy hash."""
     data_dir = tmp_path / "data"
