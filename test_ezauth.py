@@ -667,11 +667,12 @@ def test_client_block_is_the_ipv6_64_and_the_ipv4_address(address, block):
 
 
 def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.Semaphore,
-                 order: list[str]) -> list[threading.Thread]:
-    """One thread per client name, each running a check that waits for RELEASE and records its client."""
+                 started: list[str]) -> list[threading.Thread]:
+    """One thread per client name, each running a check that records its client as it starts and then
+    waits for RELEASE."""
     def check(client: str) -> bool:
+        started.append(client)
         release.acquire()
-        order.append(client)
         return True
 
     threads = [threading.Thread(target=gate.run, args=(client, lambda c=client: check(c))) for client in clients]
@@ -681,18 +682,20 @@ def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.S
 
 
 def test_hash_gate_lets_another_client_in_ahead_of_a_200_check_flood():
-    gate, release, order = ezauth.HashGate(slots=2), threading.Semaphore(0), []
-    threads = gated_checks(gate, ["flood"] * 202, release, order)
-    assert wait_until(lambda: gate.waiting == 200, timeout=10)  # two run, two hundred wait in line
-    threads += gated_checks(gate, ["2001:db8:2::/64"], release, order)
+    gate, release, started = ezauth.HashGate(slots=2), threading.Semaphore(0), []
+    threads = gated_checks(gate, ["flood"] * 202, release, started)
+    assert wait_until(lambda: gate.waiting == 200 and len(started) == 2, timeout=10)  # two run, 200 wait
+    threads += gated_checks(gate, ["2001:db8:2::/64"], release, started)
     assert wait_until(lambda: gate.waiting == 201, timeout=10)
-    for _ in threads:
+    for finished in range(1, 202):  # one check at a time finishes, and the next one in turn starts
+        release.release()
+        assert wait_until(lambda n=finished: len(started) == 2 + n, timeout=10, interval=0.001), finished
+    for _ in range(2):
         release.release()
     for thread in threads:
         thread.join(timeout=10)
-    assert len(order) == 203
-    # FIFO would run it last; taking turns, it runs once one flood check has had its turn after the two running.
-    assert order.index("2001:db8:2::/64") <= 3, order.index("2001:db8:2::/64")
+    # FIFO would start it last; taking turns, it starts right after one more flood check.
+    assert started.index("2001:db8:2::/64") == 3 and len(started) == 203
 
 
 def test_hash_gate_runs_at_most_its_slots_at_once_and_every_check_once():
