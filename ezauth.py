@@ -1623,6 +1623,14 @@ ENCODED_SEPARATOR_RE = re.compile(r"%(?![2][fF]|[5][cC])[0-9A-Fa-f]{2}")
 PARAMS_RE = re.compile(r";[^/]*")
 SLASHES_RE = re.compile(r"/{2,}")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Judging every reading of a path costs ~2 us per character once it holds anything an app could read
+# differently (a crafted 7 KB path cost one verify 15 ms of the event loop). Such a path longer than
+# this is refused unjudged; plain paths of any length are one reading and cost next to nothing.
+MAX_JUDGED_PATH = 1024
+
+
+class PathTooLong(ValueError):
+    """A path with readings to judge that is too long to judge them all cheaply: refused, not judged."""
 
 
 class Rules:
@@ -1652,7 +1660,10 @@ class Rules:
     def allows_every(self, user: str, host: str, uri: str) -> bool:
         """True only when every reading of URI's path is allowed: an app that decodes, splits or
         resolves the path differently from these rules must still land somewhere allowed."""
-        readings = path_readings(uri)
+        try:
+            readings = path_readings(uri)
+        except PathTooLong:
+            return False
         if any(CONTROL_RE.search(path) for path in readings):
             return False  # a decoded NUL or line break: no app should get such a path
         return all(self.allows(user, host, path) and self.allows(user, host, path, fold=True) for path in readings)
@@ -1703,6 +1714,8 @@ def uri_path(uri: str) -> str:
 
 def remove_dot_segments(path: str) -> str:
     """RFC 3986 5.2.4 for an absolute path: `.` and `..` resolved, empty segments kept (`/.//x` is `//x`)."""
+    if "/." not in path:
+        return path  # no dot segment: every one follows a slash
     segments = path.split("/")[1:]
     kept: list[str] = []
     for number, segment in enumerate(segments, 1):
@@ -1732,18 +1745,22 @@ def decodings(path: str) -> set[str]:
 def path_readings(uri: str) -> frozenset[str]:
     """Every reasonable reading of an original request URI's path by the app behind nginx: decoded or
     not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not, repeated
-    slashes merged or not, cut at `#` or not."""
+    slashes merged or not, cut at `#` or not. PathTooLong for such a path over MAX_JUDGED_PATH."""
     path = uri_path(uri)
     if not READING_WORK_RE.search(path):
         return frozenset((path or "/",))  # nothing any app could read differently: the common case
-    readings: set[str] = set()
+    if len(path) > MAX_JUDGED_PATH:
+        raise PathTooLong(f"{len(path)} characters with readings to judge")
+    rooted: set[str] = set()  # many ways to read a path agree on these; each is worked out once
     for decoded in decodings(path) | decodings(path.partition("#")[0]):
         for text in {decoded, decoded.replace("\\", "/")}:
             for unparam in {text, PARAMS_RE.sub("", text)}:
-                rooted = unparam if unparam.startswith("/") else "/" + unparam
-                merged = SLASHES_RE.sub("/", rooted)  # before and after dot segments: both orders exist
-                readings.update((rooted, merged, remove_dot_segments(rooted), remove_dot_segments(merged),
-                                 SLASHES_RE.sub("/", remove_dot_segments(rooted))))
+                rooted.add(unparam if unparam.startswith("/") else "/" + unparam)
+    readings: set[str] = set()
+    for text in rooted:
+        merged = SLASHES_RE.sub("/", text)  # before and after dot segments: both orders exist
+        resolved = remove_dot_segments(text)
+        readings.update((text, merged, resolved, remove_dot_segments(merged), SLASHES_RE.sub("/", resolved)))
     return frozenset(readings)
 
 
@@ -1758,6 +1775,12 @@ def rules_path(uri: str) -> str:
         path = decoded
     rooted = "/" + path.replace("\\", "/")
     return SLASHES_RE.sub("/", remove_dot_segments(SLASHES_RE.sub("/", rooted)))
+
+
+def logged_path(uri: str) -> str:
+    """The canonical path for a log line, from the URI's first 256 characters: the line shows 80, and
+    a refused 7 KB path must not cost verify more to log than to refuse."""
+    return rules_path(uri[:256])
 
 
 class AccessRules(WatchedFile):
@@ -1868,8 +1891,13 @@ class ApiToken:
 
     def allows(self, uri: str) -> bool:
         """Whether every reading of URI's path lies under one of the token's prefixes."""
-        return not self.paths or all(any(reading.startswith(prefix) for prefix in self.paths)
-                                     for reading in path_readings(uri))
+        if not self.paths:
+            return True
+        try:
+            readings = path_readings(uri)
+        except PathTooLong:
+            return False
+        return all(any(reading.startswith(prefix) for prefix in self.paths) for reading in readings)
 
 
 def token_digest(secret: str) -> str:
@@ -2285,8 +2313,11 @@ def host_under(host: str, domain: str) -> bool:
 
 def _same_site_path(path: str) -> str:
     # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
-    if not path.startswith("/") or path.startswith("//") or any(
-            reading.startswith("//") for reading in path_readings(path)):
+    try:
+        readings = path_readings(path)
+    except PathTooLong:
+        return "/"
+    if not path.startswith("/") or path.startswith("//") or any(reading.startswith("//") for reading in readings):
         return "/"
     if rules_path(path).startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
         return "/"
@@ -2315,13 +2346,22 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
     return "/"
 
 
+# nginx reads verify's status line and headers into proxy_buffer_size (4 KiB by default) and turns a
+# 401 that outgrows it into its 503 page. The login URL gets at most this much of it: the status line
+# and the other headers (WWW-Authenticate, X-Ezauth-Error, Date, a cookie) fit in the rest.
+MAX_LOGIN_URL = 3072
+
+
 def login_url(original_uri: str, expired: bool) -> str:
-    """The login page URL that returns the visitor to ORIGINAL_URI afterwards."""
-    query = {"rd": original_uri} if original_uri else {}
+    """The login page URL that returns the visitor to ORIGINAL_URI afterwards; without the return
+    target when it would not fit MAX_LOGIN_URL (the login still works and lands on the default page)."""
+    query = {"rd": original_uri} if original_uri and len(original_uri) <= MAX_LOGIN_URL else {}
     if expired:
         query["expired"] = "1"
-    encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
-    return f"{PREFIX}/login" + (f"?{encoded}" if encoded else "")
+    url = f"{PREFIX}/login?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
+    if len(url) > MAX_LOGIN_URL:  # percent-encoding can triple a target
+        return login_url("", expired)
+    return url.removesuffix("?")
 
 
 def navigates(request: Request) -> bool:
@@ -3061,7 +3101,7 @@ class Handlers:
             if not rules.allows_every(user, host, uri):
                 self.metrics.verify_denied += 1
                 log.info("event=access_denied user=%s host=%s path=%s", logval(user), logval(host),
-                         logval(rules_path(uri)))
+                         logval(logged_path(uri)))
                 return Response(403, b"", [("Cache-Control", "no-cache")])
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
