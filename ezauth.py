@@ -2125,7 +2125,7 @@ class Stores:
         try:
             self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
         except StoreUnavailable as err:
-            state = "refusing" if self.registry_stale(now) else "failing"
+            state = "refusing" if now - self._registry_read > REGISTRY_GRACE else "failing"
             if state != self._registry_state:
                 action = ("verify_refuses_everyone" if state == "refusing"
                           else f"verify_refuses_after_{REGISTRY_GRACE:.0f}s")
@@ -2137,8 +2137,10 @@ class Stores:
         self._registry_read, self._registry_state = now, "ok"
 
     def registry_stale(self, now: float) -> bool:
-        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O)."""
-        return now - self._registry_read > REGISTRY_GRACE
+        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O): the
+        last look failed and the last good one is over REGISTRY_GRACE old. Only a failed look counts,
+        so a look that another thread is making right now never makes verify refuse."""
+        return self._registry_state != "ok" and now - self._registry_read > REGISTRY_GRACE
 
     def flush(self, now: float) -> None:
         """Write what verify only noted in memory: last seen, last used; forget expired sessions."""

@@ -361,7 +361,7 @@ def real_verify_with(port: int, headers: dict[str, str]) -> int:
 
 def test_full_disk_refuses_logins_and_cli_revocations_until_freed_then_nothing_is_lost(tmpfs):
     data = tmpfs("size=8m")
-    write_users(data, alice=PASSWORD)
+    write_users(data, alice=PASSWORD, bob=PASSWORD)
     server = start_server(data)  # its log lives beside the disk, not on it
     try:
         session = real_login(server.port, csrf=CSRF).cookie()
@@ -381,9 +381,15 @@ def test_full_disk_refuses_logins_and_cli_revocations_until_freed_then_nothing_i
             assert str(data / "sessions.sqlite3") in done.stderr and "full" in done.stderr, done.stderr
         # Nothing was revoked, and the command said so: both still work until the revocation is made.
         assert {name: real_verify_with(server.port, h) for name, h in checks.items()} == {"session": 200, "token": 200}
+        users_before = (data / "users").read_bytes()
+        for command, stdin in ((("passwd", "bob", "--password-stdin"), "another password\n"),
+                               (("deluser", "bob"), None)):
+            done = run_cli(*command, data_dir=data, stdin=stdin)
+            assert done.returncode == 1 and f"cannot use {data / 'users'}: No space left" in done.stderr, done.stderr
+        assert (data / "users").read_bytes() == users_before  # bob is still there to delete once there is room
 
         filler.unlink()
-        for command in (("token", "revoke", token_id), ("sessions", "--end", sid)):
+        for command in (("token", "revoke", token_id), ("sessions", "--end", sid), ("deluser", "bob")):
             done = run_cli(*command, data_dir=data)
             assert done.returncode == 0, (command, done.stderr)
         answers = refused_after_a_second(server.port, checks)
@@ -435,6 +441,22 @@ def test_verify_refuses_with_503_once_the_registry_stays_unreadable_past_its_gra
     clock.advance(1)
     verify(client, 200, token)
     assert "event=sessions_readable_again" in caplog.text
+
+
+def test_only_a_failed_look_at_the_registry_makes_verify_refuse(tmp_path):
+    clock = FakeClock()
+    data = tmp_path / "data"
+    app, client = build(data, clock)
+    token = session_token(client, csrf=CSRF)
+    clock.advance(600)  # a quiet hour of the day: nobody looked at the registry for ten minutes
+    with app.stores._refresh_lock:  # another request is looking right now
+        verify(client, 200, token)
+    registry = data / "sessions.sqlite3"
+    registry.rename(tmp_path / "aside")
+    registry.mkdir()
+    app.stores.registry.db._watcher.close()
+    clock.advance(600)
+    verify(client, 503, token)  # the first look fails, and what it last saw is ten minutes old: no grace
 
 
 @pytest.mark.parametrize("how", ["serve", "gunicorn"])
