@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, field, fields, replace
@@ -374,6 +375,17 @@ def legacy_users(dotenv: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 # -- Files ----------------------------------------------------------------------------------
 
 
+class StoreUnavailable(Exception):
+    """A file in the data dir that cannot be read or written right now: a full disk, a read-only
+    mount, a lock held too long, a permission. The operation fails closed (503 for a request, exit 1
+    for the CLI) and the next one tries the file again: no store ever carries on in private memory,
+    where it would forget what the CLI and the other workers wrote."""
+
+    def __init__(self, path: Path, error: object) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, str(error)
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on PATH.lock: every writer of PATH in every process takes it."""
@@ -409,15 +421,19 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def rewrite_lines(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
-    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive."""
-    with locked(path):
-        try:
-            lines = path.read_bytes().splitlines()
-        except FileNotFoundError:
-            lines = []
-        new = change(lines)
-        if new != lines:
-            write_atomic(path, b"".join(line + b"\n" for line in new))
+    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive.
+    StoreUnavailable when the file cannot be read or written: the change is not made."""
+    try:
+        with locked(path):
+            try:
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
+                lines = []
+            new = change(lines)
+            if new != lines:
+                write_atomic(path, b"".join(line + b"\n" for line in new))
+    except OSError as err:
+        raise StoreUnavailable(path, err.strerror or err) from None
 
 
 def line_name(line: bytes) -> str:
@@ -544,6 +560,21 @@ def prepare_data_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.stat().st_mode & 0o077:
             path.chmod(0o700)
+
+
+def require_writable(path: Path) -> None:
+    """StoreUnavailable naming PATH unless a file can be made, written to the disk and removed there:
+    a server that could not record a login, a lockout or a logout must not start."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ezauth-write-test.", dir=path)
+        try:
+            os.write(fd, b"ezauth\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise StoreUnavailable(path, f"the data dir cannot be written ({err.strerror or err})") from None
 
 
 # -- Passwords and users --------------------------------------------------------------------
@@ -703,6 +734,70 @@ class Users(WatchedFile):
         return password
 
 
+# At most this many password checks run at once in a process: scrypt holds a core for ~0.1 s, and
+# more at once only make every check slower, a real user's included.
+HASH_SLOTS = 2
+
+
+class HashGate:
+    """Every password check a request makes passes this gate: at most SLOTS run at once. Waiting
+    clients take turns: each has a line of its own and the lines are served round robin, so a flood
+    from one network holds one place in the rotation, never the whole queue (how many checks one
+    client has in flight at all, the lockout limits). Unknown user names are checked against a dummy
+    hash through the same gate, so they cost what known ones cost."""
+
+    def __init__(self, slots: int = HASH_SLOTS) -> None:
+        self.slots = slots
+        self._changed = threading.Condition()
+        self._running = 0
+        self._lines: dict[str, deque[object]] = {}  # client -> its waiting checks, oldest first
+        self._turns: deque[str] = deque()  # the clients with a line, in the order they are served
+        self._admitted: set[object] = set()
+
+    @property
+    def waiting(self) -> int:
+        """How many checks wait for a slot."""
+        with self._changed:
+            return sum(len(line) for line in self._lines.values())
+
+    def run(self, client: str, check: Callable[[], R]) -> R:
+        """CHECK's result, run when CLIENT's turn comes."""
+        self._enter(client)
+        try:
+            return check()
+        finally:
+            self._leave()
+
+    def _enter(self, client: str) -> None:
+        with self._changed:
+            if self._running < self.slots and not self._turns:
+                self._running += 1
+                return
+            ticket = object()
+            if client not in self._lines:
+                self._lines[client] = deque()
+                self._turns.append(client)
+            self._lines[client].append(ticket)
+            while ticket not in self._admitted:
+                self._changed.wait()
+            self._admitted.discard(ticket)
+
+    def _leave(self) -> None:
+        """Hand the slot to the first waiting check of the client whose turn it is, or free it."""
+        with self._changed:
+            if not self._turns:
+                self._running -= 1
+                return
+            turn = self._turns.popleft()
+            line = self._lines[turn]
+            self._admitted.add(line.popleft())
+            if line:
+                self._turns.append(turn)  # the back of the rotation: every other client goes first
+            else:
+                del self._lines[turn]
+            self._changed.notify_all()
+
+
 # -- Tokens ---------------------------------------------------------------------------------
 # Signing keys, and the two kinds of token they sign: sessions (the cookie) and pending logins
 # (a right password still owing its second-factor code). One decoder checks both.
@@ -773,7 +868,7 @@ class KeyRing(WatchedFile):
         try:
             with locked(self.path):
                 self._load_or_replace(now)
-        except OSError as err:  # a read-only data dir: carry on with the keys that are there
+        except OSError as err:  # its lock cannot be taken: carry on with the keys every worker shares
             with contextlib.suppress(OSError, ValueError):
                 self.read_if_changed()
             if self.keys:
@@ -781,9 +876,9 @@ class KeyRing(WatchedFile):
                 return
             if file_stamp(self.path) is not None:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
-            log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
-                      logval(str(err)))
-            self._use((new_key(now, now),))
+            # No ring to share and none can be written: a key of our own would sign sessions no other
+            # worker accepts and a restart forgets, so refuse to start instead.
+            raise StoreUnavailable(self.path, err.strerror or err) from None
 
     def _load_or_replace(self, now: float) -> None:
         try:
@@ -962,21 +1057,24 @@ def corrupt_database(err: sqlite3.DatabaseError) -> bool:
     return "not a database" in str(err) or "malformed" in str(err)
 
 
+DB_TIMEOUT = 10.0  # a transaction waits this long for another process's, then fails closed
+
+
 class SharedDatabase:
     """An SQLite file in the data dir that every worker process shares. Each transaction takes the
     write lock first (BEGIN IMMEDIATE); a damaged file, at start-up or later, is moved aside and
-    started afresh; one that cannot be written falls back to a database in this process's memory."""
+    started afresh. One that cannot be read or written (disk full, read-only, locked longer than
+    DB_TIMEOUT) raises StoreUnavailable, and the next transaction tries the file again."""
 
     def __init__(self, path: Path, schema: str, event: str, now: float, wal: bool = False) -> None:
         self.path, self.schema, self.event, self.wal = path, schema, event, wal
-        self._memory: sqlite3.Connection | None = None
         self._watcher: sqlite3.Connection | None = None
         self._version: int | None = None
         self._lock = threading.Lock()
         try:
             self._init_file(now)
-        except sqlite3.Error as err:
-            self._fall_back(err)
+        except (sqlite3.OperationalError, OSError) as err:
+            raise StoreUnavailable(self.path, err) from None
 
     def _init_file(self, now: float) -> None:
         try:
@@ -1004,9 +1102,8 @@ class SharedDatabase:
 
     def read_if_changed(self, read: Callable[[sqlite3.Connection], None]) -> None:
         """Call READ when some connection has committed since the last look. The look is one PRAGMA
-        on a connection kept for it, so the once-a-second refresh stays cheap."""
-        if self._memory is not None:
-            return  # one process: its own writes already updated what it holds
+        on a connection kept for it, so the once-a-second refresh stays cheap. StoreUnavailable when
+        the file cannot be read; the next look opens it afresh."""
         try:
             if self._watcher is None:
                 self._watcher = self.connect()
@@ -1015,52 +1112,46 @@ class SharedDatabase:
                 read(self._watcher)
                 self._version = version
         except sqlite3.Error as err:
-            warn_once(f"{self.event}_unreadable", "event=%s_unreadable error=%s action=keeping_what_was_read",
-                      self.event, logval(str(err)))
+            watcher, self._watcher, self._version = self._watcher, None, None
+            if watcher is not None:
+                watcher.close()
+            raise StoreUnavailable(self.path, err) from None
 
     def connect(self) -> sqlite3.Connection:
-        """A connection of its own for the caller (or the shared one in memory)."""
-        if self._memory is not None:
-            return self._memory
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        """A connection of its own for the caller."""
+        db = sqlite3.connect(self.path, timeout=DB_TIMEOUT, isolation_level=None, check_same_thread=False)
         if self.wal:  # readers (verify's once-a-second look) never wait for a writer
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks back after a checkpoint
         return db
 
-    def _fall_back(self, err: Exception) -> None:
-        log.error("event=%s_unwritable error=%s action=per_process_memory", self.event, logval(str(err)))
-        self._memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self._memory.executescript(self.schema)
-
     def run(self, work: Callable[[sqlite3.Connection], R], now: float) -> R:
-        """WORK in one write transaction; a database damaged meanwhile is replaced as at start-up."""
+        """WORK in one write transaction; a database damaged or deleted meanwhile is replaced as at start-up."""
         with self._lock:
             try:
                 return self._transaction(work)
             except sqlite3.DatabaseError as err:
-                if self._memory is not None:
+                if not (corrupt_database(err) or "no such table" in str(err)):  # damaged, or deleted by hand
+                    if isinstance(err, sqlite3.OperationalError):
+                        raise StoreUnavailable(self.path, err) from None
                     raise
-                if corrupt_database(err):
-                    self._replace_corrupt(now)
-                else:
-                    self._fall_back(err)
+            try:
+                self._init_file(now)
                 return self._transaction(work)
+            except (sqlite3.OperationalError, OSError) as err:
+                raise StoreUnavailable(self.path, err) from None
 
     def _transaction(self, work: Callable[[sqlite3.Connection], R]) -> R:
-        db = self.connect()
-        try:
+        with contextlib.closing(self.connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # after a full disk SQLite has rolled back itself
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return result
-        finally:
-            if db is not self._memory:
-                db.close()
 
 
 # -- Sessions -------------------------------------------------------------------------------
@@ -1192,7 +1283,11 @@ class SessionRegistry:
                            [(at, ip, expires, sid) for sid, (at, ip, expires) in seen.items()])
             # A live session renewed by another worker may not have its new expiry here yet: a margin.
             db.execute("DELETE FROM sessions WHERE expires <= ?", (now - 2 * SEEN_EVERY,))
-        self.db.run(work, now)
+        try:
+            self.db.run(work, now)
+        except StoreUnavailable:
+            self._seen = {**seen, **self._seen}  # written by the next flush instead of lost
+            raise
 
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SessionRecord:
@@ -1263,21 +1358,26 @@ class Sessions:
 
 
 COUNT_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and fewer than int() refuses
+COUNTER_SYNC_EVERY = 60.0  # a power cut loses at most this long of views; a kill -9 loses none
 
 
 class VisitCounter:
-    """Page views as decimal text in a file, exact across threads and processes."""
+    """Page views as decimal text in a file, exact across threads and processes. A view rewrites the
+    digits in place under the file's own lock: no new file, no fsync per view (the count only grows,
+    so the new digits always cover the old ones); the file reaches the disk once a minute."""
 
     def __init__(self, path: Path, clock: Clock) -> None:
         self.path, self.clock = path, clock
+        self._synced = clock()
 
     def increment(self) -> int | None:
         """Count one visit and return the new total; None (logged) when the file cannot be used."""
         try:
-            with locked(self.path):
-                count = self._read() + 1
-                write_atomic(self.path, f"{count}\n".encode())
-                return count
+            for _ in range(3):  # None: the file was moved aside under us; count in the new one
+                count = self._increment()
+                if count is not None:
+                    return count
+            raise OSError(f"{self.path} kept being replaced")
         except OSError as err:
             log.warning("event=counter_skipped error=%s", logval(str(err)))
             return None
@@ -1285,28 +1385,93 @@ class VisitCounter:
     def current(self) -> int | None:
         """The count without adding a visit; None when it cannot be read."""
         try:
-            text = self.path.read_text(encoding="ascii").strip()
+            fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return 0
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # never half of a rewrite
+            text = os.pread(fd, 64, 0).decode("ascii").strip()
         except (OSError, UnicodeDecodeError):
             return None
+        finally:
+            os.close(fd)
         return int(text) if COUNT_RE.fullmatch(text) else None
 
-    def _read(self) -> int:
+    def _open(self) -> int:
+        """The counter file, made with "0" in it the first time: never an empty one, even when its first
+        writer is killed half-way (a half-made `.counter.txt.new` is simply made again)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDWR)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            text = self.path.read_text(encoding="ascii").strip()
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # one creator at a time, in every process
+            if not self.path.exists():
+                fresh = self.path.with_name(f".{self.path.name}.new")
+                fresh.write_bytes(b"0\n")
+                os.replace(fresh, self.path)
+        finally:
+            os.close(dir_fd)
+        return os.open(self.path, os.O_RDWR)
+
+    def _increment(self) -> int | None:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not self._still_the_file(fd):
+                return None
+            old = os.pread(fd, 64, 0)
+            count = self._parse(old)
+            if count is None:
+                return None
+            new = f"{count + 1}\n".encode()
+            os.pwrite(fd, new, 0)
+            if len(new) < len(old):
+                os.ftruncate(fd, len(new))  # only after leading zeros someone typed in
+            now = self.clock()
+            if now - self._synced >= COUNTER_SYNC_EVERY:
+                self._synced = now
+                os.fsync(fd)
+            return count + 1
+        finally:
+            os.close(fd)
+
+    def _still_the_file(self, fd: int) -> bool:
+        """False when the file was moved aside as corrupt while we waited for its lock."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
-            return 0
+            return False
+
+    def _parse(self, raw: bytes) -> int | None:
+        """The count in RAW; a corrupt file is moved aside (None)."""
+        try:
+            text = raw.decode("ascii").strip()
         except UnicodeDecodeError:
             text = "?"
         if COUNT_RE.fullmatch(text):
             return int(text)
         aside = move_aside(self.path, self.clock())
         log.error("event=counter_corrupt moved_to=%s action=restart_from_zero", aside)
-        return 0
+        return None
 
 
 # -- Login throttle -------------------------------------------------------------------------
+
+
+def client_block(address: str) -> str:
+    """The addresses one client can rotate through, as one key: an IPv6 client's /64 (every home and
+    server gets a whole /64), an IPv4 client's address; an IPv4-mapped IPv6 address is its IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -1497,7 +1662,8 @@ class TotpStore(WatchedFile):
 
     def accept(self, name: str, code: str, now: float) -> bool:
         """Check CODE and burn its time step, under the lock, so no worker accepts it twice.
-        A code that cannot be burnt (read-only data dir) is refused: replay protection first."""
+        StoreUnavailable when the step cannot be burnt: replay protection first, and a right code
+        is not counted as a wrong one."""
         used: list[int] = []
 
         def burn(lines: list[bytes]) -> list[bytes]:
@@ -1511,11 +1677,7 @@ class TotpStore(WatchedFile):
             line = f"{name}:{base64.b32encode(entry[0]).decode().rstrip('=')}:{step}".encode()
             return [line if line_name(ln) == name else ln for ln in lines]
 
-        try:
-            rewrite_lines(self.path, burn)
-        except OSError as err:
-            log.error("event=totp_unwritable error=%s action=code_refused", logval(str(err)))
-            return False
+        rewrite_lines(self.path, burn)
         self.reload()
         return bool(used)
 
@@ -1563,6 +1725,14 @@ ENCODED_SEPARATOR_RE = re.compile(r"%(?![2][fF]|[5][cC])[0-9A-Fa-f]{2}")
 PARAMS_RE = re.compile(r";[^/]*")
 SLASHES_RE = re.compile(r"/{2,}")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Judging every reading of a path costs ~2 us per character once it holds anything an app could read
+# differently (a crafted 7 KB path cost one verify 15 ms of the event loop). Such a path longer than
+# this is refused unjudged; plain paths of any length are one reading and cost next to nothing.
+MAX_JUDGED_PATH = 1024
+
+
+class PathTooLong(ValueError):
+    """A path with readings to judge that is too long to judge them all cheaply: refused, not judged."""
 
 
 class Rules:
@@ -1595,7 +1765,10 @@ class Rules:
     def allows_every(self, user: str | None, target: Target, uri: str) -> bool:
         """True only when every reading of URI's path is allowed: an app that decodes, splits or
         resolves the path differently from these rules must still land somewhere allowed."""
-        readings = path_readings(uri)
+        try:
+            readings = path_readings(uri)
+        except PathTooLong:
+            return False
         if any(CONTROL_RE.search(path) for path in readings):
             return False  # a decoded NUL or line break: no app should get such a path
         return all(self.allows(user, target, path) and self.allows(user, target, path, fold=True)
@@ -1663,6 +1836,8 @@ def uri_path(uri: str) -> str:
 
 def remove_dot_segments(path: str) -> str:
     """RFC 3986 5.2.4 for an absolute path: `.` and `..` resolved, empty segments kept (`/.//x` is `//x`)."""
+    if "/." not in path:
+        return path  # no dot segment: every one follows a slash
     segments = path.split("/")[1:]
     kept: list[str] = []
     for number, segment in enumerate(segments, 1):
@@ -1692,18 +1867,22 @@ def decodings(path: str) -> set[str]:
 def path_readings(uri: str) -> frozenset[str]:
     """Every reasonable reading of an original request URI's path by the app behind nginx: decoded or
     not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not, repeated
-    slashes merged or not, cut at `#` or not."""
+    slashes merged or not, cut at `#` or not. PathTooLong for such a path over MAX_JUDGED_PATH."""
     path = uri_path(uri)
     if not READING_WORK_RE.search(path):
         return frozenset((path or "/",))  # nothing any app could read differently: the common case
-    readings: set[str] = set()
+    if len(path) > MAX_JUDGED_PATH:
+        raise PathTooLong(f"{len(path)} characters with readings to judge")
+    rooted: set[str] = set()  # many ways to read a path agree on these; each is worked out once
     for decoded in decodings(path) | decodings(path.partition("#")[0]):
         for text in {decoded, decoded.replace("\\", "/")}:
             for unparam in {text, PARAMS_RE.sub("", text)}:
-                rooted = unparam if unparam.startswith("/") else "/" + unparam
-                merged = SLASHES_RE.sub("/", rooted)  # before and after dot segments: both orders exist
-                readings.update((rooted, merged, remove_dot_segments(rooted), remove_dot_segments(merged),
-                                 SLASHES_RE.sub("/", remove_dot_segments(rooted))))
+                rooted.add(unparam if unparam.startswith("/") else "/" + unparam)
+    readings: set[str] = set()
+    for text in rooted:
+        merged = SLASHES_RE.sub("/", text)  # before and after dot segments: both orders exist
+        resolved = remove_dot_segments(text)
+        readings.update((text, merged, resolved, remove_dot_segments(merged), SLASHES_RE.sub("/", resolved)))
     return frozenset(readings)
 
 
@@ -1718,6 +1897,12 @@ def rules_path(uri: str) -> str:
         path = decoded
     rooted = "/" + path.replace("\\", "/")
     return SLASHES_RE.sub("/", remove_dot_segments(SLASHES_RE.sub("/", rooted)))
+
+
+def logged_path(uri: str) -> str:
+    """The canonical path for a log line, from the URI's first 256 characters: the line shows 80, and
+    a refused 7 KB path must not cost verify more to log than to refuse."""
+    return rules_path(uri[:256])
 
 
 class AccessRules(WatchedFile):
@@ -1828,8 +2013,13 @@ class ApiToken:
 
     def allows(self, uri: str) -> bool:
         """Whether every reading of URI's path lies under one of the token's prefixes."""
-        return not self.paths or all(any(reading.startswith(prefix) for prefix in self.paths)
-                                     for reading in path_readings(uri))
+        if not self.paths:
+            return True
+        try:
+            readings = path_readings(uri)
+        except PathTooLong:
+            return False
+        return all(any(reading.startswith(prefix) for prefix in self.paths) for reading in readings)
 
 
 def token_digest(secret: str) -> str:
@@ -1899,9 +2089,13 @@ class ApiTokens:
 
     def flush(self, now: float) -> None:
         used, self._used = self._used, {}
-        self.db.run(lambda db: db.executemany(
-            "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
-            [(at, token_id) for token_id, at in used.items()]), now)
+        try:
+            self.db.run(lambda db: db.executemany(
+                "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
+                [(at, token_id) for token_id, at in used.items()]), now)
+        except StoreUnavailable:
+            self._used = {**used, **self._used}  # written by the next flush instead of lost
+            raise
 
     @staticmethod
     def _token(row: tuple[Any, ...]) -> ApiToken:
@@ -1926,7 +2120,7 @@ class Metrics:
     sessions_renewed: int = 0
     key_rotations: int = 0
 
-    def render(self, visits: int | None) -> str:
+    def render(self, visits: int | None, hashes_waiting: int) -> str:
         """The Prometheus text exposition format, version 0.0.4."""
         lines = ["# HELP ezauth_logins_total Login attempts (form and HTTP Basic) by outcome.",
                  "# TYPE ezauth_logins_total counter"]
@@ -1940,6 +2134,8 @@ class Metrics:
                 ("ezauth_sessions_renewed_total", self.sessions_renewed, "Sessions renewed past half their life."),
                 ("ezauth_key_rotations_total", self.key_rotations, "New signing keys this process picked up.")):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
+        lines += ["# HELP ezauth_password_checks_waiting Password checks waiting for the hash gate.",
+                  "# TYPE ezauth_password_checks_waiting gauge", f"ezauth_password_checks_waiting {hashes_waiting}"]
         if visits is not None:
             lines += ["# HELP ezauth_visits The login page visit counter.", "# TYPE ezauth_visits gauge",
                       f"ezauth_visits {visits}"]
@@ -1953,6 +2149,10 @@ class Metrics:
 
 FLUSH_EVERY = 60.0  # how often last-seen times reach the registry
 LOOK_EVERY = 0.1  # how often an unknown API token may make a worker look at the registry early
+# Verify trusts its last look at the registry this long when it cannot look again (a disk error, a
+# file replaced by hand); after that it refuses everyone (503) rather than miss a revocation made
+# meanwhile, until a look succeeds.
+REGISTRY_GRACE = 5.0
 
 
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
@@ -1978,6 +2178,8 @@ class Stores:
     _next_refresh: float = 0.0
     _next_flush: float = 0.0
     _next_look: float = 0.0
+    _registry_read: float = 0.0  # when the registry was last looked at
+    _registry_state: str = "ok"  # or "failing" (within the grace), or "refusing" (past it)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
     _flushing: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1985,17 +2187,19 @@ class Stores:
     def open(cls, settings: Settings, clock: Clock) -> Stores:
         data, now = settings.data_dir, clock()
         prepare_data_dir(data)
+        require_writable(data)
         users = Users(data / "users", {name: legacy_hash(name, pw) for name, pw in settings.legacy_users})
         keys = KeyRing(data / "keys.json", settings.rotate_every, settings.longest_ttl, now)
         shared = open_sessions_database(data, now)
         registry = SessionRegistry(shared)
         sessions = Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl,
                             settings.session_max_age)
-        return cls(users, keys, registry, sessions,
-                   ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
-                   Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
-                            settings.lockout_time, now),
-                   TotpStore(data / "totp"), AccessRules(data / "rules"), private_secret(data / "names.key", now))
+        stores = cls(users, keys, registry, sessions, ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
+                     Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
+                              settings.lockout_time, now),
+                     TotpStore(data / "totp"), AccessRules(data / "rules"), private_secret(data / "names.key", now))
+        stores.look_at_registry(now)
+        return stores
 
     def refresh(self, now: float) -> int:
         """At most once a second, pick up what the CLI or other workers changed; returns how many
@@ -2009,7 +2213,7 @@ class Stores:
             for watched in (self.users, self.totp, self.rules):
                 watched.load()
             self.keys.refresh(now)
-            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+            self.look_at_registry(now)
             if now >= self._next_flush:
                 self._next_flush = now + FLUSH_EVERY
                 threading.Thread(target=self.flush, args=(now,), name="ezauth-flush", daemon=True).start()
@@ -2028,6 +2232,8 @@ class Stores:
         try:
             self._next_look = now + LOOK_EVERY
             self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+        except StoreUnavailable:
+            return None  # the once-a-second look logs it and decides what verify does
         finally:
             self._refresh_lock.release()
         return self.tokens.check(secret, now)
@@ -2036,6 +2242,29 @@ class Stores:
         self.registry.reload(db, now)
         self.tokens.reload(db)
 
+    def look_at_registry(self, now: float) -> None:
+        """Take in sessions ended and tokens revoked elsewhere; a look that fails is logged when the
+        failures begin, when they outlast REGISTRY_GRACE (verify refuses from then on) and when they end."""
+        try:
+            self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
+        except StoreUnavailable as err:
+            state = "refusing" if now - self._registry_read > REGISTRY_GRACE else "failing"
+            if state != self._registry_state:
+                action = ("verify_refuses_everyone" if state == "refusing"
+                          else f"verify_refuses_after_{REGISTRY_GRACE:.0f}s")
+                log.error("event=sessions_unreadable error=%s action=%s", logval(err.error), action)
+                self._registry_state = state
+            return
+        if self._registry_state != "ok":
+            log.warning("event=sessions_readable_again action=verify_answers_again")
+        self._registry_read, self._registry_state = now, "ok"
+
+    def registry_stale(self, now: float) -> bool:
+        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O): the
+        last look failed and the last good one is over REGISTRY_GRACE old. Only a failed look counts,
+        so a look that another thread is making right now never makes verify refuse."""
+        return self._registry_state != "ok" and now - self._registry_read > REGISTRY_GRACE
+
     def flush(self, now: float) -> None:
         """Write what verify only noted in memory: last seen, last used; forget expired sessions."""
         if not self._flushing.acquire(blocking=False):
@@ -2043,8 +2272,8 @@ class Stores:
         try:
             self.registry.flush(now)
             self.tokens.flush(now)
-        except sqlite3.Error as err:
-            log.error("event=sessions_flush_failed error=%s", logval(str(err)))
+        except StoreUnavailable as err:
+            log.error("event=sessions_flush_failed error=%s action=retry_at_the_next_flush", logval(str(err)))
         finally:
             self._flushing.release()
 
@@ -2247,8 +2476,11 @@ class Request:
 
 def _same_site_path(path: str) -> str:
     # `/.//evil.example` is `//evil.example` once a browser or an app resolves its dot segments.
-    if not path.startswith("/") or path.startswith("//") or any(
-            reading.startswith("//") for reading in path_readings(path)):
+    try:
+        readings = path_readings(path)
+    except PathTooLong:
+        return "/"
+    if not path.startswith("/") or path.startswith("//") or any(reading.startswith("//") for reading in readings):
         return "/"
     if rules_path(path).startswith((f"{PREFIX}/login", f"{PREFIX}/logout")):
         return "/"
@@ -2277,13 +2509,23 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
     return "/"
 
 
+# nginx reads verify's status line and headers into proxy_buffer_size (4 KiB by default) and turns a
+# 401 that outgrows it into its 503 page. The login URL gets at most this much of it: the status line
+# and the other headers (WWW-Authenticate, X-Ezauth-Error, Date, a cookie) fit in the rest.
+MAX_LOGIN_URL = 3072
+
+
 def login_url(original_uri: str, expired: bool, portal: str = "") -> str:
-    """The login page URL (on the PORTAL, when there is one) that returns the visitor to ORIGINAL_URI."""
-    query = {"rd": original_uri} if original_uri else {}
+    """The login page URL (on the PORTAL, when there is one) that returns the visitor to ORIGINAL_URI;
+    without the return target when it would not fit MAX_LOGIN_URL (the login still works and lands on
+    the default page)."""
+    query = {"rd": original_uri} if original_uri and len(original_uri) <= MAX_LOGIN_URL else {}
     if expired:
         query["expired"] = "1"
-    encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
-    return f"{portal}{PREFIX}/login" + (f"?{encoded}" if encoded else "")
+    url = f"{portal}{PREFIX}/login?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="")
+    if len(url) > MAX_LOGIN_URL and original_uri:  # percent-encoding can triple a target
+        return login_url("", expired, portal)
+    return url.removesuffix("?")
 
 
 def navigates(request: Request) -> bool:
@@ -3002,6 +3244,7 @@ class Handlers:
         self.cookies = pages.cookies
         self.proxy_names = PROXY_HEADERS[settings.proxy_headers]
         self.basic_cache = BasicCache()
+        self.gate = HashGate()
         self.static_roots = (settings.data_dir / "static", HERE / "static")
 
     # -- the login page and form --
@@ -3051,7 +3294,7 @@ class Handlers:
     def check_login(self, request: Request, password: str, state: FormState) -> Response:
         now, name, stores = self.clock(), state.username, self.stores
         attempt = self.reserve(request, name, now, state=state)
-        if not stores.users.check(name, password):
+        if not self.password_ok(request, name, password):
             self.refuse(request, attempt, name, now)
             raise Refused(401, "msg_wrong", state)
         stores.throttle.succeeded(attempt)
@@ -3084,13 +3327,18 @@ class Handlers:
                 state: FormState | None = None) -> Attempt:
         """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
         shown = self.stores.log_name(name)
-        attempt = self.stores.throttle.begin([f"ip:{request.client_ip}", f"user:{shown.lower()[:64]}"], now)
+        keys = [f"ip:{client_block(request.client_ip)}", f"user:{shown.lower()[:64]}"]  # IPv6: the whole /64
+        attempt = self.stores.throttle.begin(keys, now)
         if attempt.locked:
             self.metrics.logins_locked += 1
             log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
                         how, logval(shown), logval(request.client_ip), attempt.retry_after)
             raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
         return attempt
+
+    def password_ok(self, request: Request, name: str, password: str) -> bool:
+        """NAME's password, checked through the hash gate in turn with other clients (by network)."""
+        return self.gate.run(client_block(request.client_ip), lambda: self.stores.users.check(name, password))
 
     def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
         """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
@@ -3117,6 +3365,8 @@ class Handlers:
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
+        if self.stores.registry_stale(now):
+            return self.blind()
         cookies = self.cookies.read(request)
         tokens = cookies.tokens
         if len(tokens) > MAX_SESSION_COOKIES:
@@ -3137,6 +3387,12 @@ class Handlers:
         if authorization[:6].lower() == "basic ":
             return self.verify_basic(request, now, cookies)
         return self.public(request, cookies) or self.deny(request, bool(tokens))
+
+    def blind(self) -> Response:
+        """503 while the registry has been unreadable past its grace: a session ended or a token revoked
+        meanwhile would be missed, so nobody gets in; nginx shows "sign-in service not available"."""
+        self.metrics.verify_denied += 1
+        return text_response(503, "the session registry cannot be read; see the ezauth log")
 
     def grant_session(self, request: Request, session: Session, now: float, app_cookie: str | None) -> Response:
         headers = [("X-Auth-Request-User", session.user), ("Cache-Control", "no-cache")]
@@ -3279,7 +3535,7 @@ class Handlers:
             self.stores.throttle.succeeded(attempt)
             return name
         # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
-        if not self.stores.users.check(name, password) or self.stores.totp.enrolled(name):
+        if not self.password_ok(request, name, password) or self.stores.totp.enrolled(name):
             self.refuse(request, attempt, name, now, "via=basic ")
             return None
         self.stores.throttle.succeeded(attempt)
@@ -3356,7 +3612,7 @@ class Handlers:
         if not password:
             raise Refused(403, "msg_confirm_needed")
         attempt = self.reserve(request, session.user, now, "via=account ")
-        if not self.stores.users.check(session.user, password):
+        if not self.password_ok(request, session.user, password):
             self.refuse(request, attempt, session.user, now, "via=account ")
             raise Refused(401, "msg_wrong_current")
         self.stores.throttle.succeeded(attempt)
@@ -3509,7 +3765,7 @@ class Handlers:
         client = request.client_ip
         if not self.settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, self.settings.trusted_proxies)):
             return text_response(404, "not found")
-        return Response(200, self.metrics.render(self.stores.counter.current()).encode(),
+        return Response(200, self.metrics.render(self.stores.counter.current(), self.gate.waiting).encode(),
                         [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
 
     def static(self, request: Request) -> Response:
@@ -3605,6 +3861,12 @@ class EzauthApp:
             if rotated:
                 self.handlers.metrics.key_rotations += rotated
             response = self.dispatch(request)
+        except StoreUnavailable as err:
+            # The file whole (logval would cut a long path): the one thing the operator must find.
+            log.error("event=store_unavailable method=%s path=%s file=%s error=%s action=refused_503",
+                      logval(request.method), logval(request.path), json.dumps(str(err.path)), logval(err.error))
+            response = text_response(503, "ezauth cannot save this right now; try again in a minute",
+                                     ("Retry-After", "60"))
         except Exception:
             log.exception("event=error method=%s path=%s", logval(request.method), logval(request.path))
             response = text_response(500, "internal error")
@@ -4299,14 +4561,18 @@ def rules_naming(path: Path, name: str) -> list[str]:
 
 
 def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete a user and everything of theirs: second factor, sessions, API tokens. A new user of the
+    """Delete a user and everything of theirs: sessions, API tokens, second factor. A new user of the
     same name starts clean; the rules file is theirs to edit, so it is only pointed out."""
-    if not open_users(settings).delete(args.name):
+    users = open_users(settings)
+    if users.fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}")
-    second_factor = TotpStore(settings.data_dir / "totp").remove(args.name)
+    # Everything of theirs first, the user last: a failure part-way leaves a user to delete again,
+    # never a deleted user whose tokens or second factor would come back with a new user of the name.
     registry, tokens = open_registry(settings)
     ended = registry.end_user(args.name, "user_deleted", time.time())
     revoked = tokens.revoke_user(args.name, time.time())
+    second_factor = TotpStore(settings.data_dir / "totp").remove(args.name)
+    users.delete(args.name)
     print(f"deleted user {args.name}: {ended} session(s) ended, {revoked} API token(s) revoked"
           f"{', second factor removed' if second_factor else ''}")
     lines = rules_naming(settings.data_dir / "rules", args.name)
@@ -4724,26 +4990,36 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"ezauth: {err}", file=sys.stderr)
         return 1
+    except StoreUnavailable as err:
+        print(f"ezauth: cannot use {err.path}: {err.error}; this command did not finish, run it again once "
+              "that is fixed", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"ezauth: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 1
 
 
-_service: EzauthApp | None = None
+GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts instead of starting it again
 _service_lock = threading.Lock()
 
 
-def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
-    """WSGI entry point for `gunicorn 'ezauth:app'`: built from the environment on first use."""
-    global _service
-    if _service is None:
-        with _service_lock:
-            if _service is None:
-                logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
+def __getattr__(name: str) -> EzauthApp:
+    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then, from
+    the environment. A data dir that cannot be written stops the worker from booting with one line
+    naming it, and gunicorn halts rather than start workers that could not record a login."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _service_lock:
+        if "app" not in globals():
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
+            try:
                 service = make_app(Settings.from_env())
-                announce_first_admin(service.stores.users, sys.stdout.isatty())
-                _service = service
-    return _service(environ, start_response)
+            except StoreUnavailable as err:
+                print(f"ezauth: cannot use {err.path}: {err.error}", file=sys.stderr, flush=True)
+                raise SystemExit(GUNICORN_APP_LOAD_ERROR) from None
+            announce_first_admin(service.stores.users, sys.stdout.isatty())
+            globals()["app"] = service
+    return cast(EzauthApp, globals()["app"])
 
 
 if __name__ == "__main__":

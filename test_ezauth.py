@@ -21,6 +21,7 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -609,7 +610,7 @@ def test_corrupt_counter_is_moved_aside_and_restarts(tmp_path, caplog, content):
 
 
 def test_unusable_counter_returns_none_and_logs(tmp_path, caplog):
-    (tmp_path / "counter.txt.lock").mkdir()
+    (tmp_path / "counter.txt").mkdir()
     assert VisitCounter(tmp_path / "counter.txt", FakeClock(T0)).increment() is None
     assert VisitCounter(tmp_path / "missing-dir" / "counter.txt", FakeClock(T0)).increment() is None
     assert len(events(caplog, "counter_skipped")) == 2
@@ -621,6 +622,97 @@ def test_counter_is_exact_across_threads(tmp_path):
         seen = list(pool.map(lambda _: counter.increment(), range(400)))
     assert sorted(seen) == list(range(1, 401))
     assert (tmp_path / "counter.txt").read_text().strip() == "400"
+
+
+def test_counter_rewrites_in_place_without_an_fsync_per_view(tmp_path, monkeypatch):
+    clock = FakeClock(T0)
+    counter = VisitCounter(tmp_path / "counter.txt", clock)
+    counter.increment()
+    inode = (tmp_path / "counter.txt").stat().st_ino
+    calls: list[str] = []
+    real_fsync, real_replace, real_mkstemp = os.fsync, os.replace, tempfile.mkstemp
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (calls.append("replace"), real_replace(*a, **k))[1])
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (calls.append("mkstemp"), real_mkstemp(*a, **k))[1])
+    assert [counter.increment() for _ in range(500)] == list(range(2, 502))
+    assert calls == []  # 500 views: no new file, no rename, nothing forced to the disk
+    assert (tmp_path / "counter.txt").stat().st_ino == inode
+    clock.advance(ezauth.COUNTER_SYNC_EVERY)
+    counter.increment()
+    assert calls == ["fsync"]  # once a minute, so a power cut loses at most a minute of views
+    assert (tmp_path / "counter.txt").read_bytes() == b"502\n"
+
+
+def test_counter_shrinking_digits_never_leave_old_ones_behind(tmp_path):
+    (tmp_path / "counter.txt").write_text("000041\n")  # leading zeros, as a human might type it
+    counter = VisitCounter(tmp_path / "counter.txt", FakeClock(T0))
+    assert counter.increment() == 42
+    assert (tmp_path / "counter.txt").read_bytes() == b"42\n"
+    assert counter.current() == 42
+
+
+# -- Hash gate --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "block"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),
+    ("unknown", "unknown"),
+])
+def test_client_block_is_the_ipv6_64_and_the_ipv4_address(address, block):
+    assert ezauth.client_block(address) == block
+
+
+def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.Semaphore,
+                 started: list[str]) -> list[threading.Thread]:
+    """One thread per client name, each running a check that records its client as it starts and then
+    waits for RELEASE."""
+    def check(client: str) -> bool:
+        started.append(client)
+        release.acquire()
+        return True
+
+    threads = [threading.Thread(target=gate.run, args=(client, lambda c=client: check(c))) for client in clients]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_hash_gate_lets_another_client_in_ahead_of_a_200_check_flood():
+    gate, release, started = ezauth.HashGate(slots=2), threading.Semaphore(0), []
+    threads = gated_checks(gate, ["flood"] * 202, release, started)
+    assert wait_until(lambda: gate.waiting == 200 and len(started) == 2, timeout=10)  # two run, 200 wait
+    threads += gated_checks(gate, ["2001:db8:2::/64"], release, started)
+    assert wait_until(lambda: gate.waiting == 201, timeout=10)
+    for finished in range(1, 202):  # one check at a time finishes, and the next one in turn starts
+        release.release()
+        assert wait_until(lambda n=finished: len(started) == 2 + n, timeout=10, interval=0.001), finished
+    for _ in range(2):
+        release.release()
+    for thread in threads:
+        thread.join(timeout=10)
+    # FIFO would start it last; taking turns, it starts right after one more flood check.
+    assert started.index("2001:db8:2::/64") == 3 and len(started) == 203
+
+
+def test_hash_gate_runs_at_most_its_slots_at_once_and_every_check_once():
+    gate, lock, running, most = ezauth.HashGate(slots=2), threading.Lock(), [0], [0]
+
+    def check(n: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.001)  # a check that takes a moment, so the checks overlap
+        with lock:
+            running[0] -= 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        done = list(pool.map(lambda n: gate.run(f"client{n % 5}", lambda: check(n)), range(300)))
+    assert done == list(range(300)) and most[0] == 2 and gate.waiting == 0
 
 
 # -- Throttle ---------------------------------------------------------------------------------
@@ -701,14 +793,27 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
     assert events(caplog, "throttle_corrupt")
 
 
-def test_unwritable_throttle_still_limits_in_memory(tmp_path, caplog):
+def test_unwritable_throttle_refuses_to_open_naming_its_file(tmp_path):
     path = tmp_path / "throttle.sqlite3"
     path.mkdir()  # cannot be opened as a database, even by root
+    with pytest.raises(ezauth.StoreUnavailable) as refused:
+        Throttle(path, 3, 60, 120, T0)
+    assert refused.value.path == path
+
+
+def test_throttle_that_becomes_unwritable_fails_closed_and_forgets_nothing(tmp_path):
+    path = tmp_path / "throttle.sqlite3"
     throttle = Throttle(path, 3, 60, 120, T0)
-    for _ in range(3):
-        fail(throttle, ["ip:x"], T0)
-    assert throttle.begin(["ip:x"], T0).locked
-    assert events(caplog, "throttle_unwritable")
+    fail(throttle, ["ip:x"], T0)
+    fail(throttle, ["ip:x"], T0)
+    path.rename(tmp_path / "aside")
+    path.mkdir()  # for now the file cannot be opened: no private memory takes its place
+    with pytest.raises(ezauth.StoreUnavailable):
+        throttle.begin(["ip:x"], T0 + 1)
+    path.rmdir()
+    (tmp_path / "aside").rename(path)
+    fail(throttle, ["ip:x"], T0 + 2)  # the third failure, counted with the two from before
+    assert throttle.begin(["ip:x"], T0 + 3).locked
 
 
 # -- Return targets ---------------------------------------------------------------------------
@@ -1733,7 +1838,7 @@ def test_counter_is_shown_in_the_footer_and_counts_each_page_view_once(client, s
 
 
 def test_unusable_counter_never_breaks_the_page(client, service, caplog):
-    (service.settings.data_dir / "counter.txt.lock").mkdir()
+    (service.settings.data_dir / "counter.txt").mkdir()
     page = client.get(LOGIN, status=200)
     assert text("msg_visits", count="\x00").split("\x00")[0] not in page.text
     assert form_field(page.text, "csrf")

@@ -11,10 +11,12 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,11 @@ from conftest import (
     build,
     cheap_hash,
     clean_env,
+    cli_token,
+    events,
+    free_port,
+    http_call,
+    jwt_parts,
     login,
     real_login,
     real_verify,
@@ -216,7 +223,7 @@ def make_unwritable(monkeypatch, data_dir: Path, code: int = errno.EROFS, thrott
         db.mkdir()
 
 
-def test_read_only_data_dir_keeps_verify_and_login_working(tmp_path, monkeypatch, caplog):
+def test_read_only_data_dir_keeps_verify_working_and_refuses_logins_with_503(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="ezauth")
     clock = FakeClock()
     data = tmp_path / "data"
@@ -230,36 +237,33 @@ def test_read_only_data_dir_keeps_verify_and_login_working(tmp_path, monkeypatch
     assert "visited" not in page.text and 'name="csrf"' in page.text  # the page, without the number
     assert "event=counter_skipped" in caplog.text
     verify(client, 200, before)
-    after = session_token(client, csrf=CSRF)
-    verify(client, 200, after)
-    login(client, password="wrong password", csrf=CSRF, status=401)
-    assert "event=throttle_unwritable" in caplog.text
-    login(client, password="wrong password", csrf=CSRF, status=401)
-    login(client, password="wrong password", csrf=CSRF, status=401)
-    login(client, password="wrong password", csrf=CSRF, status=429)  # the lockout still holds, in memory
+    # A login whose attempt cannot be counted is not checked at all: the lockout never lapses into memory.
+    for password in (PASSWORD, "wrong password"):
+        assert login(client, password=password, csrf=CSRF, status=503).headers["Retry-After"]
+    lines = events(caplog, "store_unavailable")
+    assert len(lines) == 2 and all(f'file="{data / "throttle.sqlite3"}"' in line for line in lines), lines
+    assert not events(caplog, "login_failed") and len(events(caplog, "login_ok")) == 1  # the one before
 
     clock.advance(app.settings.rotate_every + 5)  # a rotation is due and cannot be written
     verify(client, 200, before)
-    verify(client, 200, after)
     assert "event=rotation_failed" in caplog.text
-    client.get("/ezauth/logout", status=303)
+    client.get("/ezauth/logout", status=303)  # the registry itself is still writable here
+    verify(client, 401, before)
     assert counter_value(data) == count_before
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
 
+    monkeypatch.undo()
+    (data / "throttle.sqlite3").rmdir()
+    verify(client, 200, session_token(client, csrf=CSRF))  # writable again: logins work, nothing restarted
 
-def test_start_on_a_read_only_data_dir_keeps_the_existing_sessions(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
+
+def test_start_on_a_read_only_data_dir_stops_naming_it(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    _, first = build(data)
-    token = session_token(first, csrf=CSRF)
-    make_unwritable(monkeypatch, data)
-    _, client = build(data)  # a restart on the now read-only dir
-    verify(client, 200, token)
-    fresh = session_token(client, csrf=CSRF)
-    verify(client, 200, fresh)
-    verify(first, 200, fresh)  # signed by the shared file key, not a private one
-    client.get("/ezauth/login", status=200)
-    assert re.search(r"event=keyring_readonly error=.*Read-only file system.* action=using_loaded_keys", caplog.text)
+    build(data)
+    make_unwritable(monkeypatch, data, throttle=False)
+    with pytest.raises(ezauth.StoreUnavailable) as refused:
+        build(data)  # a restart on the now read-only dir: it could not record a login, so it does not start
+    assert refused.value.path == data and "Read-only file system" in refused.value.error
 
 
 def test_full_disk_skips_the_counter_and_rotation_but_not_logins(tmp_path, monkeypatch, caplog):
@@ -290,6 +294,189 @@ def test_unusable_counter_file_never_breaks_the_page(tmp_path, caplog):
     page = client.get("/ezauth/login", status=200)
     assert "visited" not in page.text
     assert "event=counter_skipped" in caplog.text or "event=counter_corrupt" in caplog.text
+
+
+# -- A disk that really fills up, a lock held too long, a registry that cannot be read ------------
+
+
+def require_root() -> None:
+    """Skip without root (mounting a tmpfs needs it), or fail in CI, which runs as root and must run it."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("this test mounts a tmpfs and needs root; CI runs as root")
+        pytest.skip("mounting a tmpfs needs root: run the suite as root to cover full and read-only disks")
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
+    """Mount small tmpfs file systems (mount options as given), all unmounted afterwards."""
+    require_root()
+    mounted: list[Path] = []
+
+    def mount(options: str = "size=8m") -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode=0700,{options}", "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill_up(disk: Path) -> Path:
+    """Write a file until the disk says ENOSPC, down to the last byte; delete it to free the disk."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            while True:
+                try:
+                    os.write(fd, bytes(size))
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC, err
+                    break
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as full:
+        (disk / "probe").write_bytes(b"x")
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+def refused_after_a_second(port: int, checks: dict[str, dict[str, str]]) -> dict[str, list[tuple[float, int]]]:
+    """Ask verify with each set of headers for 2.5 s (a new connection each time): (time, status) by name."""
+    started, answers = time.monotonic(), {name: [] for name in checks}
+    while (elapsed := time.monotonic() - started) < 2.5:
+        for name, headers in checks.items():
+            answers[name].append((elapsed, http_call(port, "GET", "/ezauth/verify", headers=headers).status))
+        time.sleep(0.01)
+    return answers
+
+
+def real_verify_with(port: int, headers: dict[str, str]) -> int:
+    return http_call(port, "GET", "/ezauth/verify", headers=headers).status
+
+
+def test_full_disk_refuses_logins_and_cli_revocations_until_freed_then_nothing_is_lost(tmpfs):
+    data = tmpfs("size=8m")
+    write_users(data, alice=PASSWORD, bob=PASSWORD)
+    server = start_server(data)  # its log lives beside the disk, not on it
+    try:
+        session = real_login(server.port, csrf=CSRF).cookie()
+        secret, token_id = cli_token(data)
+        checks = {"session": {"Cookie": f"ezauth={session}"}, "token": {"Authorization": f"Bearer {secret}"}}
+        assert {name: real_verify_with(server.port, h) for name, h in checks.items()} == {"session": 200, "token": 200}
+        filler = fill_up(data)
+
+        failed = real_login(server.port, csrf=CSRF, status=503)
+        assert failed.headers["Retry-After"] and not failed.cookie()
+        assert re.search(r"event=store_unavailable method=POST path=/ezauth/login file=\".*sqlite3\" ", server.log())
+        sid = jwt_parts(session)[1]["sid"]
+        for command in (("token", "revoke", token_id), ("sessions", "--end", sid)):
+            done = run_cli(*command, data_dir=data)
+            assert done.returncode == 1, (command, done.stdout, done.stderr)
+            assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+            assert str(data / "sessions.sqlite3") in done.stderr and "full" in done.stderr, done.stderr
+        # Nothing was revoked, and the command said so: both still work until the revocation is made.
+        assert {name: real_verify_with(server.port, h) for name, h in checks.items()} == {"session": 200, "token": 200}
+        users_before = (data / "users").read_bytes()
+        for command, stdin in ((("passwd", "bob", "--password-stdin"), "another password\n"),
+                               (("deluser", "bob"), None)):
+            done = run_cli(*command, data_dir=data, stdin=stdin)
+            assert done.returncode == 1 and f"cannot use {data / 'users'}: No space left" in done.stderr, done.stderr
+        assert (data / "users").read_bytes() == users_before  # bob is still there to delete once there is room
+
+        filler.unlink()
+        for command in (("token", "revoke", token_id), ("sessions", "--end", sid), ("deluser", "bob")):
+            done = run_cli(*command, data_dir=data)
+            assert done.returncode == 0, (command, done.stderr)
+        answers = refused_after_a_second(server.port, checks)
+        for name, seen in answers.items():
+            late = [status for elapsed, status in seen if elapsed >= 1.1]
+            assert len(late) >= 10 and set(late) == {401}, (name, seen)
+        fresh = real_login(server.port, csrf=CSRF).cookie()  # and logins work again, no restart
+        assert real_verify(server.port, fresh) == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+def test_a_database_lock_held_past_the_timeout_is_a_503_then_logins_work(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="ezauth")
+    monkeypatch.setattr(ezauth, "DB_TIMEOUT", 0.2)
+    data = tmp_path / "data"
+    _, client = build(data)
+    holder = sqlite3.connect(data / "throttle.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's transaction that does not end
+    try:
+        login(client, csrf=CSRF, status=503)
+        assert re.search(r"event=store_unavailable .*throttle\.sqlite3.* error=\"?database is locked", caplog.text)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    verify(client, 200, session_token(client, csrf=CSRF))
+
+
+def test_verify_refuses_with_503_once_the_registry_stays_unreadable_past_its_grace(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ezauth")
+    clock = FakeClock()
+    data = tmp_path / "data"
+    app, client = build(data, clock)
+    token = session_token(client, csrf=CSRF)
+    registry = data / "sessions.sqlite3"
+    registry.rename(tmp_path / "aside")
+    registry.mkdir()  # cannot be opened: what a disk error or a careless hand looks like to SQLite
+    app.stores.registry.db.read_if_changed(lambda db: None)  # the kept connection still reads the old file
+    app.stores.registry.db._watcher.close()  # as a failing disk would end it
+    clock.advance(1)
+    verify(client, 200, token)  # within the grace: a revocation can be this late anyway
+    assert "action=verify_refuses_after_5s" in caplog.text
+    clock.advance(ezauth.REGISTRY_GRACE)
+    verify(client, 503, token)  # past it: a session ended meanwhile would be missed, so nobody is let in
+    assert "action=verify_refuses_everyone" in caplog.text
+    registry.rmdir()
+    (tmp_path / "aside").rename(registry)
+    clock.advance(1)
+    verify(client, 200, token)
+    assert "event=sessions_readable_again" in caplog.text
+
+
+def test_only_a_failed_look_at_the_registry_makes_verify_refuse(tmp_path):
+    clock = FakeClock()
+    data = tmp_path / "data"
+    app, client = build(data, clock)
+    token = session_token(client, csrf=CSRF)
+    clock.advance(600)  # a quiet hour of the day: nobody looked at the registry for ten minutes
+    with app.stores._refresh_lock:  # another request is looking right now
+        verify(client, 200, token)
+    registry = data / "sessions.sqlite3"
+    registry.rename(tmp_path / "aside")
+    registry.mkdir()
+    app.stores.registry.db._watcher.close()
+    clock.advance(600)
+    verify(client, 503, token)  # the first look fails, and what it last saw is ten minutes old: no grace
+
+
+@pytest.mark.parametrize("how", ["serve", "gunicorn"])
+def test_start_on_a_read_only_data_dir_stops_with_one_line_naming_it(tmpfs, tmp_path, gunicorn_bin, how):
+    data = tmpfs("size=1m")
+    write_users(data, alice=PASSWORD)
+    subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+    port = free_port()
+    command = ([sys.executable, str(HERE / "ezauth.py"), "serve", "--port", str(port), "--data-dir", str(data)]
+               if how == "serve" else [gunicorn_bin, "-w", "2", "-b", f"127.0.0.1:{port}", "ezauth:app"])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=HERE,
+                          env=clean_env(EZAUTH_DATA_DIR=str(data)))
+    assert done.returncode != 0, done.stderr
+    line = f"ezauth: cannot use {data}: the data dir cannot be written (Read-only file system)"
+    assert any(ln.startswith(line) for ln in done.stderr.splitlines()), done.stderr
+    if how == "serve":
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    else:  # every worker stops with that line, and gunicorn halts instead of starting them again
+        assert "App failed to load" in done.stderr and "Booting worker" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr.partition("Worker (pid")[0], done.stderr
 
 
 # -- Rotation while sessions are being verified ----------------------------------------------

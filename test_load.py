@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import random
 import re
 import signal
 import socket
@@ -186,3 +187,39 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
     settled = wait_until(lambda: thread_count(pid) <= baseline, timeout=10, interval=0.1)
     assert settled, f"threads: baseline {baseline}, peak {peak[0]}, now {thread_count(pid)}"
     assert live_server.proc.poll() is None
+
+
+def timed_login(port: int, ip: str) -> float:
+    """Seconds a right password takes to log in, on a fresh connection."""
+    started = time.monotonic()
+    real_login(port, ip=ip, csrf=CSRF)
+    return time.monotonic() - started
+
+
+def test_a_flood_of_guesses_from_one_ipv6_64_keeps_a_real_login_within_a_few_hash_times(server):
+    """240 addresses of one /64 guessing random names kept every scrypt busy, and a real login took
+    2 s instead of 0.1 s. Now the /64 is locked out as one client and the hash gate takes turns."""
+    port = server.port
+    plain = statistics.median(timed_login(port, "198.51.100.7") for _ in range(3))
+    stop, statuses = threading.Event(), []
+
+    def flood(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            address = "2001:db8:1:2:" + ":".join(f"{rng.randrange(65536):x}" for _ in range(4))
+            statuses.append(real_login(port, f"u{rng.randrange(1 << 32):08x}", "wrong password", ip=address,
+                                       csrf=CSRF, status="*").status)
+
+    flooders = [threading.Thread(target=flood, args=(n,)) for n in range(24)]
+    for thread in flooders:
+        thread.start()
+    try:
+        assert wait_until(lambda: len(statuses) >= 50, timeout=30), statuses
+        under = sorted(timed_login(port, "198.51.100.7") for _ in range(5))
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(timeout=60)
+    assert set(statuses) <= {401, 429} and statuses.count(401) <= ezauth.Settings().max_attempts, statuses[:20]
+    # A few hash times (the flood's own checks in line ahead of it), never the seconds it was.
+    assert under[2] < max(6 * plain, 0.75), (plain, under)

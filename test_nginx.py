@@ -166,6 +166,20 @@ def test_login_lands_on_the_original_url_and_the_app_sees_the_user(stack):
     assert echo_header(echo, "Cookie") == []
 
 
+def test_a_3_kb_url_that_encoding_triples_lands_on_the_login_page_then_the_account_page(stack):
+    """Percent-encoded in the login URL header, it outgrew nginx's 4 KiB proxy_buffer_size: nginx's 503."""
+    browser = stack.browser()
+    long_url = "/app/" + "(" * 3000  # each "(" is "%28" in the header
+    first = browser.get(long_url)
+    assert (first.status, first.location) == (302, "/ezauth/login"), (first.status, first.text[:200])
+    done = login_through_nginx(stack.browser(), target=long_url)
+    assert done.location == "/ezauth/account"  # the default page: the return target did not fit
+    assert browser.get(long_url).status == 302 and "upstream sent too big header" not in stack.nginx.log()
+    shorter = "/app/" + "(" * 900  # still fits: the visitor comes back to it
+    assert login_target(browser.get(shorter).location) == shorter
+    assert login_through_nginx(stack.browser(), target=shorter).location == shorter
+
+
 def test_session_cookie_is_httponly_and_not_secure_over_plain_http(stack):
     browser = stack.browser()
     done = login_through_nginx(browser)

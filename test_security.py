@@ -639,6 +639,49 @@ def test_spoofed_forwarded_entries_behind_a_trusted_proxy_do_not_reset_the_count
     login(client, "dave", "x", csrf=CSRF, extra_environ=forwarded_for("7.7.7.7, 203.0.113.5"), status=429)
 
 
+def guesses(client, addresses: list[str]) -> list[int]:
+    """A wrong password under a new user name from each address in turn: the statuses."""
+    return [login(client, f"user{n}", "wrong password", csrf=CSRF, extra_environ=forwarded_for(address),
+                  status="*").status_int for n, address in enumerate(addresses)]
+
+
+def test_240_guesses_from_240_addresses_of_one_ipv6_64_lock_out_like_one_address(make_client):
+    _, rotating = make_client()
+    statuses = guesses(rotating, [f"2001:db8:1:2::{n:x}" for n in range(1, 241)])
+    _, one_address = make_client(data_dir=rotating.app.settings.data_dir.parent / "other")
+    assert statuses == guesses(one_address, ["2001:db8:1:2::1"] * 240) == [401] * 5 + [429] * 235
+    login(rotating, "bob", PASSWORD, csrf=CSRF, extra_environ=forwarded_for("2001:db8:1:2:ffff::9"), status=429)
+    login(rotating, "bob", PASSWORD, csrf=CSRF, extra_environ=forwarded_for("2001:db8:1:3::1"), status=303)
+
+
+def test_an_ipv4_mapped_address_shares_the_lockout_of_its_ipv4_address(make_client):
+    _, client = make_client(max_attempts=3)
+    assert guesses(client, ["203.0.113.9", "::ffff:203.0.113.9", "::ffff:cb00:7109", "203.0.113.9"]) == [
+        401, 401, 401, 429]
+    assert guesses(client, ["203.0.113.10"]) == [401]  # IPv4 stays per address
+
+
+def test_every_password_check_of_a_request_goes_through_the_hash_gate(make_client, monkeypatch):
+    """The login form, HTTP Basic in verify and the account page's password check, known and unknown
+    names alike, each pass the gate once, in the line of the client's network."""
+    app, client = make_client(basic_auth=True)
+    entered: list[str] = []
+    real_run = app.handlers.gate.run
+    monkeypatch.setattr(app.handlers.gate, "run", lambda who, check: (entered.append(who), real_run(who, check))[1])
+    v6 = forwarded_for("2001:db8:5:6::77")
+    login(client, "alice", "wrong password", csrf=CSRF, extra_environ=v6, status=401)
+    login(client, "nobody", "wrong password", csrf=CSRF, extra_environ=v6, status=401)
+    client.get("/ezauth/verify", headers={"Authorization": basic("nobody", "wrong password")}, extra_environ=v6,
+               status=401)
+    assert entered == ["2001:db8:5:6::/64"] * 3
+    token = session_token(client, csrf=CSRF)
+    client.set_cookie("ezauth", token)
+    page = client.get("/ezauth/account", status=200)
+    form = {**parse_page(page.text).hidden, "action": "token_create", "label": "x", "current": "wrong password"}
+    client.post("/ezauth/account", form, status=401)
+    assert entered == ["2001:db8:5:6::/64"] * 3 + ["127.0.0.1"] * 2  # the login, then the account page
+
+
 def real_cost_client(tmp_path: Path, **overrides):
     """A client on a data dir whose alice has a real-cost hash, like the unknown user's dummy hash."""
     data_dir = tmp_path / "data"
@@ -1004,3 +1047,55 @@ def test_rules_allow_only_when_every_reading_of_the_path_is_allowed(uri):
 def test_rules_still_allow_ordinary_paths(uri):
     rules = ezauth.parse_rules("allow * * /public/\ndeny bob * /admin\nallow bob * /\n")
     assert rules.allows_every("alice", "sd.example.com", uri), uri
+
+
+CRAFTED = "/public/" + ("%2e%2E/\\;x//./%252F" * 400)[:7000]  # every kind of reading work, 7 KB of it
+
+
+def counting(monkeypatch, *names: str) -> dict[str, int]:
+    """Count the calls of these ezauth functions from now on (they still run)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(ezauth, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ezauth, name, counted)
+    return calls
+
+
+def test_a_crafted_7_kb_path_costs_verify_no_more_readings_than_a_plain_one(make_client, monkeypatch, caplog):
+    """With rules on it cost one verify 12-20 ms of the event loop: 40 ways to read 7 KB, each resolved."""
+    caplog.set_level(logging.INFO, logger="ezauth")
+    app, client = make_client()
+    (app.settings.data_dir / "rules").write_text("allow * * /public/\n")
+    token = session_token(client, csrf=CSRF)
+    verify(client, 200, token, uri="/public/x")
+    calls = counting(monkeypatch, "decodings", "remove_dot_segments")
+    verify(client, 403, token, uri=CRAFTED)  # refused unjudged: nginx shows the "not for you" page
+    assert calls == {"decodings": 0, "remove_dot_segments": 1}, calls  # the one: the log line's path, 256 chars
+    assert events(caplog, "access_denied")[-1].startswith("event=access_denied user=alice ")
+    inside = "/public/" + ("a%20b;x//./c\\d%252F" * 100)[:ezauth.MAX_JUDGED_PATH - 8]
+    verify(client, 200, token, uri=inside)  # up to the cap: every reading judged, and all stay inside
+    assert calls["decodings"] >= 2 and calls["remove_dot_segments"] > 10, calls
+
+
+@pytest.mark.parametrize("uri", [CRAFTED, "/public/" + "a/../" * 300 + "admin", "/public/" + "%2e" * 400])
+def test_paths_too_long_to_judge_are_refused_never_allowed(uri):
+    rules = ezauth.parse_rules("allow * * /public/\n")
+    assert not rules.allows_every("bob", "sd.example.com", uri)
+    assert not ezauth.ApiToken("id", "bob", "x", 0.0, None, ("/public/",)).allows(uri)
+    assert ezauth.safe_return_target(uri, "localhost") == "/"
+    assert rules.allows_every("bob", "sd.example.com", "/public/" + "a" * 7000)  # plain: one reading, any length
+
+
+def test_a_return_target_too_long_for_nginx_s_header_buffer_is_left_out_of_the_login_url():
+    header = 4096 - 1024  # nginx's proxy_buffer_size, less room for the status line and other headers
+    for uri in ("/app/" + "(" * 3000, "/" + "%" * 1100, "/x?" + "a" * 5000):
+        assert ezauth.login_url(uri, expired=False) == "/ezauth/login"
+        assert ezauth.login_url(uri, expired=True) == "/ezauth/login?expired=1"
+    fits = "/app/" + "(" * 900
+    assert ezauth.login_url(fits, expired=True).startswith("/ezauth/login?rd=%2Fapp%2F%28%28")
+    assert len(ezauth.login_url(fits, expired=True)) <= header == ezauth.MAX_LOGIN_URL
