@@ -35,37 +35,6 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import (
-    EZAUTH,
-    LOGIN,
-    PASSWORD,
-    T0,
-    TRUSTED_PEER,
-    VERIFY,
-    FakeClock,
-    add_user,
-    b64,
-    cheap_hash,
-    clean_env,
-    cookie_attrs,
-    cookie_header,
-    events,
-    forge,
-    form_field,
-    free_port,
-    http_call,
-    login,
-    new_client,
-    real_login,
-    real_verify,
-    run_cli,
-    session_token,
-    token_of,
-    verify,
-    wait_healthy,
-    wait_until,
-    write_users,
-)
 from ezauth import (
     PUBLISH_DELAY,
     REFRESH_EVERY,
@@ -90,6 +59,28 @@ from ezauth import (
     render_page,
     safe_return_target,
 )
+from tests.support.app import cookie_header, login, new_client, session_token, verify
+from tests.support.basics import (
+    EZAUTH,
+    LOGIN,
+    PASSWORD,
+    T0,
+    TRUSTED_PEER,
+    VERIFY,
+    FakeClock,
+    b64,
+    cheap_hash,
+    clean_env,
+    cookie_attrs,
+    events,
+    forge,
+    form_field,
+    free_port,
+    token_of,
+    wait_until,
+    write_users,
+)
+from tests.support.process import add_user, http_call, real_login, real_verify, run_cli, wait_healthy
 
 FAST = 2**10  # the cost the hash-format tests spell out
 BOB_PASSWORD = "bob's long password"

@@ -38,53 +38,31 @@ import pytest
 import webtest
 
 import ezauth
-from conftest import (
+from tests.support.app import build, cookie_header, login, new_client, session_token, verify
+from tests.support.basics import (
     CSRF,
     HERE,
     LOGIN,
     PASSWORD,
-    TARGET,
-    TOKEN_RE,
     VERIFY,
-    Browser,
     FakeClock,
-    Stack,
-    add_user,
     basic,
-    build,
-    build_stack,
     clean_env,
-    cli_token,
     cookie_attrs,
-    cookie_header,
-    echo_header,
     events,
-    expect,
     fail2ban_lines,
     fail2ban_re,
-    finish_animations,
     form_field,
     free_port,
-    http_call,
     jwt_parts,
-    login,
-    login_target,
-    login_through_nginx,
-    login_url,
-    new_client,
-    open_page,
     parse_page,
-    real_login,
-    run_axe,
-    run_cli,
-    session_token,
-    submit,
     token_of,
-    verify,
-    wait_healthy,
     wait_until,
     write_users,
 )
+from tests.support.browser import expect, finish_animations, login_url, open_page, run_axe, submit
+from tests.support.nginx import TARGET, Browser, echo_header, login_target, login_through_nginx
+from tests.support.process import TOKEN_RE, add_user, cli_token, http_call, real_login, run_cli, wait_healthy
 
 ACCOUNT = "/ezauth/account"
 LOGOUT = "/ezauth/logout"
@@ -1370,12 +1348,6 @@ def test_32_parallel_requests_with_a_fresh_token_all_pass(live_server):
 
 
 # -- Through nginx ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stack(nginx_bin, tmp_path_factory) -> Iterator[Stack]:
-    with contextlib.ExitStack() as cleanup:
-        yield build_stack(nginx_bin, tmp_path_factory.mktemp("account-stack"), cleanup, users=("alice",))
 
 
 @pytest.mark.nginx

@@ -28,30 +28,24 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import (
+from tests.support.app import build, login, new_client, session_token, verify
+from tests.support.basics import (
     CSRF,
     PASSWORD,
     FakeClock,
     PageParser,
     b64,
     basic,
-    build,
     clean_env,
     events,
     fail2ban_lines,
     fail2ban_re,
     forge,
-    http_call,
-    login,
-    new_client,
     parse_page,
-    real_login,
-    session_token,
-    start_server,
-    verify,
     wait_until,
     write_users,
 )
+from tests.support.process import http_call, real_login, start_server
 
 HOST = "localhost"
 

@@ -13,36 +13,22 @@ import pytest
 import webtest
 
 import ezauth
-from conftest import (
-    AXE,
+from tests.support.app import login, verify
+from tests.support.basics import (
     CSRF,
     LOGIN,
     PASSWORD,
     T0,
     VERIFY,
-    Browser,
-    Reply,
-    add_user,
     basic,
-    echo_header,
-    expect,
     fail2ban_lines,
     fail2ban_re,
-    finish_animations,
-    http_call,
-    login,
-    login_through_nginx,
-    login_url,
-    open_page,
     parse_page,
-    real_login,
-    run_axe,
-    run_cli,
-    start_stub_app,
-    submit,
-    verify,
     wait_until,
 )
+from tests.support.browser import AXE, expect, finish_animations, login_url, open_page, run_axe, submit
+from tests.support.nginx import Browser, echo_header, login_through_nginx, start_stub_app
+from tests.support.process import Reply, add_user, http_call, real_login, run_cli
 
 RFC_SECRET = b"12345678901234567890"
 SD = "sd.example.com"  # the host the rules below are about

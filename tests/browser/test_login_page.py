@@ -9,19 +9,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import (
-    AXE,
-    HERE,
-    LOGIN,
-    PASSWORD,
-    expect,
-    finish_animations,
-    login_url,
-    missing,
-    open_page,
-    run_axe,
-    submit,
-)
+from tests.support.basics import HERE, LOGIN, PASSWORD, missing
+from tests.support.browser import AXE, expect, finish_animations, login_url, open_page, run_axe, submit
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

@@ -40,27 +40,9 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import (
-    CACHE_MARK,
-    LOGIN,
-    PASSWORD,
-    VERIFY,
-    Browser,
-    Reply,
-    Stack,
-    atomic_write,
-    b64,
-    basic,
-    build_stack,
-    cli_token,
-    echo_header,
-    forge,
-    http_call,
-    jwt_parts,
-    login_through_nginx,
-    run_cli,
-    wait_until,
-)
+from tests.support.basics import LOGIN, PASSWORD, VERIFY, atomic_write, b64, basic, forge, jwt_parts, wait_until
+from tests.support.nginx import CACHE_MARK, Browser, Stack, build_stack, echo_header, login_through_nginx
+from tests.support.process import Reply, cli_token, http_call, run_cli
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 

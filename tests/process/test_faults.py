@@ -20,23 +20,9 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import (
-    CSRF,
-    HERE,
-    PASSWORD,
-    FakeClock,
-    build,
-    cheap_hash,
-    clean_env,
-    login,
-    real_login,
-    real_verify,
-    run_cli,
-    session_token,
-    start_server,
-    verify,
-    write_users,
-)
+from tests.support.app import build, login, session_token, verify
+from tests.support.basics import CSRF, HERE, PASSWORD, FakeClock, cheap_hash, clean_env, write_users
+from tests.support.process import real_login, real_verify, run_cli, start_server
 
 pytestmark = pytest.mark.slow
 

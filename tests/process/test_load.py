@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import CSRF, PASSWORD, http_call, real_login, start_server, wait_until, write_users
+from tests.support.basics import CSRF, PASSWORD, wait_until, write_users
+from tests.support.process import http_call, real_login, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -29,27 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import (
-    LOGIN,
-    PASSWORD,
-    Nginx,
-    Server,
-    add_user,
-    basic,
-    clean_env,
-    expect,
-    free_port,
-    http_call,
-    missing,
-    open_page,
-    render_example,
-    require_tool,
-    run_cli,
-    start_nginx,
-    start_server,
-    submit,
-    wait_until,
-)
+from tests.support.basics import LOGIN, PASSWORD, basic, clean_env, free_port, missing, require_tool, wait_until
+from tests.support.browser import expect, launch_chromium, open_page, submit
+from tests.support.nginx import Nginx, render_example, start_nginx
+from tests.support.process import Server, add_user, http_call, run_cli, start_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser as Chromium
@@ -316,11 +299,10 @@ def recorded(page: Page, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chromium_realapps(request: pytest.FixtureRequest) -> Chromium:
-    """conftest's Chromium, after checking what this suite needs under its own CI flag."""
-    require_modules("playwright")
-    require_tool("chromium", REQUIRE, "chromium")
-    return request.getfixturevalue("chromium")
+def chromium_realapps() -> Iterator[Chromium]:
+    """Chromium, checked for under this suite's own CI flag."""
+    with launch_chromium(REQUIRE) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")

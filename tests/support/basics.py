@@ -1,0 +1,234 @@
+"""Helpers every layer uses: paths, constants, the clock, polling, skipping for a missing tool,
+users files, and reading pages, cookies, tokens and log lines. Nothing here starts a process."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import pytest
+
+import ezauth
+
+# -- Basics: paths, constants, the clock, polling ---------------------------------------------
+
+HERE = Path(__file__).resolve().parents[2]  # the checkout: tests/support/basics.py -> .
+EZAUTH = HERE / "ezauth.py"
+EXAMPLE = HERE / "nginx.conf.example"
+PASSWORD = "correct horse battery"  # every test user's password unless a test says otherwise
+CSRF = "c" * 43  # any value works as long as the cookie and the form field agree
+T0 = 1_800_000_000.0  # the fake clock's start
+LOGIN = "/ezauth/login"
+VERIFY = "/ezauth/verify"
+TRUSTED_PEER = {"REMOTE_ADDR": "127.0.0.1"}  # nginx on loopback, the default trusted proxy
+
+T = TypeVar("T")
+
+
+class FakeClock:
+    """Time that only moves when a test says so (ezauth takes any callable as its clock)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.02) -> T:
+    """Call PREDICATE until it returns something truthy or TIMEOUT seconds pass; return its last result.
+
+    How a test waits for another process (a file it rereads, a port it opens): poll, never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return result
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def missing(message: str, flag: str) -> NoReturn:
+    """Skip the test, or fail it when the CI flag (EZAUTH_REQUIRE_NGINX / _BROWSER = 1) says it must run."""
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"{message} ({flag}=1 says this suite must run)")
+    pytest.skip(message)
+
+
+def require_tool(name: str, flag: str, hint: str) -> str:
+    """Path of a tool; skip without it, or fail when the CI flag says it must be there."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if found:
+        return found
+    missing(f"{name} not found; install it with: sudo apt-get install -y {hint}", flag)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child ezauth: no EZAUTH_* leaking in from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EZAUTH_")}
+    env.update(extra)
+    return env
+
+
+# -- Users files ------------------------------------------------------------------------------
+
+CHEAP_N = 16  # scrypt cost for test users; the cost travels in the hash, so checks stay fast
+
+
+def cheap_hash(password: str = PASSWORD) -> str:
+    """A valid scrypt hash at a tiny cost (n=16 instead of 2**15), so corpora of logins stay fast."""
+    return ezauth.hash_password(password, n=CHEAP_N)
+
+
+def write_users(data_dir: Path, text: str | bytes = "", /, **users: str) -> Path:
+    """DATA_DIR/users holding TEXT as given, then a NAME:cheap-hash line for each NAME=PASSWORD.
+
+    Written as a new inode, as ezauth's own writes make, so a running app sees the change.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    raw = text.encode() if isinstance(text, str) else text
+    raw += "".join(f"{name}:{cheap_hash(password)}\n" for name, password in users.items()).encode()
+    return atomic_write(data_dir / "users", raw)
+
+
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write PATH as a new inode, as ezauth's own writes do, so a watching ezauth never reads half a file."""
+    staged = path.with_name(f".{path.name}.staged")
+    staged.write_bytes(data.encode() if isinstance(data, str) else data)
+    return staged.replace(path)
+
+# -- Pages, cookies, tokens and log lines -------------------------------------------------------
+
+
+class PageParser(HTMLParser):
+    """Every start tag with its attributes, the text, the form's action, its input values by name
+    (`fields`; `hidden` for the hidden ones a browser posts unseen) and every /ezauth/static/ URL."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.action = ""
+        self.fields: dict[str, str] = {}
+        self.hidden: dict[str, str] = {}
+        self.assets: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        self.tags.append((tag, attributes))
+        if tag == "form":
+            self.action = attributes.get("action") or ""
+        name = attributes.get("name")
+        if tag == "input" and name:
+            self.fields[name] = attributes.get("value") or ""
+            if attributes.get("type") == "hidden":
+                self.hidden[name] = self.fields[name]
+        for key in ("src", "href"):
+            if (attributes.get(key) or "").startswith("/ezauth/static/"):
+                self.assets.add(attributes[key])
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse_page(html: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(html)
+    return parser
+
+
+def form_field(page_html: str, name: str) -> str:
+    """The value of the <input name=NAME> in the page, unescaped."""
+    fields = parse_page(page_html).fields
+    assert name in fields, f"no {name} field in the page"
+    return fields[name]
+
+
+def parse_set_cookie(header: str) -> tuple[str, str, dict[str, str]]:
+    """(name, value, lower-cased attributes) of one Set-Cookie header."""
+    first, *rest = header.split(";")
+    name, _, value = first.strip().partition("=")
+    attrs = {}
+    for part in rest:
+        key, _, val = part.strip().partition("=")
+        attrs[key.lower()] = val
+    return name, value, attrs
+
+
+def cookie_attrs(set_cookie: str) -> dict[str, str]:
+    return parse_set_cookie(set_cookie)[2]
+
+
+def token_of(set_cookie: str) -> str:
+    return parse_set_cookie(set_cookie)[1]
+
+
+def b64(raw: bytes | str) -> str:
+    """base64url without padding, as JWTs use it."""
+    raw = raw.encode() if isinstance(raw, str) else raw
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def jwt_parts(token: str) -> tuple[dict, dict, str]:
+    """(header, claims, signature) of a JWT, unverified: for tests that got the token from ezauth."""
+    head, body, signature = token.split(".")
+    return json.loads(ezauth._unb64(head)), json.loads(ezauth._unb64(body)), signature
+
+
+def basic(name: str, password: str) -> str:
+    """An `Authorization: Basic` value."""
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+
+def forge(header: dict, claims: dict | bytes, secret: bytes, digest: str = "sha256") -> str:
+    """A JWT signed by hand, for headers PyJWT itself refuses to write; CLAIMS as bytes go in raw."""
+    body = claims if isinstance(claims, bytes) else json.dumps(claims)
+    signing_input = f"{b64(json.dumps(header))}.{b64(body)}"
+    return f"{signing_input}.{b64(hmac.new(secret, signing_input.encode(), digest).digest())}"
+
+
+def events(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    """Messages of the ezauth log records for EVENT."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ezauth" and f"event={event}" in r.getMessage()]
+
+
+# The filter the README's Security section recommends (filter.d/ezauth.conf, `failregex =` line).
+# Only login_failed: each is a real wrong-password check. login_locked is left out on purpose: the
+# owner of an account under attack gets it too, from their own address, with the right password.
+# The line must end at the real ip field: ezauth JSON-quotes a user name holding anything unusual,
+# and the `$` anchor stops a name like 'x ip=6.6.6.6' from choosing the address to ban.
+@functools.cache
+def fail2ban_re() -> re.Pattern:
+    """The README's fail2ban failregex, with <HOST> as the group `host`."""
+    failregex = re.search(r"^failregex = (.+)$", (HERE / "README.md").read_text(), re.MULTILINE).group(1)
+    return re.compile(failregex.replace("<HOST>", r"(?P<host>\S+)"))
+
+
+def fail2ban_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The login_failed records formatted as the real server logs them: what fail2ban reads."""
+    formatter = logging.Formatter("%(asctime)s ezauth %(levelname)s %(message)s")
+    return [formatter.format(r) for r in caplog.records if "event=login_failed" in r.getMessage()]
+
