@@ -45,6 +45,12 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 
 @pytest.fixture
+def servers(server_factory) -> Callable[..., Server]:
+    """Start real servers on a given data dir, without creating users."""
+    return lambda data_dir, args=(), **env: server_factory(data_dir, users={}, args=args, **env)
+
+
+@pytest.fixture
 def live_server(server_factory) -> Server:
     """One real ezauth with user alice / PASSWORD."""
     return server_factory()

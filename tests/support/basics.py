@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import hmac
+import html
 import json
 import logging
 import os
@@ -157,6 +158,12 @@ def parse_page(html: str) -> PageParser:
     parser = PageParser()
     parser.feed(html)
     return parser
+
+
+def visits_pattern() -> re.Pattern:
+    """The English page footer's visit count sentence, the count as group 1."""
+    sentence = html.escape(ezauth.PAGE_TEXT["en"]["msg_visits"].format(count="\x00"), quote=True)
+    return re.compile(re.escape(sentence).replace("\x00", r"([\d,]+)"))
 
 
 def form_field(page_html: str, name: str) -> str:
