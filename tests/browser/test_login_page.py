@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support.basics import HERE, LOGIN, PASSWORD, missing
-from tests.support.browser import AXE, expect, finish_animations, login_url, open_page, run_axe, submit
+import ezauth
+from tests.support.basics import CSRF, HERE, LOGIN, PASSWORD, TEXT, wait_until
+from tests.support.browser import expect, finish_animations, login_url, open_page, require_axe, run_axe, submit
+from tests.support.process import Server, real_login, run_cli
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -122,7 +125,6 @@ def test_every_placeholder_is_supplied_in_both_languages(page_text):
 # -- Error state ------------------------------------------------------------------
 
 
-@pytest.mark.browser
 def test_wrong_password_shows_the_cat_and_it_stays(chromium, lenient_server, page_text):
     with open_page(chromium, lenient_server) as (page, watch):
         page.goto(login_url(lenient_server, "/ezauth/healthz"))
@@ -159,7 +161,6 @@ def test_wrong_password_shows_the_cat_and_it_stays(chromium, lenient_server, pag
 RUNNING_ANIMATIONS = "document.getAnimations().map((a) => a.animationName || a.transitionProperty)"
 
 
-@pytest.mark.browser
 def test_entrance_animation_is_off_under_reduced_motion(chromium, lenient_server):
     with open_page(chromium, lenient_server, reduced_motion="no-preference") as (page, watch):
         page.goto(login_url(lenient_server))
@@ -179,7 +180,6 @@ def test_entrance_animation_is_off_under_reduced_motion(chromium, lenient_server
 # -- Themes ------------------------------------------------------------------------
 
 
-@pytest.mark.browser
 def test_theme_toggle_flips_and_the_choice_survives_reload(chromium, lenient_server, page_text):
     with open_page(chromium, lenient_server, color_scheme="light") as (page, watch):
         page.goto(login_url(lenient_server))
@@ -204,7 +204,6 @@ def test_theme_toggle_flips_and_the_choice_survives_reload(chromium, lenient_ser
         watch.assert_clean()
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["dark", "light"])
 def test_first_visit_follows_the_system_theme(chromium, lenient_server, scheme):
     with open_page(chromium, lenient_server, color_scheme=scheme) as (page, watch):
@@ -229,7 +228,6 @@ def test_first_visit_follows_the_system_theme(chromium, lenient_server, scheme):
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_stored_theme_is_set_before_the_body_exists(chromium, lenient_server):
     """No flash: the saved choice wins over the system and is applied before anything can paint."""
     stored = {"cookies": [], "origins": [
@@ -247,7 +245,6 @@ def test_stored_theme_is_set_before_the_body_exists(chromium, lenient_server):
 # -- Logging in ---------------------------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("target,remember", [("/ezauth/healthz", False), ("/ezauth/healthz?a=1&b=2", True)])
 def test_right_password_lands_on_the_return_target(chromium, lenient_server, target, remember):
     with open_page(chromium, lenient_server) as (page, watch):
@@ -267,7 +264,6 @@ def test_right_password_lands_on_the_return_target(chromium, lenient_server, tar
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_the_fragment_of_the_first_url_survives_the_login(chromium, lenient_server):
     """nginx's redirect carries no #fragment, but the browser keeps it on the login page's URL:
     the page's script puts it into the return target, and the server lets it through."""
@@ -279,7 +275,6 @@ def test_the_fragment_of_the_first_url_survives_the_login(chromium, lenient_serv
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_logging_in_without_a_return_target_lands_on_the_account_page(chromium, lenient_server):
     with open_page(chromium, lenient_server) as (page, watch):
         page.goto(lenient_server.url + "/ezauth/login")
@@ -292,7 +287,6 @@ def test_logging_in_without_a_return_target_lands_on_the_account_page(chromium, 
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_login_works_without_javascript(chromium, lenient_server):
     with open_page(chromium, lenient_server, java_script_enabled=False, color_scheme="dark") as (page, watch):
         page.goto(login_url(lenient_server, "/ezauth/healthz?from=nojs"))
@@ -320,7 +314,6 @@ def visible_strings(page: Page) -> dict[str, str]:
     }
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
 def test_page_speaks_the_browser_language(chromium, lenient_server, page_text, locale):
     lang = "zh-CN" if locale == "zh-CN" else "en"
@@ -356,11 +349,9 @@ def test_page_speaks_the_browser_language(chromium, lenient_server, page_text, l
 # -- Accessibility ------------------------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_axe_finds_no_violations(chromium, lenient_server, scheme):
-    if not AXE.exists():
-        missing(f"{AXE} missing; run `npm ci` in {HERE}", "EZAUTH_REQUIRE_BROWSER")
+    require_axe()
     found = {}
     for locale in ("en-US", "zh-CN"):
         # bypass_csp only so that axe itself can be injected; the page is unchanged.
@@ -385,7 +376,6 @@ def test_axe_finds_no_violations(chromium, lenient_server, scheme):
 # -- Layout, screenshots and weight ---------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("width,height", [(1280, 800), (375, 740), (320, 568)])
 def test_screenshots_and_the_form_fits(chromium, lenient_server, width, height):
     ARTIFACTS.mkdir(exist_ok=True)
@@ -409,7 +399,6 @@ def test_screenshots_and_the_form_fits(chromium, lenient_server, width, height):
             watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_page_and_assets_weigh_under_50_kb(chromium, lenient_server):
     with open_page(chromium, lenient_server) as (page, watch):
         sizes: dict[str, int] = {}
@@ -433,4 +422,51 @@ def test_page_and_assets_weigh_under_50_kb(chromium, lenient_server):
         assert total < WEIGHT_LIMIT, (total, sizes)
         favicon = page.request.get(lenient_server.url + "/ezauth/static/favicon.svg")
         assert favicon.ok and favicon.headers["content-type"].startswith("image/svg+xml")
+        watch.assert_clean()
+
+
+# -- The code step of two-factor login --------------------------------------------------------------
+
+
+def enroll_alice(server: Server) -> bytes:
+    """Turn on two-factor for alice with the real `totp` command; her secret, once the server has
+    reread its files (at most once a second): the password alone then gets the code page (200), no
+    longer a session (303)."""
+    enrolled = run_cli("totp", "alice", data_dir=server.data_dir)
+    secret = parse_qs(urlsplit(re.search(r"otpauth://\S+", enrolled.stdout).group()).query)["secret"][0]
+    assert wait_until(lambda: real_login(server.port, csrf=CSRF, status="*").status == 200)
+    return base64.b32decode(secret + "=" * (-len(secret) % 8))
+
+
+def enter_a_wrong_code(page: Page, server: Server) -> None:
+    """The password, then the code step (focused, the password hidden), then a wrong code."""
+    page.goto(login_url(server, "/ezauth/healthz"))
+    assert submit(page, "alice", PASSWORD).status == 200
+    expect(page.locator("#code")).to_be_focused()
+    expect(page.locator("#password")).to_be_hidden()
+    page.fill("#code", "000000")
+    with page.expect_navigation() as nav:
+        page.press("#code", "Enter")
+    assert nav.value.status == 401
+    expect(page.get_by_role("alert")).to_contain_text(TEXT["msg_wrong_code"])
+
+
+def test_code_step_in_a_real_browser_is_focused_and_logs_in(chromium, lenient_server):
+    secret = enroll_alice(lenient_server)
+    with open_page(chromium, lenient_server) as (page, watch):
+        enter_a_wrong_code(page, lenient_server)
+        page.fill("#code", ezauth.totp(secret, time.time()))
+        with page.expect_navigation():
+            page.press("#code", "Enter")
+        assert urlsplit(page.url).path == "/ezauth/healthz"
+        watch.assert_clean()
+
+
+def test_code_step_has_no_axe_violations(chromium, lenient_server):
+    require_axe()
+    enroll_alice(lenient_server)
+    # bypass_csp only so that axe itself can be injected; the page is unchanged.
+    with open_page(chromium, lenient_server, bypass_csp=True) as (page, watch):
+        enter_a_wrong_code(page, lenient_server)
+        assert [(v["id"], v["impact"]) for v in run_axe(page)] == []
         watch.assert_clean()

@@ -41,12 +41,11 @@ import pytest
 
 import ezauth
 from tests.support.basics import LOGIN, PASSWORD, VERIFY, atomic_write, b64, basic, forge, jwt_parts, wait_until
-from tests.support.nginx import CACHE_MARK, Browser, Stack, build_stack, echo_header, login_through_nginx
+from tests.support.nginx import CACHE_MARK, DOMAIN, Browser, Stack, build_stack, echo_header, login_through_nginx
 from tests.support.process import Reply, cli_token, http_call, run_cli
 
-pytestmark = [pytest.mark.nginx, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
-DOMAIN = "example.test"
 RULES = """\
 group admins: alice
 allow @admins * /

@@ -44,9 +44,6 @@ from tests.support.nginx import (
 )
 from tests.support.process import Reply
 
-pytestmark = pytest.mark.nginx
-
-
 # -- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture

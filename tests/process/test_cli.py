@@ -23,7 +23,6 @@ from ezauth import Users
 from tests.support.basics import EZAUTH, clean_env, free_port
 from tests.support.process import add_user, real_login, real_verify, run_cli, wait_healthy
 
-
 # -- Commands ---------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support.basics import EZAUTH, VERIFY, clean_env, free_port
+from tests.support.basics import EZAUTH, VERIFY, clean_env, free_port, metric
 from tests.support.process import add_user, http_call, real_login, real_verify, wait_healthy
 
 
@@ -81,3 +81,11 @@ def test_server_does_not_log_verify_calls(live_server):
         assert real_verify(live_server.port, token) == 200
     assert "verify" not in live_server.log()
     assert "event=login_ok" in live_server.log()
+
+
+def test_metrics_reach_a_scraper_on_loopback(server_factory):
+    server = server_factory(EZAUTH_METRICS="1")
+    reply = http_call(server.port, "GET", "/ezauth/metrics")
+    assert reply.status == 200, reply.text
+    assert metric(reply.text, 'ezauth_verify_total{result="allowed"}') == 0
+    assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")

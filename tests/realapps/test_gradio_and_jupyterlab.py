@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser as Chromium
     from playwright.sync_api import BrowserContext, Locator, Page
 
-pytestmark = [pytest.mark.realapps, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 REQUIRE = "EZAUTH_REQUIRE_REALAPPS"
 INSTALL = "pip install -r requirements-e2e.txt"

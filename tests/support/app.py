@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
@@ -10,12 +12,16 @@ import webtest
 
 import ezauth
 from tests.support.basics import (
+    ACCOUNT,
+    FORWARDED,
+    HEALTHZ,
     LOGIN,
     PASSWORD,
     TRUSTED_PEER,
     VERIFY,
     FakeClock,
     form_field,
+    parse_page,
     token_of,
     write_users,
 )
@@ -94,3 +100,36 @@ def verify(client: webtest.TestApp, status: int | str, token: str | None = None,
         sent["X-Original-Host"] = host
     return client.get(VERIFY, headers=sent, status=status)
 
+
+# -- The account page ----------------------------------------------------------------------------
+
+
+def tick(clock: FakeClock, *clients: webtest.TestApp) -> None:
+    """Let just over a second pass and send one request to each worker: each reloads what others wrote."""
+    clock.advance(1.1)
+    for client in clients:
+        client.get(HEALTHZ, status=200)
+
+
+def change(client: webtest.TestApp, action: str, status: int = 303, *, csrf: str | None = None,
+           headers: dict[str, str] | None = None, **fields: str) -> webtest.TestResponse:
+    """POST one change to the account page with the page's CSRF token (or CSRF), check STATUS."""
+    headers = {**FORWARDED, **(headers or {})}
+    if csrf is None:
+        csrf = form_field(client.get(ACCOUNT, headers=headers, status=200).text, "csrf")
+    reply = client.post(ACCOUNT, {"csrf": csrf, "action": action, **fields}, headers=headers, status="*")
+    assert reply.status_int == status, f"{action}: {reply.status}: {error_text(reply.text)!r}"
+    return reply
+
+
+def error_text(page: str) -> str:
+    found = re.search(r'<p class="bubble">(.*?)</p>', page, re.DOTALL)
+    return html.unescape(found.group(1)).strip() if found else ""
+
+
+def new_token_on(page: str) -> str:
+    """The token the page shows once (the value of <input id="new-token">)."""
+    shown = [attrs.get("value") or "" for tag, attrs in parse_page(page).tags
+             if tag == "input" and attrs.get("id") == "new-token"]
+    assert len(shown) == 1, "no new token on the page"
+    return shown[0]

@@ -33,7 +33,18 @@ CSRF = "c" * 43  # any value works as long as the cookie and the form field agre
 T0 = 1_800_000_000.0  # the fake clock's start
 LOGIN = "/ezauth/login"
 VERIFY = "/ezauth/verify"
+ACCOUNT = "/ezauth/account"
+LOGOUT = "/ezauth/logout"
+HEALTHZ = "/ezauth/healthz"
 TRUSTED_PEER = {"REMOTE_ADDR": "127.0.0.1"}  # nginx on loopback, the default trusted proxy
+CLIENT_IP = "203.0.113.7"
+FORWARDED = {"X-Forwarded-For": CLIENT_IP}  # what nginx adds for a visitor from CLIENT_IP
+NEW_PASSWORD = "a brand new horse battery"
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+          "Version/17.5 Mobile/15E148 Safari/604.1")
+TEXT = ezauth.PAGE_TEXT["en"]
+LAG = 1.0  # the documented bound: every worker refuses an ended session or a revoked token this soon
 
 T = TypeVar("T")
 
@@ -204,6 +215,20 @@ def jwt_parts(token: str) -> tuple[dict, dict, str]:
     return json.loads(ezauth._unb64(head)), json.loads(ezauth._unb64(body)), signature
 
 
+def sid_of(token: str) -> str:
+    """The session id a session token carries (read unchecked: the test got the token from ezauth)."""
+    return jwt_parts(token)[1]["sid"]
+
+
+def bearer(secret: str) -> str:
+    return f"Bearer {secret}"
+
+
+def shown_time(when: float) -> str:
+    """A time as the account page and the CLI show it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
 def basic(name: str, password: str) -> str:
     """An `Authorization: Basic` value."""
     return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
@@ -214,6 +239,13 @@ def forge(header: dict, claims: dict | bytes, secret: bytes, digest: str = "sha2
     body = claims if isinstance(claims, bytes) else json.dumps(claims)
     signing_input = f"{b64(json.dumps(header))}.{b64(body)}"
     return f"{signing_input}.{b64(hmac.new(secret, signing_input.encode(), digest).digest())}"
+
+
+def metric(text: str, name: str) -> float:
+    """The value of metric NAME (labels included) in the Prometheus text TEXT."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, (name, text)
+    return float(match.group(1))
 
 
 def events(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:

@@ -135,9 +135,11 @@ def require_axe() -> None:
 
 
 def run_axe(page: Page) -> list[dict]:
-    """axe-core's WCAG 2.1 A/AA and best-practice violations on the page as it is now. Every axe
-    check goes through here, so none can trip over a missing axe-core."""
+    """axe-core's WCAG 2.1 A/AA and best-practice violations once the page has settled (mid-animation
+    colours are not what anyone reads). Every axe check goes through here, so none can trip over a
+    missing axe-core."""
     require_axe()
+    finish_animations(page)
     page.add_script_tag(path=str(AXE))
     result = page.evaluate(
         "async () => await axe.run(document, {resultTypes: ['violations'],"

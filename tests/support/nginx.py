@@ -41,6 +41,7 @@ EZAUTH_ADDR, APP_ADDR, LISTEN = "127.0.0.1:2424", "127.0.0.1:7860", "listen 80;"
 CACHE_MARK = "# ezauth-cache"
 CACHE_DIR = "/run/nginx-ezauth-cache"
 TARGET = "/app/?a=1&b=2&c=%2F"
+DOMAIN = "example.test"  # the cookie domain of the single sign-on tests: sd.example.test and the like
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
