@@ -104,7 +104,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-# -- Users files ------------------------------------------------------------------------------
+# -- Users files and the other files of a data dir --------------------------------------------
 
 CHEAP_N = 16  # scrypt cost for test users; the cost travels in the hash, so checks stay fast
 
@@ -130,6 +130,28 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
     staged = path.with_name(f".{path.name}.staged")
     staged.write_bytes(data.encode() if isinstance(data, str) else data)
     return staged.replace(path)
+
+
+def counter_value(data_dir: Path) -> int | None:
+    """The visit counter file's number (None before the first visit); it must hold nothing else."""
+    path = data_dir / "counter.txt"
+    if not path.exists():
+        return None
+    text = path.read_bytes()
+    assert re.fullmatch(rb"\d+\n", text), f"counter file holds {text!r}"
+    return int(text)
+
+
+def assert_keyring_valid(data_dir: Path) -> tuple[ezauth.SigningKey, ...]:
+    keys = ezauth.parse_keyring((data_dir / "keys.json").read_text(encoding="utf-8"))
+    assert keys
+    return keys
+
+
+def corrupt_files(data_dir: Path) -> list[str]:
+    """The files ezauth moved aside as damaged."""
+    return sorted(p.name for p in data_dir.iterdir() if ".corrupt-" in p.name)
+
 
 # -- Pages, cookies, tokens and log lines -------------------------------------------------------
 
@@ -271,3 +293,38 @@ def fail2ban_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     formatter = logging.Formatter("%(asctime)s ezauth %(levelname)s %(message)s")
     return [formatter.format(r) for r in caplog.records if "event=login_failed" in r.getMessage()]
 
+
+# -- Hostile input shared by the in-process and the real-server suites ---------------------------------
+
+TRAVERSALS = [
+    "../ezauth.py", "../../ezauth.py", "..%2fezauth.py", "..%2F..%2Fezauth.py", "%2e%2e/ezauth.py",
+    "%2e%2e%2fezauth.py", "%252e%252e%252fezauth.py", "..\\ezauth.py", "..%5cezauth.py", ".%2e/ezauth.py",
+    "....//ezauth.py", "/etc/passwd", "%2fetc%2fpasswd", "//etc/passwd", "login.css/../../ezauth.py",
+    "login.css%00.txt", "login.css%2f..%2f..%2fezauth.py", "./login.css", ".htaccess", "..", ".", "",
+    "%c0%ae%c0%ae/ezauth.py", "%uff0e%uff0e/ezauth.py", "../data/users", "../../outside/secret.css",
+    "leak.css", "users.txt", "keys.json", "secret-dir.css", "subdir/inner.css",
+]
+
+
+def traversal_setup(tmp_path: Path, data_dir: Path) -> str:
+    """An outside secret and a data-dir static/ holding symlinks that point out of it."""
+    secret = "TOPSECRET-" + "x" * 8
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.css").write_text(secret)
+    static = data_dir / "static"
+    static.mkdir(exist_ok=True)
+    (static / "own.css").write_text("body{}")  # a real file: data-dir static/ works at all
+    (static / "leak.css").symlink_to(outside / "secret.css")
+    (static / "users.txt").symlink_to(data_dir / "users")
+    (static / "keys.json").symlink_to(data_dir / "keys.json")
+    (static / "secret-dir.css").symlink_to(outside, target_is_directory=True)
+    (static / "subdir").mkdir(exist_ok=True)
+    (static / "subdir" / "inner.css").write_text("p{}")
+    return secret
+
+
+def assert_nothing_leaked(status: int, body: bytes, secret: str) -> None:
+    assert status in (400, 404), status
+    for marker in (secret.encode(), b"def make_app", b"scrypt:", b'"secret"', b"root:"):
+        assert marker not in body
