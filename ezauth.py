@@ -989,6 +989,17 @@ class SharedDatabase:
             if db is not self._memory:
                 db.close()
 
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the file and empty it, so its size never depends on when
+        SQLite's own checkpoint last ran. It never waits: a worker reading or writing just now
+        leaves it to the next flush (False)."""
+        if not self.wal or self._memory is not None:
+            return True
+        with contextlib.closing(self.connect()) as db:
+            db.execute("PRAGMA busy_timeout = 0")
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
 
 # -- Sessions -------------------------------------------------------------------------------
 # Every session token carries a random session id. The registry (sessions.sqlite3, shared by
@@ -1912,12 +1923,14 @@ class Stores:
         self.tokens.reload(db)
 
     def flush(self, now: float) -> None:
-        """Write what verify only noted in memory: last seen, last used; forget expired sessions."""
+        """Write what verify only noted in memory: last seen, last used; forget expired sessions;
+        then checkpoint the write-ahead log."""
         if not self._flushing.acquire(blocking=False):
             return
         try:
             self.registry.flush(now)
             self.tokens.flush(now)
+            self.registry.db.checkpoint()
         except sqlite3.Error as err:
             log.error("event=sessions_flush_failed error=%s", logval(str(err)))
         finally:
