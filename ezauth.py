@@ -54,11 +54,12 @@ R = TypeVar("R")
 WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 
 
-def logval(value: str) -> str:
-    """A log field that cannot break the line or forge another field."""
-    if re.fullmatch(r"[A-Za-z0-9._@+:/-]{1,80}", value):
+def logval(value: str, limit: int | None = 80) -> str:
+    """A log field that cannot break the line or forge another field. What a client sends is cut at
+    LIMIT characters; what the machine says (a command, an error naming a file) is whole: None."""
+    if re.fullmatch(r"[A-Za-z0-9._@+:/-]+", value) and (limit is None or len(value) <= limit):
         return value
-    return json.dumps(value[:80], ensure_ascii=True)
+    return json.dumps(value[:limit], ensure_ascii=True)
 
 
 _warned: set[str] = set()
@@ -3771,7 +3772,7 @@ def announce_first_admin(users: Users, terminal: bool) -> None:
     if not terminal:
         if not users.names():
             log.warning("event=no_users note=nobody_can_log_in_yet command=%s",
-                        logval(f"{this_command()} passwd admin"))
+                        logval(f"{this_command()} passwd admin", limit=None))
         return
     try:
         password = users.create_first_admin()

@@ -915,6 +915,22 @@ def test_render_page_uses_the_language_texts(tmp_path):
     assert 'lang="zh-CN"' in page and ezauth.PAGE_TEXT["zh-CN"]["t_password"] in page
 
 
+# -- Log values -------------------------------------------------------------------------------
+
+
+def test_log_values_from_clients_are_cut_and_the_machines_own_are_whole():
+    """A user name is cut at 80 characters; a command under a long install path is not, and still
+    cannot break the line or forge a field."""
+    assert ezauth.logval("alice") == "alice"
+    assert ezauth.logval("a" * 81) == json.dumps("a" * 80)
+    deep = "/" + "a-long-directory/" * 8 + "ezauth"
+    assert ezauth.logval(deep, limit=None) == deep
+    command = f"{deep}/.venv/bin/python {deep}/ezauth.py passwd admin"
+    assert json.loads(ezauth.logval(command, limit=None)) == command
+    forged = ezauth.logval('x" ip=6.6.6.6\nevent=login_ok', limit=None)
+    assert "\n" not in forged and json.loads(forged) == 'x" ip=6.6.6.6\nevent=login_ok'
+
+
 # == HTTP through WebTest ======================================================================
 
 # -- The settings table, --help, the README and the code's own shape -------------------------------
