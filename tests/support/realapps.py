@@ -98,7 +98,7 @@ class AppStack:
 
     @property
     def url(self) -> str:
-        """nginx's origin; named like Server.url, so conftest.open_page takes a stack as its server."""
+        """nginx's origin; named like Server.url, so open_page (support/browser.py) takes a stack as its server."""
         return f"http://127.0.0.1:{self.nginx.port}"
 
 
