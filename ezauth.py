@@ -445,7 +445,7 @@ class WatchedFile:
                 action = "treating_it_as_empty"
             kind = "unreadable" if isinstance(err, OSError) else "rejected"
             log.error("event=%s_%s path=%s error=%s action=%s", self.event, kind, self.path,
-                      logval(str(err)), action)
+                      logval(str(err), limit=None), action)
 
     def read_if_changed(self) -> None:
         """As load(), but a version that cannot be read (OSError) or understood (ValueError) raises."""
@@ -708,12 +708,12 @@ class KeyRing(WatchedFile):
             with contextlib.suppress(OSError, ValueError):
                 self.read_if_changed()
             if self.keys:
-                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err)))
+                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err), limit=None))
                 return
             if file_stamp(self.path) is not None:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
             log.error("event=keyring_unwritable error=%s action=memory_key note=sessions_end_on_restart",
-                      logval(str(err)))
+                      logval(str(err), limit=None))
             self._use((new_key(now, now),))
 
     def _load_or_replace(self, now: float) -> None:
@@ -722,7 +722,7 @@ class KeyRing(WatchedFile):
         except (ValueError, IsADirectoryError) as err:  # not a key ring; EACCES and the like go up
             aside = move_aside(self.path, now)
             log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
-                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err)))
+                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err), limit=None))
         if not self.keys:
             self._write((new_key(now, now),))
 
@@ -752,7 +752,7 @@ class KeyRing(WatchedFile):
                 self._write((*keys_to_keep(self.keys, now, self.longest_ttl), key))
         except (OSError, ValueError) as err:
             self._retry_rotation_at = now + 60
-            log.error("event=rotation_failed error=%s action=keeping_current_keys", logval(str(err)))
+            log.error("event=rotation_failed error=%s action=keeping_current_keys", logval(str(err), limit=None))
             return None
         log.info("event=key_rotated kid=%s signs_from=%d", key.kid, key.signs_from)
         return key
@@ -1450,7 +1450,7 @@ class TotpStore(WatchedFile):
         try:
             rewrite_lines(self.path, burn)
         except OSError as err:
-            log.error("event=totp_unwritable error=%s action=code_refused", logval(str(err)))
+            log.error("event=totp_unwritable error=%s action=code_refused", logval(str(err), limit=None))
             return False
         self.reload()
         return bool(used)
@@ -3777,7 +3777,7 @@ def announce_first_admin(users: Users, terminal: bool) -> None:
     try:
         password = users.create_first_admin()
     except OSError as err:
-        log.error("event=first_admin_failed error=%s", logval(str(err)))
+        log.error("event=first_admin_failed error=%s", logval(str(err), limit=None))
         return
     if password:
         print(f"\nezauth: no users yet, so I created one.\n  user:     admin\n  password: {password}\n"

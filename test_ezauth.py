@@ -407,6 +407,19 @@ def test_unwritable_key_ring_keeps_the_loaded_keys(ring, tmp_path, caplog):
     assert events(caplog, "rotation_failed")
 
 
+def test_an_error_naming_a_file_names_it_whole_however_deep_the_data_dir(tmp_path, caplog):
+    deep = tmp_path.joinpath(*["a-long-directory-name"] * 6)
+    deep.mkdir(parents=True)
+    ring = KeyRing(deep / "keys.json", rotate_every=86400, longest_ttl=2592000, now=T0)
+    lock = deep / "keys.json.lock"
+    lock.unlink()
+    lock.mkdir()
+    assert ring.rotate(T0 + 10) is None
+    (failed,) = events(caplog, "rotation_failed")
+    error = re.search(r' error=(".*") action=', failed)
+    assert error and str(lock) in json.loads(error.group(1)), failed
+
+
 def test_unreadable_key_ring_is_moved_aside_at_start_up(tmp_path, caplog):
     path = tmp_path / "keys.json"
     path.mkdir()  # exists but cannot be read as a file, even by root

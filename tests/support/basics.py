@@ -23,7 +23,7 @@ import pytest
 
 import ezauth
 
-# -- Basics: paths, constants, the clock, polling ---------------------------------------------
+# -- Paths, constants, the clock, polling, a missing tool -------------------------------------
 
 HERE = Path(__file__).resolve().parents[2]  # the checkout: tests/support/basics.py -> .
 EZAUTH = HERE / "ezauth.py"

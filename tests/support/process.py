@@ -28,7 +28,40 @@ from tests.support.basics import (
     wait_until,
 )
 
-# -- Real ezauth processes ----------------------------------------------------------------------
+# -- The command line -----------------------------------------------------------------------
+
+
+def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
+            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `python ezauth.py ARGS --data-dir DATA_DIR` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)],
+        input=stdin, capture_output=True, text=True, timeout=timeout,
+        env=env or clean_env(), cwd=cwd or data_dir.parent,
+    )
+
+
+def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
+    """Create or update a user through the real CLI (a real-cost hash)."""
+    done = run_cli("passwd", name, "--password-stdin", data_dir=data_dir, stdin=password + "\n")
+    assert done.returncode == 0, done.stderr
+
+
+TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")
+
+
+def cli_token(data_dir: Path, user: str = "alice", label: str = "script", *options: str) -> tuple[str, str]:
+    """`token add USER --label LABEL OPTIONS...` through the real CLI: (the token, its id)."""
+    made = run_cli("token", "add", user, "--label", label, *options, data_dir=data_dir)
+    assert made.returncode == 0, (options, made.stdout, made.stderr)
+    first, second = [*made.stdout.splitlines(), "", ""][:2]
+    assert TOKEN_RE.fullmatch(first), made.stdout
+    token_id = re.search(rf"\btoken ([0-9a-f]+) for {re.escape(user)}\b", second)
+    assert token_id, made.stdout
+    return first, token_id.group(1)
+
+
+# -- The real server ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -168,33 +201,3 @@ def real_login(port: int, username: str = "alice", password: str = PASSWORD, *, 
 def real_verify(port: int, token: str) -> int:
     """The status a running server's verify gives this session token."""
     return http_call(port, "GET", VERIFY, headers={"Cookie": f"ezauth={token}"}).status
-
-def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
-            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run `python ezauth.py ARGS --data-dir DATA_DIR` and return the finished process."""
-    return subprocess.run(
-        [sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
-        env=env or clean_env(), cwd=cwd or data_dir.parent,
-    )
-
-
-def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
-    """Create or update a user through the real CLI (a real-cost hash)."""
-    done = run_cli("passwd", name, "--password-stdin", data_dir=data_dir, stdin=password + "\n")
-    assert done.returncode == 0, done.stderr
-
-
-TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")
-
-
-def cli_token(data_dir: Path, user: str = "alice", label: str = "script", *options: str) -> tuple[str, str]:
-    """`token add USER --label LABEL OPTIONS...` through the real CLI: (the token, its id)."""
-    made = run_cli("token", "add", user, "--label", label, *options, data_dir=data_dir)
-    assert made.returncode == 0, (options, made.stdout, made.stderr)
-    first, second = [*made.stdout.splitlines(), "", ""][:2]
-    assert TOKEN_RE.fullmatch(first), made.stdout
-    token_id = re.search(rf"\btoken ([0-9a-f]+) for {re.escape(user)}\b", second)
-    assert token_id, made.stdout
-    return first, token_id.group(1)
-
