@@ -11,7 +11,7 @@ import pytest
 
 import ezauth
 from tests.support.basics import ACCOUNT, IPHONE, LOGIN, NEW_PASSWORD, PASSWORD, TEXT, VERIFY, bearer
-from tests.support.browser import expect, login_url, open_page, run_axe, submit
+from tests.support.browser import expect, login_url, open_page, require_axe, run_axe, submit
 from tests.support.process import TOKEN_RE, http_call, real_login
 
 
@@ -118,6 +118,7 @@ def test_chromium_makes_a_token_on_the_page_that_works_until_revoked(chromium, l
 
 @pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
 def test_chromium_account_page_has_no_axe_violations_in_any_state(chromium, live_server, locale):
+    require_axe()
     found: dict[str, list] = {}
     # bypass_csp only so that axe itself can be injected; the page is unchanged.
     with open_page(chromium, live_server, locale=locale, bypass_csp=True) as (page, watch):
