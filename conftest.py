@@ -22,16 +22,25 @@ from tests.support.basics import PASSWORD, T0, FakeClock, write_users
 
 TESTS = Path(__file__).resolve().parent / "tests"
 LAYER_MARKERS = ("process", "nginx", "browser", "realapps")  # tests/<layer>/ gets the marker <layer>
+# tests/conftest.py offers these to every layer under tests/, tests/app/ included; a test there that
+# starts ezauth belongs in tests/process/ (or the layer it drives), where its marker says so.
+PROCESS_FIXTURES = {"server_factory", "servers", "live_server", "lenient_server", "gunicorn_bin"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/LAYER/ with LAYER, so no test file sets its layer by hand."""
+    """Mark every test under tests/LAYER/ with LAYER, so no test file sets its layer by hand; refuse
+    an in-process test that starts a real server."""
+    misplaced = []
     for item in items:
-        if item.path.is_relative_to(TESTS):
-            layer = item.path.relative_to(TESTS).parts[0]
-            if layer in LAYER_MARKERS:
-                item.add_marker(layer)
+        layer = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+        if layer in LAYER_MARKERS:
+            item.add_marker(layer)
+        elif PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError("these start a real ezauth, so they belong under tests/process/ (or the layer "
+                                "they drive), not with the in-process tests:\n  " + "\n  ".join(misplaced))
 
 
 @pytest.fixture
