@@ -55,11 +55,12 @@ R = TypeVar("R")
 WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 
 
-def logval(value: str) -> str:
-    """A log field that cannot break the line or forge another field."""
-    if re.fullmatch(r"[A-Za-z0-9._@+:/-]{1,80}", value):
+def logval(value: str, limit: int | None = 80) -> str:
+    """A log field that cannot break the line or forge another field. What a client sends is cut at
+    LIMIT characters; what the machine says (a command, an error naming a file) is whole: None."""
+    if re.fullmatch(r"[A-Za-z0-9._@+:/-]+", value) and (limit is None or len(value) <= limit):
         return value
-    return json.dumps(value[:80], ensure_ascii=True)
+    return json.dumps(value[:limit], ensure_ascii=True)
 
 
 _warned: set[str] = set()
@@ -513,7 +514,7 @@ class WatchedFile:
                 action = "treating_it_as_empty"
             kind = "unreadable" if isinstance(err, OSError) else "rejected"
             log.error("event=%s_%s path=%s error=%s action=%s", self.event, kind, self.path,
-                      logval(str(err)), action)
+                      logval(str(err), limit=None), action)
 
     def read_if_changed(self) -> None:
         """As load(), but a version that cannot be read (OSError) or understood (ValueError) raises."""
@@ -872,7 +873,7 @@ class KeyRing(WatchedFile):
             with contextlib.suppress(OSError, ValueError):
                 self.read_if_changed()
             if self.keys:
-                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err)))
+                log.warning("event=keyring_readonly error=%s action=using_loaded_keys", logval(str(err), limit=None))
                 return
             if file_stamp(self.path) is not None:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
@@ -886,7 +887,7 @@ class KeyRing(WatchedFile):
         except (ValueError, IsADirectoryError) as err:  # not a key ring; EACCES and the like go up
             aside = move_aside(self.path, now)
             log.error("event=keyring_corrupt moved_to=%s error=%s action=new_key_ring "
-                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err)))
+                      "note=sessions_signed_by_the_lost_keys_have_ended", aside, logval(str(err), limit=None))
         if not self.keys:
             self._write((new_key(now, now),))
 
@@ -916,7 +917,7 @@ class KeyRing(WatchedFile):
                 self._write((*keys_to_keep(self.keys, now, self.longest_ttl), key))
         except (OSError, ValueError) as err:
             self._retry_rotation_at = now + 60
-            log.error("event=rotation_failed error=%s action=keeping_current_keys", logval(str(err)))
+            log.error("event=rotation_failed error=%s action=keeping_current_keys", logval(str(err), limit=None))
             return None
         log.info("event=key_rotated kid=%s signs_from=%d", key.kid, key.signs_from)
         return key
@@ -1152,6 +1153,20 @@ class SharedDatabase:
                 raise
             db.execute("COMMIT")
             return result
+
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the file and empty it, so its size never depends on when
+        SQLite's own checkpoint last ran. It never waits: a worker reading or writing just now
+        leaves it to the next flush (False)."""
+        if not self.wal:
+            return True
+        try:
+            with contextlib.closing(self.connect()) as db:
+                db.execute("PRAGMA busy_timeout = 0")
+                busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as err:
+            raise StoreUnavailable(self.path, err) from None
+        return not busy
 
 
 # -- Sessions -------------------------------------------------------------------------------
@@ -2266,12 +2281,14 @@ class Stores:
         return self._registry_state != "ok" and now - self._registry_read > REGISTRY_GRACE
 
     def flush(self, now: float) -> None:
-        """Write what verify only noted in memory: last seen, last used; forget expired sessions."""
+        """Write what verify only noted in memory: last seen, last used; forget expired sessions;
+        then checkpoint the write-ahead log."""
         if not self._flushing.acquire(blocking=False):
             return
         try:
             self.registry.flush(now)
             self.tokens.flush(now)
+            self.registry.db.checkpoint()
         except StoreUnavailable as err:
             log.error("event=sessions_flush_failed error=%s action=retry_at_the_next_flush", logval(str(err)))
         finally:
@@ -4482,12 +4499,12 @@ def announce_first_admin(users: Users, terminal: bool) -> None:
     if not terminal:
         if not users.names():
             log.warning("event=no_users note=nobody_can_log_in_yet command=%s",
-                        logval(f"{this_command()} passwd admin"))
+                        logval(f"{this_command()} passwd admin", limit=None))
         return
     try:
         password = users.create_first_admin()
     except OSError as err:
-        log.error("event=first_admin_failed error=%s", logval(str(err)))
+        log.error("event=first_admin_failed error=%s", logval(str(err), limit=None))
         return
     if password:
         print(f"\nezauth: no users yet, so I created one.\n  user:     admin\n  password: {password}\n"

@@ -1,4 +1,6 @@
-"""ezauth's core behaviour: pure units first, then HTTP through WebTest, then the real processes."""
+"""ezauth's core behaviour in-process: pure units first, then HTTP through WebTest.
+
+The command line and the real server as subprocesses are in tests/process/."""
 
 from __future__ import annotations
 
@@ -6,20 +8,14 @@ import ast
 import concurrent.futures
 import dataclasses
 import html
-import http.client
 import ipaddress
 import json
 import logging
 import os
-import pty
 import re
 import secrets
-import select
-import signal
-import socket
 import stat
 import string
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,37 +32,6 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import (
-    EZAUTH,
-    LOGIN,
-    PASSWORD,
-    T0,
-    TRUSTED_PEER,
-    VERIFY,
-    FakeClock,
-    add_user,
-    b64,
-    cheap_hash,
-    clean_env,
-    cookie_attrs,
-    cookie_header,
-    events,
-    forge,
-    form_field,
-    free_port,
-    http_call,
-    login,
-    new_client,
-    real_login,
-    real_verify,
-    run_cli,
-    session_token,
-    token_of,
-    verify,
-    wait_healthy,
-    wait_until,
-    write_users,
-)
 from ezauth import (
     PUBLISH_DELAY,
     REFRESH_EVERY,
@@ -91,6 +56,26 @@ from ezauth import (
     render_page,
     safe_return_target,
 )
+from tests.support.app import cookie_header, login, new_client, session_token, verify
+from tests.support.basics import (
+    EZAUTH,
+    LOGIN,
+    PASSWORD,
+    T0,
+    TRUSTED_PEER,
+    VERIFY,
+    FakeClock,
+    b64,
+    cheap_hash,
+    cookie_attrs,
+    events,
+    forge,
+    form_field,
+    token_of,
+    visits_pattern,
+    wait_until,
+    write_users,
+)
 
 FAST = 2**10  # the cost the hash-format tests spell out
 BOB_PASSWORD = "bob's long password"
@@ -112,11 +97,6 @@ def shows(page: webtest.TestResponse, key: str, lang: str = "en", **fields: obje
 
 def visits(count: int) -> str:
     return text("msg_visits", count=f"{count:,}")
-
-
-def visits_pattern() -> re.Pattern:
-    """The footer sentence with the count as group 1."""
-    return re.compile(re.escape(text("msg_visits", count="\x00")).replace("\x00", r"([\d,]+)"))
 
 
 # -- Fixtures ---------------------------------------------------------------------------------
@@ -430,6 +410,19 @@ def test_unwritable_key_ring_keeps_the_loaded_keys(ring, tmp_path, caplog):
     assert ring.keys == before
     assert ring.signer(T0 + 86400 * 2) == before[-1]
     assert events(caplog, "rotation_failed")
+
+
+def test_an_error_naming_a_file_names_it_whole_however_deep_the_data_dir(tmp_path, caplog):
+    deep = tmp_path.joinpath(*["a-long-directory-name"] * 6)
+    deep.mkdir(parents=True)
+    ring = KeyRing(deep / "keys.json", rotate_every=86400, longest_ttl=2592000, now=T0)
+    lock = deep / "keys.json.lock"
+    lock.unlink()
+    lock.mkdir()
+    assert ring.rotate(T0 + 10) is None
+    (failed,) = events(caplog, "rotation_failed")
+    error = re.search(r' error=(".*") action=', failed)
+    assert error and str(lock) in json.loads(error.group(1)), failed
 
 
 def test_unreadable_key_ring_is_moved_aside_at_start_up(tmp_path, caplog):
@@ -1044,6 +1037,22 @@ def test_render_page_uses_the_language_texts(tmp_path):
     assert 'lang="zh-CN"' in page and ezauth.PAGE_TEXT["zh-CN"]["t_password"] in page
 
 
+# -- Log values -------------------------------------------------------------------------------
+
+
+def test_log_values_from_clients_are_cut_and_the_machines_own_are_whole():
+    """A user name is cut at 80 characters; a command under a long install path is not, and still
+    cannot break the line or forge a field."""
+    assert ezauth.logval("alice") == "alice"
+    assert ezauth.logval("a" * 81) == json.dumps("a" * 80)
+    deep = "/" + "a-long-directory/" * 8 + "ezauth"
+    assert ezauth.logval(deep, limit=None) == deep
+    command = f"{deep}/.venv/bin/python {deep}/ezauth.py passwd admin"
+    assert json.loads(ezauth.logval(command, limit=None)) == command
+    forged = ezauth.logval('x" ip=6.6.6.6\nevent=login_ok', limit=None)
+    assert "\n" not in forged and json.loads(forged) == 'x" ip=6.6.6.6\nevent=login_ok'
+
+
 # == HTTP through WebTest ======================================================================
 
 # -- The settings table, --help, the README and the code's own shape -------------------------------
@@ -1059,25 +1068,6 @@ def readme_settings() -> dict[str, str]:
 def test_the_readme_settings_table_matches_the_settings_table():
     declared = {ezauth.variable(item): ezauth.shown_default(item, spec) for item, spec in ezauth.setting_specs()}
     assert readme_settings() == declared
-
-
-def test_help_lists_every_setting_with_its_default():
-    shown = subprocess.run([sys.executable, str(EZAUTH), "--help"], capture_output=True, text=True, timeout=30,
-                           env=clean_env()).stdout
-    for item, spec in ezauth.setting_specs():
-        default = re.escape(ezauth.shown_default(item, spec))
-        assert re.search(rf"^  {ezauth.variable(item)} +{default} ", shown, re.M), item
-    serve = subprocess.run([sys.executable, str(EZAUTH), "serve", "--help"], capture_output=True, text=True,
-                           timeout=30, env=clean_env()).stdout
-    assert all(f"--{item.name.replace('_', '-')}" in serve for item, _ in ezauth.setting_specs())
-
-
-@pytest.mark.parametrize(("flag", "value", "variable"), [("--session-ttl", "soon", "EZAUTH_SESSION_TTL"),
-                                                       ("--cookie-secure", "maybe", "EZAUTH_COOKIE_SECURE"),
-                                                       ("--trusted-proxies", "nope", "EZAUTH_TRUSTED_PROXIES")])
-def test_a_bad_flag_is_refused_naming_its_setting(tmp_path, flag, value, variable):
-    done = run_cli("serve", flag, value, data_dir=tmp_path / "data")
-    assert done.returncode == 2 and variable in done.stderr
 
 
 def test_every_setting_is_a_flag_too(tmp_path):
@@ -1908,341 +1898,3 @@ def test_unexpected_error_is_a_500_with_a_log_line(service, caplog, monkeypatch)
     response = client.get("/ezauth/healthz", status=500)
     assert "kaput" not in response.text
     assert events(caplog, "error")
-
-
-# == Real processes ============================================================================
-
-
-@pytest.fixture
-def servers(server_factory):
-    """Start real servers on a given data dir, without creating users."""
-    return lambda data_dir, args=(), **env: server_factory(data_dir, users={}, args=args, **env)
-
-
-@pytest.fixture
-def shared_dir(tmp_path) -> Path:
-    path = tmp_path / "shared"
-    path.mkdir()
-    add_user(path, "alice")
-    return path
-
-
-# -- CLI --------------------------------------------------------------------------------------
-
-
-def test_passwd_reads_one_line_and_the_newline_is_not_the_password(tmp_path):
-    data = tmp_path / "data"
-    done = run_cli("passwd", "carol", "--password-stdin", data_dir=data, stdin="s3cret pass\nignored\n")
-    assert done.returncode == 0, done.stderr
-    assert "carol" in done.stdout
-    users = Users(data / "users")
-    assert users.check("carol", "s3cret pass")
-    assert not users.check("carol", "s3cret pass\n")
-    again = run_cli("passwd", "carol", "--password-stdin", data_dir=data, stdin="another pass\n")
-    assert again.returncode == 0 and "changed" in again.stdout
-    assert stat.S_IMODE(data.stat().st_mode) == 0o700
-
-
-@pytest.mark.parametrize(("second", "code"), [("first pass", 0), ("other pass", 1)])
-def test_passwd_prompts_twice_on_a_terminal_and_refuses_a_mismatch(tmp_path, second, code):
-    data, (reader, writer) = tmp_path / "data", pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(EZAUTH), "passwd", "carol", "--data-dir", str(data)],
-                            stdin=writer, stdout=writer, stderr=writer, env=clean_env(), start_new_session=True)
-    os.close(writer)
-    try:
-        terminal_output_until(reader, "New password for carol:")
-        os.write(reader, b"first pass\n")
-        terminal_output_until(reader, "Again:")
-        os.write(reader, f"{second}\n".encode())
-        terminal_output_until(reader, "created user carol" if code == 0 else "the two passwords differ")
-        assert proc.wait(timeout=30) == code
-        assert ("carol" in Users(data / "users").names()) is (code == 0)
-    finally:
-        os.close(reader)
-
-
-def test_passwd_without_a_terminal_says_to_use_password_stdin(tmp_path):
-    done = run_cli("passwd", "carol", data_dir=tmp_path / "data", stdin="first pass\nfirst pass\n")
-    assert done.returncode == 1 and "--password-stdin" in done.stderr and "Warning" not in done.stderr
-
-
-@pytest.mark.parametrize(("password", "code"), [("1234567", 1), ("12345678", 0), ("", 1)])
-def test_passwd_refuses_passwords_under_8_characters(tmp_path, password, code):
-    data = tmp_path / "data"
-    done = run_cli("passwd", "carol", "--password-stdin", data_dir=data, stdin=password + "\n")
-    assert done.returncode == code, done.stderr
-    if code:
-        assert len(done.stderr.strip().splitlines()) == 1 and "8" in done.stderr
-        assert "carol" not in Users(data / "users").names()
-    else:
-        assert Users(data / "users").check("carol", password)
-
-
-def test_users_deluser_and_rotate(tmp_path):
-    data = tmp_path / "data"
-    add_user(data, "bob")
-    add_user(data, "alice")
-    listed = run_cli("users", data_dir=data)
-    assert listed.returncode == 0 and listed.stdout.split() == ["alice", "bob"]
-    deleted = run_cli("deluser", "bob", data_dir=data)
-    assert deleted.returncode == 0, deleted.stderr
-    assert run_cli("users", data_dir=data).stdout.split() == ["alice"]
-    missing = run_cli("deluser", "bob", data_dir=data)
-    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1 and "bob" in missing.stderr
-    rotated = run_cli("rotate", data_dir=data)
-    assert rotated.returncode == 0, rotated.stderr
-    rotated = run_cli("rotate", data_dir=data)
-    assert len(json.loads((data / "keys.json").read_text())["keys"]) == 3
-
-
-@pytest.mark.parametrize("args", [("frobnicate",), ("passwd",), ("serve", "--port", "abc"), ("users", "--nope")])
-def test_usage_error_exits_2(tmp_path, args):
-    done = run_cli(*args, data_dir=tmp_path / "data")
-    assert done.returncode == 2
-    assert done.stderr.strip()
-
-
-@pytest.mark.parametrize(("name", "value"), [("EZAUTH_PORT", "abc"), ("EZAUTH_SESSION_TTL", "-5"),
-                                             ("EZAUTH_COOKIE_SECURE", "sometimes")])
-def test_bad_setting_stops_start_up_with_one_line_naming_it(tmp_path, name, value):
-    done = run_cli("serve", data_dir=tmp_path / "data", env=clean_env(**{name: value}), timeout=15)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and name in lines[0], done.stderr
-
-
-def test_bad_setting_in_dotenv_stops_start_up(tmp_path):
-    (tmp_path / ".env").write_text("EZAUTH_LOCKOUT_TIME=forever\n")
-    done = run_cli("serve", data_dir=tmp_path / "data", cwd=tmp_path, timeout=15)
-    assert done.returncode == 2 and "EZAUTH_LOCKOUT_TIME" in done.stderr
-
-
-def test_broken_template_stops_start_up(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "login.html").write_text("<p>$nosuchfield</p>")
-    done = run_cli("serve", "--port", str(free_port()), data_dir=data, timeout=15)
-    assert done.returncode != 0
-    assert "nosuchfield" in done.stderr
-
-
-# -- The built-in server ------------------------------------------------------------------------
-
-
-def start_on_a_terminal(data: Path) -> tuple[subprocess.Popen, int, int]:
-    """`python ezauth.py serve` with its output on a pseudo-terminal, as when run by hand:
-    (process, port, the terminal's reading end)."""
-    port, (reader, writer) = free_port(), pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(EZAUTH), "serve", "--port", str(port), "--data-dir", str(data)],
-                            stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, env=clean_env(), cwd=data.parent)
-    os.close(writer)
-    return proc, port, reader
-
-
-def terminal_output_until(reader: int, marker: str, timeout: float = 15) -> str:
-    """What the terminal showed, up to MARKER (bounded by TIMEOUT)."""
-    seen, deadline = "", time.monotonic() + timeout
-    while marker not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([reader], [], [], 0.2)
-        if ready:
-            seen += os.read(reader, 65536).decode(errors="replace")
-    assert marker in seen, seen
-    return seen
-
-
-def test_first_start_on_a_terminal_prints_the_admin_password_once_and_it_works(tmp_path):
-    data = tmp_path / "data"
-    for round_ in range(2):
-        proc, port, reader = start_on_a_terminal(data)
-        try:
-            shown = terminal_output_until(reader, "event=start")
-            printed = re.findall(r"password:\s+(\S+)", shown)
-            if round_ == 1:
-                assert printed == [], "a second start shows no password"
-                continue
-            assert len(printed) == 1 and re.fullmatch(r"[A-Za-z0-9_-]{16,}", printed[0])
-            assert "passwd admin" in shown and printed[0] not in (data / "users").read_text()
-            wait_healthy(f"http://127.0.0.1:{port}", proc)
-            assert real_verify(port, real_login(port, "admin", printed[0]).cookie()) == 200
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            os.close(reader)
-
-
-def test_first_start_without_a_terminal_creates_nobody_and_says_how(tmp_path, servers):
-    """Under systemd the output goes to the journal: no password may land there."""
-    data = tmp_path / "data"
-    server = servers(data)
-    assert "password:" not in server.log()
-    assert "event=no_users" in server.log() and 'ezauth.py passwd admin"' in server.log()
-    assert not (data / "users").exists() or (data / "users").read_text() == ""
-    assert run_cli("users", data_dir=data).stdout == ""
-
-
-def test_legacy_dotenv_works_with_plain_python_ezauth_py(tmp_path):
-    port = free_port()
-    (tmp_path / ".env").write_text(f"EZAUTH_PORT={port}\nchat_username=bob\npassword=blog post password\n"
-                                   "SECRET_KEY=abcdef\nLAST_UPDATED=2023-05-01\n")
-    log_path = tmp_path / "out.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(EZAUTH)], cwd=tmp_path, env=clean_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        token = real_login(port, "bob", "blog post password").cookie()
-        assert real_verify(port, token) == 200
-        assert (tmp_path / "ezauth-data").is_dir()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-    output = log_path.read_text()
-    assert "legacy_env_user" in output and "password:" not in output
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_the_server_cleanly(tmp_path, servers, sig):
-    server = servers(tmp_path / "data")
-    assert server.stop(sig) == 0
-    assert "Traceback" not in server.log()
-    assert "event=stop" in server.log()
-
-
-def test_ipv6_host_serves_healthz(tmp_path):
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
-    port = free_port()
-    data = tmp_path / "data"
-    add_user(data, "alice")
-    proc = subprocess.Popen([sys.executable, str(EZAUTH), "serve", "--host", "::1", "--port", str(port),
-                             "--data-dir", str(data)], env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(f"http://[::1]:{port}", proc)
-        reply = http_call(port, "GET", "/ezauth/healthz", host="::1")
-        assert (reply.status, reply.body.strip()) == (200, b"ok")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-
-
-def test_keep_alive_answers_two_requests_on_one_connection(live_server):
-    conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=10)
-    try:
-        conn.request("GET", "/ezauth/healthz")
-        first = conn.getresponse()
-        assert first.status == 200 and first.read().strip() == b"ok"
-        sock = conn.sock
-        conn.request("GET", VERIFY)
-        second = conn.getresponse()
-        assert second.status == 401 and second.read() == b""
-        assert conn.sock is sock  # no reconnect happened
-    finally:
-        conn.close()
-
-
-def test_access_log_flag_logs_every_request(server_factory):
-    server = server_factory(args=("--access-log",))
-    http_call(server.port, "GET", VERIFY)
-    assert re.search(r"event=request method=GET path=/ezauth/verify status=401", server.log())
-
-
-def test_one_slow_client_does_not_block_others(live_server):
-    with socket.create_connection(("127.0.0.1", live_server.port), timeout=5) as slow:
-        slow.sendall(b"GET /ezauth/healthz HTTP/1.1\r\nHost: x\r\n")  # and never finishes the head
-        started = time.monotonic()
-        assert http_call(live_server.port, "GET", "/ezauth/healthz").status == 200
-        assert time.monotonic() - started < 2
-
-
-def test_gunicorn_serves_the_module_level_app(shared_dir, tmp_path, gunicorn_bin):
-    gunicorn = gunicorn_bin
-    port = free_port()
-    log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", "2", "ezauth:app"],
-                                cwd=EZAUTH.parent, stdout=log, stderr=subprocess.STDOUT,
-                                env=clean_env(EZAUTH_DATA_DIR=str(shared_dir), EZAUTH_TITLE="Via gunicorn"))
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        assert b"Via gunicorn" in http_call(port, "GET", LOGIN).body
-        token = real_login(port).cookie()
-        assert all(real_verify(port, token) == 200 for _ in range(4))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-    assert "event=login_ok" in log_path.read_text()
-
-
-def test_server_does_not_log_verify_calls(live_server):
-    token = real_login(live_server.port).cookie()
-    for _ in range(5):
-        assert real_verify(live_server.port, token) == 200
-    assert "verify" not in live_server.log()
-    assert "event=login_ok" in live_server.log()
-
-
-def test_lockout_holds_across_two_worker_processes(shared_dir, servers):
-    worker_a, worker_b = servers(shared_dir), servers(shared_dir)
-    for i in range(5):
-        port = (worker_a if i % 2 else worker_b).port
-        real_login(port, "alice", "wrong password", status=401)
-    real_login(worker_a.port, status=429)
-    real_login(worker_b.port, status=429)
-
-
-@pytest.mark.slow
-def test_counter_is_exact_with_several_processes(shared_dir, servers):
-    workers = [servers(shared_dir) for _ in range(4)]
-    seen: list[int] = []
-    lock = threading.Lock()
-    footer = visits_pattern()
-
-    def load_pages(worker_index: int, count: int) -> None:
-        port = workers[worker_index % 4].port
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            for _ in range(count):
-                conn.request("GET", LOGIN)
-                response = conn.getresponse()
-                page = response.read().decode()
-                assert response.status == 200
-                number = int(footer.search(page).group(1).replace(",", ""))
-                with lock:
-                    seen.append(number)
-        finally:
-            conn.close()
-
-    shares = [1000 // 32 + (1 if i < 1000 % 32 else 0) for i in range(32)]
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        for future in [pool.submit(load_pages, i, n) for i, n in enumerate(shares)]:
-            future.result()
-    assert len(seen) == 1000
-    assert sorted(seen) == list(range(1, 1001))
-    assert (shared_dir / "counter.txt").read_text().strip() == "1000"
-
-
-@pytest.mark.slow
-def test_cli_rotate_takes_effect_within_seconds_and_old_sessions_stay_valid(shared_dir, servers):
-    worker_a, worker_b = servers(shared_dir), servers(shared_dir)
-    old_token = real_login(worker_a.port).cookie()
-    rotated = run_cli("rotate", data_dir=shared_dir)
-    assert rotated.returncode == 0, rotated.stderr
-    new_kid = json.loads((shared_dir / "keys.json").read_text())["keys"][-1]["kid"]
-    started = time.monotonic()
-    kids = set()
-
-    def new_key_signs() -> bool:
-        """Every moment on the way: each worker verifies what the other signs, and the old session."""
-        for signer, checker in ((worker_a, worker_b), (worker_b, worker_a)):
-            token = real_login(signer.port).cookie()
-            assert real_verify(checker.port, token) == 200  # no worker meets a key it has not loaded
-            kids.add(jwt.get_unverified_header(token)["kid"])
-        assert real_verify(worker_b.port, old_token) == 200
-        return new_kid in kids
-
-    assert wait_until(new_key_signs, timeout=10, interval=0.3), kids
-    assert time.monotonic() - started < PUBLISH_DELAY + REFRESH_EVERY + 3

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import CSRF, PASSWORD, http_call, real_login, start_server, wait_until, write_users
+from tests.support.basics import CSRF, PASSWORD, wait_until, write_users
+from tests.support.process import http_call, real_login, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +27,11 @@ def thread_count(pid: int) -> int:
     return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
 
 
-def settled_thread_count(pid: int) -> int:
-    """The server's thread count once two samples 0.1 s apart agree (bounded)."""
-    samples = [thread_count(pid)]
-
-    def steady() -> bool:
-        samples.append(thread_count(pid))
-        return samples[-1] == samples[-2]
-
-    assert wait_until(steady, timeout=5, interval=0.1), f"the thread count never settled: {samples}"
-    return samples[-1]
+# What the built-in server promises: its event loop's thread, a pool of POOL_THREADS for the work
+# that blocks (password checks, pages, files) and, for a moment once a minute, the flush thread. A
+# thread per connection or per request would pass this under any load.
+MOST_THREADS = 1 + ezauth.POOL_THREADS + 1
+DRIBBLE_EVERY = 1.0  # each slow client sends its next byte this long after the last
 
 
 def session_cookie(port: int) -> str:
@@ -71,7 +67,7 @@ def test_idle_and_dribbling_connections_do_not_slow_verify(server):
 
     def dribble() -> None:
         for i in range(20):
-            if stop.wait(1.0 if i else 0):
+            if stop.wait(DRIBBLE_EVERY if i else 0):
                 return
             for n, sock in enumerate(dribblers):
                 with contextlib.suppress(OSError):  # a connection the server already timed out
@@ -104,16 +100,19 @@ def test_idle_and_dribbling_connections_do_not_slow_verify(server):
         for sock in silent + dribblers:
             sock.close()
     assert len(latencies) > 50
-    assert max(latencies) < 0.100, (f"verify under 100 slow connections: slowest {max(latencies) * 1000:.1f} ms, "
-                                    f"median {statistics.median(latencies) * 1000:.1f} ms of {len(latencies)}")
+    # A verify that waited on a slow client would wait for its next byte, DRIBBLE_EVERY, or for its
+    # HEAD_TIMEOUT: half the dribble interval tells that apart from a busy machine's scheduling.
+    assert max(latencies) < DRIBBLE_EVERY / 2, (
+        f"verify under 100 slow connections: slowest {max(latencies) * 1000:.1f} ms, "
+        f"median {statistics.median(latencies) * 1000:.1f} ms of {len(latencies)}")
 
 
 def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
     live_server = server
     port, pid = live_server.port, live_server.proc.pid
     cookie = session_cookie(port)
-    # Warm up every pool the server keeps, so the baseline is its steady state: 16 logins at once,
-    # each a real scrypt, keep every one of the pool's threads busy (it reuses idle ones otherwise).
+    # Fill the pool first: 16 logins at once, each a real scrypt, keep every one of its threads busy
+    # (it reuses idle ones otherwise), so the bound below is met with the pool at its full size.
     warm_statuses: list[int] = []
 
     def warm_login(n: int) -> None:
@@ -126,7 +125,7 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
         thread.join(timeout=30)
     assert warm_statuses == [303] * 16, warm_statuses
     http_call(port, "GET", "/ezauth/login")  # a first visit, so the counter file exists
-    baseline = settled_thread_count(pid)
+    assert thread_count(pid) <= MOST_THREADS
     counter_before = int((live_server.data_dir / "counter.txt").read_text())
 
     # 40 logins: 4 per user from 40 addresses, each key below the lockout limit even all in flight at
@@ -160,7 +159,7 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
         except Exception as err:  # reported below with the job it belongs to
             results[index] = (job[0], repr(err), False)
 
-    peak = [baseline]
+    peak = [0]
     sampling = threading.Event()
 
     def sample() -> None:
@@ -184,8 +183,8 @@ def test_500_concurrent_mixed_requests_no_5xx_and_no_thread_leak(server):
     assert failed == [], (f"{len(failed)} of 500 failed in {elapsed:.1f} s", failed[:10])
     assert int((live_server.data_dir / "counter.txt").read_text()) == counter_before + 150  # exact under load
 
-    settled = wait_until(lambda: thread_count(pid) <= baseline, timeout=10, interval=0.1)
-    assert settled, f"threads: baseline {baseline}, peak {peak[0]}, now {thread_count(pid)}"
+    assert peak[0] <= MOST_THREADS, f"threads under load: peak {peak[0]}, at most {MOST_THREADS} promised"
+    assert thread_count(pid) <= MOST_THREADS
     assert live_server.proc.poll() is None
 
 

@@ -1,17 +1,17 @@
-"""Faults: kill -9 in the middle of writes, a read-only or full data dir, rotation under load,
-and corrupt files at start-up. ezauth must lose nothing, never go backwards and keep answering."""
+"""Faults in real processes: kill -9 in the middle of writes, rotation under load, and damaged files
+at start-up of the real server. ezauth must lose nothing, never go backwards and keep answering.
+The faults a single app meets in-process (a read-only or full data dir, corrupt files) are in
+tests/app/test_faults.py."""
 
 from __future__ import annotations
 
 import errno
 import http.client
 import json
-import logging
 import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,52 +22,24 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import (
+from tests.support.app import build, login
+from tests.support.basics import (
     CSRF,
     HERE,
     PASSWORD,
-    FakeClock,
-    build,
+    assert_keyring_valid,
     cheap_hash,
     clean_env,
-    cli_token,
-    events,
+    corrupt_files,
+    counter_value,
     free_port,
-    http_call,
     jwt_parts,
-    login,
-    real_login,
-    real_verify,
-    run_cli,
-    session_token,
-    start_server,
-    verify,
+    visits_pattern,
     write_users,
 )
+from tests.support.process import cli_token, http_call, real_login, real_verify, run_cli, start_server
 
 pytestmark = pytest.mark.slow
-
-
-# -- Helpers -------------------------------------------------------------------------------
-
-
-def counter_value(data_dir: Path) -> int | None:
-    path = data_dir / "counter.txt"
-    if not path.exists():
-        return None
-    text = path.read_bytes()
-    assert re.fullmatch(rb"\d+\n", text), f"counter file holds {text!r}"
-    return int(text)
-
-
-def assert_keyring_valid(data_dir: Path) -> tuple[ezauth.SigningKey, ...]:
-    keys = ezauth.parse_keyring((data_dir / "keys.json").read_text(encoding="utf-8"))
-    assert keys
-    return keys
-
-
-def corrupt_files(data_dir: Path) -> list[str]:
-    return sorted(p.name for p in data_dir.iterdir() if ".corrupt-" in p.name)
 
 
 # -- kill -9 in the middle of writes -------------------------------------------------------
@@ -152,7 +124,7 @@ def page_loads(port: int, stop: threading.Event, seen: list[int]) -> None:
             reply = conn.getresponse()
             body = reply.read().decode()
             seen.append(reply.status)
-            match = re.search(r"visited ([\d,]+) times", body)
+            match = visits_pattern().search(body)
             if match:
                 seen.append(-int(match.group(1).replace(",", "")))
     except (OSError, http.client.HTTPException):
@@ -185,116 +157,6 @@ def test_kill_9_of_the_real_server_under_load_keeps_files_valid(tmp_path):
     assert corrupt_files(data) == []
     assert "event=key_rotated" in "".join(logs)
     assert "Traceback" not in "".join(logs)
-
-
-# -- Read-only and full data dir -----------------------------------------------------------
-
-# Why monkeypatching: CI runs as root, and root ignores chmod 0500, and a container offers no
-# read-only bind mount. So the data dir is made unwritable in-process: every os.open that would
-# write under it and every os.replace into it fail with EROFS (or ENOSPC for a full disk), which is
-# exactly what the kernel would say. SQLite opens its files from C, so the throttle database is
-# replaced by a directory instead, which SQLite cannot open either.
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def make_unwritable(monkeypatch, data_dir: Path, code: int = errno.EROFS, throttle: bool = True) -> None:
-    root = str(data_dir.resolve())
-    real_open, real_replace = os.open, os.replace
-
-    def inside(path) -> bool:
-        return os.path.abspath(os.fspath(path)).startswith(root)
-
-    def guarded_open(path, flags, *args, **kwargs):
-        if flags & WRITE_FLAGS and inside(path):
-            raise OSError(code, os.strerror(code), os.fspath(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    def guarded_replace(src, dst, *args, **kwargs):
-        if inside(dst):
-            raise OSError(code, os.strerror(code), os.fspath(dst))
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", guarded_open)
-    monkeypatch.setattr(os, "replace", guarded_replace)
-    if throttle:
-        db = data_dir / "throttle.sqlite3"
-        for stale in data_dir.glob("throttle.sqlite3*"):
-            stale.unlink()
-        db.mkdir()
-
-
-def test_read_only_data_dir_keeps_verify_working_and_refuses_logins_with_503(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    clock = FakeClock()
-    data = tmp_path / "data"
-    app, client = build(data, clock, max_attempts=3, rotate_every=60)
-    client.get("/ezauth/login", status=200)
-    before = session_token(client, csrf=CSRF)
-    count_before = counter_value(data)
-    make_unwritable(monkeypatch, data)
-
-    page = client.get("/ezauth/login", status=200)
-    assert "visited" not in page.text and 'name="csrf"' in page.text  # the page, without the number
-    assert "event=counter_skipped" in caplog.text
-    verify(client, 200, before)
-    # A login whose attempt cannot be counted is not checked at all: the lockout never lapses into memory.
-    for password in (PASSWORD, "wrong password"):
-        assert login(client, password=password, csrf=CSRF, status=503).headers["Retry-After"]
-    lines = events(caplog, "store_unavailable")
-    assert len(lines) == 2 and all(f'file="{data / "throttle.sqlite3"}"' in line for line in lines), lines
-    assert not events(caplog, "login_failed") and len(events(caplog, "login_ok")) == 1  # the one before
-
-    clock.advance(app.settings.rotate_every + 5)  # a rotation is due and cannot be written
-    verify(client, 200, before)
-    assert "event=rotation_failed" in caplog.text
-    client.get("/ezauth/logout", status=303)  # the registry itself is still writable here
-    verify(client, 401, before)
-    assert counter_value(data) == count_before
-    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
-
-    monkeypatch.undo()
-    (data / "throttle.sqlite3").rmdir()
-    verify(client, 200, session_token(client, csrf=CSRF))  # writable again: logins work, nothing restarted
-
-
-def test_start_on_a_read_only_data_dir_stops_naming_it(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    build(data)
-    make_unwritable(monkeypatch, data, throttle=False)
-    with pytest.raises(ezauth.StoreUnavailable) as refused:
-        build(data)  # a restart on the now read-only dir: it could not record a login, so it does not start
-    assert refused.value.path == data and "Read-only file system" in refused.value.error
-
-
-def test_full_disk_skips_the_counter_and_rotation_but_not_logins(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    clock = FakeClock()
-    data = tmp_path / "data"
-    app, client = build(data, clock, rotate_every=60)
-    client.get("/ezauth/login", status=200)
-    token = session_token(client, csrf=CSRF)
-    make_unwritable(monkeypatch, data, errno.ENOSPC, throttle=False)
-    assert "visited" not in client.get("/ezauth/login", status=200).text
-    assert "No space left on device" in caplog.text and "event=counter_skipped" in caplog.text
-    clock.advance(app.settings.rotate_every + 5)
-    verify(client, 200, token)
-    verify(client, 200, session_token(client, csrf=CSRF))
-    monkeypatch.undo()
-    clock.advance(61)  # after the retry pause, a freed disk gets its rotation and its counter back
-    client.get("/ezauth/login", status=200)
-    assert counter_value(data) == 2
-    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
-
-
-def test_unusable_counter_file_never_breaks_the_page(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    data = tmp_path / "data"
-    _, client = build(data)
-    (data / "counter.txt").mkdir()  # not a file: reading and replacing it both fail
-    page = client.get("/ezauth/login", status=200)
-    assert "visited" not in page.text
-    assert "event=counter_skipped" in caplog.text or "event=counter_corrupt" in caplog.text
-
 
 # -- A disk that really fills up, a lock held too long, a registry that cannot be read ------------
 
@@ -403,62 +265,6 @@ def test_full_disk_refuses_logins_and_cli_revocations_until_freed_then_nothing_i
     assert "Traceback" not in server.log()
 
 
-def test_a_database_lock_held_past_the_timeout_is_a_503_then_logins_work(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    monkeypatch.setattr(ezauth, "DB_TIMEOUT", 0.2)
-    data = tmp_path / "data"
-    _, client = build(data)
-    holder = sqlite3.connect(data / "throttle.sqlite3", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # another process's transaction that does not end
-    try:
-        login(client, csrf=CSRF, status=503)
-        assert re.search(r"event=store_unavailable .*throttle\.sqlite3.* error=\"?database is locked", caplog.text)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    verify(client, 200, session_token(client, csrf=CSRF))
-
-
-def test_verify_refuses_with_503_once_the_registry_stays_unreadable_past_its_grace(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    clock = FakeClock()
-    data = tmp_path / "data"
-    app, client = build(data, clock)
-    token = session_token(client, csrf=CSRF)
-    registry = data / "sessions.sqlite3"
-    registry.rename(tmp_path / "aside")
-    registry.mkdir()  # cannot be opened: what a disk error or a careless hand looks like to SQLite
-    app.stores.registry.db.read_if_changed(lambda db: None)  # the kept connection still reads the old file
-    app.stores.registry.db._watcher.close()  # as a failing disk would end it
-    clock.advance(1)
-    verify(client, 200, token)  # within the grace: a revocation can be this late anyway
-    assert "action=verify_refuses_after_5s" in caplog.text
-    clock.advance(ezauth.REGISTRY_GRACE)
-    verify(client, 503, token)  # past it: a session ended meanwhile would be missed, so nobody is let in
-    assert "action=verify_refuses_everyone" in caplog.text
-    registry.rmdir()
-    (tmp_path / "aside").rename(registry)
-    clock.advance(1)
-    verify(client, 200, token)
-    assert "event=sessions_readable_again" in caplog.text
-
-
-def test_only_a_failed_look_at_the_registry_makes_verify_refuse(tmp_path):
-    clock = FakeClock()
-    data = tmp_path / "data"
-    app, client = build(data, clock)
-    token = session_token(client, csrf=CSRF)
-    clock.advance(600)  # a quiet hour of the day: nobody looked at the registry for ten minutes
-    with app.stores._refresh_lock:  # another request is looking right now
-        verify(client, 200, token)
-    registry = data / "sessions.sqlite3"
-    registry.rename(tmp_path / "aside")
-    registry.mkdir()
-    app.stores.registry.db._watcher.close()
-    clock.advance(600)
-    verify(client, 503, token)  # the first look fails, and what it last saw is ten minutes old: no grace
-
-
 @pytest.mark.parametrize("how", ["serve", "gunicorn"])
 def test_start_on_a_read_only_data_dir_stops_with_one_line_naming_it(tmpfs, tmp_path, gunicorn_bin, how):
     data = tmpfs("size=1m")
@@ -532,36 +338,6 @@ def test_rotation_while_8_threads_verify_gives_no_false_401(server_factory):
 
 # -- Corrupt files at start-up --------------------------------------------------------------
 
-BAD_KEYRINGS = {
-    "garbage": b"this is not json\n",
-    "empty": b"",
-    "truncated": b'{"keys": [{"kid": "abc", "secret": "',
-    "no-keys": b'{"keys": []}',
-    "wrong-shape": b'{"kids": 1}',
-    "list": b"[1, 2, 3]",
-    "short-secret": b'{"keys": [{"kid": "abc", "secret": "AAAA", "created": 1, "signs_from": 1}]}',
-    "bad-kid": json.dumps({"keys": [{"kid": "../x", "secret": ezauth._b64(b"k" * 32), "created": 1,
-                                     "signs_from": 1}]}).encode(),
-    "not-base64": b'{"keys": [{"kid": "abc", "secret": "!!!!", "created": 1, "signs_from": 1}]}',
-    "not-utf8": b'{"keys": "\xff\xfe"}',
-    "nul-bytes": b"\0" * 64,
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_KEYRINGS))
-def test_corrupt_key_ring_at_start_up_is_moved_aside(tmp_path, caplog, name):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "keys.json").write_bytes(BAD_KEYRINGS[name])
-    _, client = build(data)
-    aside = [p for p in data.iterdir() if p.name.startswith("keys.json.corrupt-")]
-    assert len(aside) == 1 and aside[0].read_bytes() == BAD_KEYRINGS[name]
-    assert_keyring_valid(data)
-    assert f"moved_to={aside[0]}" in caplog.text and "event=keyring_corrupt" in caplog.text
-    verify(client, 200, session_token(client, csrf=CSRF))
-
-
 def test_corrupt_key_ring_on_the_real_server_ends_old_sessions_with_a_clear_line(server_factory):
     server = server_factory()
     old = real_login(server.port, csrf=CSRF).cookie()
@@ -606,31 +382,6 @@ def test_users_file_with_bad_lines_skips_them_and_keeps_the_rest(server_factory,
     assert "line=6 " in log  # bcrypt is optional: skipped when missing, loaded when installed
     assert (data / "users").read_bytes() == text, "the users file was rewritten"
     assert "no users yet" not in log
-
-
-def test_corrupt_counter_is_moved_aside_and_counting_goes_on(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "counter.txt").write_bytes(b"12x\n")
-    _, client = build(data)
-    assert "visited 1 times" in client.get("/ezauth/login", status=200).text
-    aside = [p for p in data.iterdir() if p.name.startswith("counter.txt.corrupt-")]
-    assert len(aside) == 1 and aside[0].read_bytes() == b"12x\n"
-    assert "event=counter_corrupt" in caplog.text
-
-
-def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ezauth")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "throttle.sqlite3").write_bytes(b"definitely not sqlite" * 100)
-    _, client = build(data, max_attempts=2)
-    login(client, password="wrong password", csrf=CSRF, status=401)
-    login(client, password="wrong password", csrf=CSRF, status=401)
-    login(client, password="wrong password", csrf=CSRF, status=429)
-    assert any(p.name.startswith("throttle.sqlite3.corrupt-") for p in data.iterdir())
-    assert "event=throttle_corrupt" in caplog.text
 
 
 def test_stale_temp_and_lock_files_from_a_crash_do_not_block_start_up(tmp_path):

@@ -4,7 +4,7 @@ Auth cache on/off x HTTP Basic on/off x access rules on/off x cookie domain on/o
 configurations, each made from nginx.conf.example and default settings ONLY by the edits the README
 and the config's comments document:
 
-- cache:  every line marked `# ezauth-cache` uncommented (conftest's `render_example(cache_dir=...)`);
+- cache:  every line marked `# ezauth-cache` uncommented (`render_example(cache_dir=...)` in tests/support/nginx.py);
 - basic:  EZAUTH_BASIC_AUTH=1;
 - rules:  a `rules` file in ezauth's data dir (RULES below);
 - domain: EZAUTH_COOKIE_DOMAIN=.example.test, every request carrying `Host: sd.example.test:PORT`.
@@ -40,31 +40,12 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from conftest import (
-    CACHE_MARK,
-    LOGIN,
-    PASSWORD,
-    VERIFY,
-    Browser,
-    Reply,
-    Stack,
-    atomic_write,
-    b64,
-    basic,
-    build_stack,
-    cli_token,
-    echo_header,
-    forge,
-    http_call,
-    jwt_parts,
-    login_through_nginx,
-    run_cli,
-    wait_until,
-)
+from tests.support.basics import LOGIN, PASSWORD, VERIFY, atomic_write, b64, basic, forge, jwt_parts, wait_until
+from tests.support.nginx import CACHE_MARK, DOMAIN, Browser, Stack, build_stack, echo_header, login_through_nginx
+from tests.support.process import Reply, cli_token, http_call, run_cli
 
-pytestmark = [pytest.mark.nginx, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
-DOMAIN = "example.test"
 RULES = """\
 group admins: alice
 allow @admins * /
@@ -116,7 +97,7 @@ CONFIGS = [Config(*bits) for bits in itertools.product((True, False), repeat=4)]
 
 @dataclass
 class HostBrowser(Browser):
-    """conftest's Browser as a real browser navigates: the configuration's Host and `Accept: text/html`
+    """The support module's Browser as a real browser navigates: the configuration's Host and `Accept: text/html`
     on every request (ezauth answers a navigating browser with the login redirect, scripts with a 401)."""
 
     host: str = ""

@@ -31,7 +31,8 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 import ezauth
-from conftest import Server, parse_page, start_server, wait_until
+from tests.support.basics import parse_page, wait_until
+from tests.support.process import Server, start_server
 
 UNTRUSTED = "127.0.0.2"  # a client that is not a trusted proxy: the per-address cap applies to it
 OTHER = "127.0.0.3"  # a second untrusted client, unaffected by whatever 127.0.0.2 does

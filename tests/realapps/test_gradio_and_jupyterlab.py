@@ -12,53 +12,36 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import (
-    LOGIN,
-    PASSWORD,
-    Nginx,
-    Server,
-    add_user,
-    basic,
-    clean_env,
-    expect,
-    free_port,
-    http_call,
-    missing,
-    open_page,
-    render_example,
-    require_tool,
-    run_cli,
-    start_nginx,
-    start_server,
-    submit,
-    wait_until,
+from tests.support.basics import LOGIN, PASSWORD, basic, wait_until
+from tests.support.browser import expect, launch_chromium, open_page, submit
+from tests.support.process import cli_token, http_call
+from tests.support.realapps import (
+    REQUIRE,
+    AppProcess,
+    AppStack,
+    build_app_stack,
+    offline_env,
+    require_modules,
+    start_app,
 )
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser as Chromium
     from playwright.sync_api import BrowserContext, Locator, Page
 
-pytestmark = [pytest.mark.realapps, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
-REQUIRE = "EZAUTH_REQUIRE_REALAPPS"
-INSTALL = "pip install -r requirements-e2e.txt"
 USER = "alice"
 UPLOAD_SIZE = 20 * 1024 * 1024
 JOB_SECONDS = 10
@@ -143,102 +126,7 @@ c.LabApp.extension_manager = "readonly"
 '''
 
 
-# -- Helpers this suite needs and conftest lacks ------------------------------------------------
-
-
-def require_modules(*names: str) -> None:
-    """Skip (or fail under EZAUTH_REQUIRE_REALAPPS=1) unless every module NAME is importable."""
-    absent = [name for name in names if importlib.util.find_spec(name) is None]
-    if absent:
-        missing(f"{', '.join(absent)} not installed; install with: {INSTALL}", REQUIRE)
-
-
-@dataclass
-class AppProcess:
-    """A real app as a subprocess in its own process group (Jupyter's kernels included)."""
-
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
-def start_app(command: list[str], port: int, ready_path: str, log_path: Path, env: dict[str, str],
-              cwd: Path, timeout: float = 90) -> AppProcess:
-    """Start an app and poll it directly (not through nginx) until READY_PATH answers 200."""
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
-    app = AppProcess(proc, port, log_path)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command[:3]} exited with {proc.returncode}:\n{app.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    if not wait_until(ready, timeout=timeout, interval=0.2):
-        app.stop()
-        raise RuntimeError(f"{command[:3]} did not answer on {port} in {timeout}s:\n{app.log()[-3000:]}")
-    return app
-
-
-def offline_env(root: Path, **extra: str) -> dict[str, str]:
-    """An environment for an app that must never reach the internet nor read the caller's state."""
-    env = {k: v for k, v in clean_env().items()
-           if not k.startswith(("GRADIO_", "JUPYTER", "HF_")) and k.lower() not in
-           ("http_proxy", "https_proxy", "all_proxy")}
-    env.update(HOME=str(root / "home"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **extra)
-    (root / "home").mkdir(parents=True, exist_ok=True)
-    return env
-
-
-@dataclass
-class AppStack:
-    """ezauth + a real app + nginx running the shipped example with `location /` at the app."""
-
-    ezauth: Server
-    app: AppProcess
-    nginx: Nginx
-
-    @property
-    def url(self) -> str:
-        """nginx's origin; named like Server.url, so conftest.open_page takes a stack as its server."""
-        return f"http://127.0.0.1:{self.nginx.port}"
-
-
-def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[[int], AppProcess],
-                    **ezauth_env: str) -> AppStack:
-    """Start ezauth (user alice), the app (LAUNCH(port)) and nginx on a free port (ephemeral, so never 80)."""
-    nginx_bin = require_tool("nginx", REQUIRE, "nginx-light")
-    data_dir = root / "data"
-    add_user(data_dir, USER)
-    server = start_server(data_dir, **ezauth_env)
-    cleanup.callback(server.stop)
-    app = launch(free_port())
-    cleanup.callback(app.stop)
-    port = free_port()
-    nginx = start_nginx(nginx_bin, root / "nginx", render_example(server.port, app.port, port), port)
-    cleanup.callback(nginx.stop)
-    return AppStack(server, app, nginx)
+# -- Helpers for the pages of the apps ---------------------------------------------------------------
 
 
 def login_in_chromium(page: Page, stack: AppStack, target: str) -> None:
@@ -316,11 +204,10 @@ def recorded(page: Page, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chromium_realapps(request: pytest.FixtureRequest) -> Chromium:
-    """conftest's Chromium, after checking what this suite needs under its own CI flag."""
-    require_modules("playwright")
-    require_tool("chromium", REQUIRE, "chromium")
-    return request.getfixturevalue("chromium")
+def chromium_realapps() -> Iterator[Chromium]:
+    """Chromium, checked for under this suite's own CI flag."""
+    with launch_chromium(REQUIRE) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -366,10 +253,7 @@ def jupyter_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppStack
 @pytest.fixture(scope="module")
 def api_token(gradio_stack: AppStack) -> str:
     """An API token for alice, made with the real CLI while the server runs."""
-    done = run_cli("token", "add", USER, "--label", "test", data_dir=gradio_stack.ezauth.data_dir)
-    assert done.returncode == 0, done.stderr
-    token = done.stdout.splitlines()[0].strip()
-    assert token.startswith("ezt_"), done.stdout
+    token, _ = cli_token(gradio_stack.ezauth.data_dir, USER, "test")
     # A running server takes in the CLI's changes at most once a second, on a request.
     port, bearer = gradio_stack.nginx.port, {"Authorization": f"Bearer {token}"}
     assert wait_until(lambda: http_call(port, "GET", "/config", headers=bearer).status == 200, timeout=3,

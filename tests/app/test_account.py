@@ -1,36 +1,30 @@
-"""The account page, the session registry and API tokens.
+"""The account page, the session registry and API tokens, in-process through WebTest.
 
-In order: the registry and the page in-process through WebTest with a fake clock (two apps on one
-data dir are two workers; a request more than a second later makes each reload what the other
-wrote), API tokens at verify, the command line, real processes (gunicorn with two workers, the
-built-in server), nginx running the example config, and Chromium.
+In order: the registry and the page with a fake clock (two apps on one data dir are two workers; a
+request more than a second later makes each reload what the other wrote), then API tokens at
+verify. The same features from the command line are in tests/process/test_account_cli.py, under
+gunicorn in tests/process/test_workers.py, through nginx in tests/nginx/test_tokens_and_logout.py
+and in Chromium in tests/browser/test_account_page.py.
 """
 
 from __future__ import annotations
 
 import base64
 import builtins
-import concurrent.futures
 import contextlib
 import hashlib
 import html
 import io
-import itertools
 import logging
 import os
 import re
 import secrets
-import signal
 import sqlite3
-import stat
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
@@ -38,82 +32,48 @@ import pytest
 import webtest
 
 import ezauth
-from conftest import (
-    CSRF,
-    HERE,
-    LOGIN,
-    PASSWORD,
-    TARGET,
-    TOKEN_RE,
-    VERIFY,
-    Browser,
-    FakeClock,
-    Stack,
-    add_user,
-    basic,
+from tests.support.app import (
     build,
-    build_stack,
-    clean_env,
-    cli_token,
-    cookie_attrs,
+    change,
     cookie_header,
-    echo_header,
+    error_text,
+    login,
+    new_client,
+    new_token_on,
+    session_token,
+    tick,
+    verify,
+)
+from tests.support.basics import (
+    ACCOUNT,
+    CLIENT_IP,
+    CSRF,
+    FIREFOX,
+    FORWARDED,
+    HEALTHZ,
+    IPHONE,
+    LOGIN,
+    LOGOUT,
+    NEW_PASSWORD,
+    PASSWORD,
+    TEXT,
+    basic,
+    bearer,
+    cookie_attrs,
     events,
-    expect,
     fail2ban_lines,
     fail2ban_re,
-    finish_animations,
     form_field,
-    free_port,
-    http_call,
-    jwt_parts,
-    login,
-    login_target,
-    login_through_nginx,
-    login_url,
-    new_client,
-    open_page,
     parse_page,
-    real_login,
-    run_axe,
-    run_cli,
-    session_token,
-    submit,
+    shown_time,
+    sid_of,
     token_of,
-    verify,
-    wait_healthy,
-    wait_until,
     write_users,
 )
+from tests.support.process import TOKEN_RE
 
-ACCOUNT = "/ezauth/account"
-LOGOUT = "/ezauth/logout"
-HEALTHZ = "/ezauth/healthz"
-CLIENT_IP = "203.0.113.7"
-FORWARDED = {"X-Forwarded-For": CLIENT_IP}
-NEW_PASSWORD = "a brand new horse battery"
-FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
-IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-          "Version/17.5 Mobile/15E148 Safari/604.1")
-TEXT = ezauth.PAGE_TEXT["en"]
 ZH = ezauth.PAGE_TEXT["zh-CN"]
-LAG = 1.0  # the documented bound: every worker refuses an ended session or a revoked token this soon
-SLACK = 0.1  # for the request's own travel time
-
-
 # -- Helpers --------------------------------------------------------------------------------
-
-
-def sid_of(token: str) -> str:
-    """The session id a session token carries (read unchecked: the test got the token from ezauth)."""
-    return jwt_parts(token)[1]["sid"]
-
-
-def tick(clock: FakeClock, *clients: webtest.TestApp) -> None:
-    """Let just over a second pass and send one request to each worker: each reloads what others wrote."""
-    clock.advance(1.1)
-    for client in clients:
-        client.get(HEALTHZ, status=200)
 
 
 def join_flushes() -> None:
@@ -130,28 +90,8 @@ def flush(app: ezauth.EzauthApp) -> None:
 
 
 
-def bearer(secret: str) -> str:
-    return f"Bearer {secret}"
-
-
 def account_page(client: webtest.TestApp, status: int = 200, **headers: str) -> webtest.TestResponse:
     return client.get(ACCOUNT, headers={**FORWARDED, **headers}, status=status)
-
-
-def change(client: webtest.TestApp, action: str, status: int = 303, *, csrf: str | None = None,
-           headers: dict[str, str] | None = None, **fields: str) -> webtest.TestResponse:
-    """POST one change to the account page with the page's CSRF token (or CSRF), check STATUS."""
-    headers = {**FORWARDED, **(headers or {})}
-    if csrf is None:
-        csrf = form_field(client.get(ACCOUNT, headers=headers, status=200).text, "csrf")
-    reply = client.post(ACCOUNT, {"csrf": csrf, "action": action, **fields}, headers=headers, status="*")
-    assert reply.status_int == status, f"{action}: {reply.status}: {error_text(reply.text)!r}"
-    return reply
-
-
-def error_text(page: str) -> str:
-    found = re.search(r'<p class="bubble">(.*?)</p>', page, re.DOTALL)
-    return html.unescape(found.group(1)).strip() if found else ""
 
 
 def notice_text(page: str) -> str:
@@ -164,14 +104,6 @@ def done(reply: webtest.TestResponse, notice: str) -> None:
     assert reply.status_int == 303
     assert reply.headers["Location"] == f"{ACCOUNT}?done={notice}"
     assert reply.headers["Cache-Control"] == "no-store"
-
-
-def new_token_on(page: str) -> str:
-    """The token the page shows once (the value of <input id="new-token">)."""
-    shown = [attrs.get("value") or "" for tag, attrs in parse_page(page).tags
-             if tag == "input" and attrs.get("id") == "new-token"]
-    assert len(shown) == 1, "no new token on the page"
-    return shown[0]
 
 
 def enrollment_on(page: str) -> tuple[bytes, str, str]:
@@ -239,10 +171,6 @@ def token_rows(page: str) -> list[Row]:
     return [r for r in rows(page, "tokens") if len(r.cells) > 1]
 
 
-def shown_time(when: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
-
-
 class Spy:
     """Stands in for an object and notes every attribute anyone uses."""
 
@@ -271,10 +199,6 @@ def noting_file_access(stores: ezauth.Stores, touched: list[str]) -> Iterator[No
             if db._watcher is not None:
                 patch.setattr(db, "_watcher", Spy(db._watcher, f"{db.path.name} connection", touched))
         yield
-
-
-def stored_tokens(data_dir: Path) -> list[ezauth.ApiToken]:
-    return ezauth.open_registry(ezauth.Settings(data_dir=data_dir))[1].list(time.time())
 
 
 # -- The session registry, two workers on one data dir --------------------------------------
@@ -336,23 +260,6 @@ def test_password_change_keeps_remember_me_on_the_fresh_cookie(client, service, 
     assert attrs["max-age"] == str(30 * 86400) and "httponly" in attrs
     [record] = service.stores.registry.live(clock(), "alice")
     assert record.remember
-
-
-def test_deleting_a_user_ends_their_sessions_in_every_worker(data_dir, clock):
-    (app_a, worker_a), (app_b, worker_b) = build(data_dir, clock), build(data_dir, clock)
-    first, second = session_token(new_client(app_a)), session_token(new_client(app_b))
-    bob = session_token(new_client(app_a), "bob")
-
-    deleted = run_cli("deluser", "alice", data_dir=data_dir)
-    assert deleted.returncode == 0, deleted.stderr
-    tick(clock, worker_a, worker_b)
-    for worker in (worker_a, worker_b):
-        verify(worker, 401, first)
-        verify(worker, 401, second)
-        verify(worker, 200, bob)
-    for token in (first, second):
-        assert app_a.stores.registry.get(sid_of(token), clock()).reason == "user_deleted"
-    assert app_a.stores.registry.live(clock(), "alice") == []
 
 
 def test_registry_records_ip_browser_and_remember_me(service, clock):
@@ -491,11 +398,30 @@ def test_registry_forgets_sessions_once_their_tokens_expire_so_its_file_stays_sm
     assert max(rows for _, _, rows in samples) <= (1800 + 2 * ezauth.SEEN_EVERY) // 6 + 10
     assert max(size for size, _, _ in samples) < 256 * 1024, samples
     assert path.stat().st_size < 256 * 1024
-    # SQLite copies its write-ahead log back into the file every 1000 pages (4 MiB) and starts it
-    # over: it never grows with the number of sessions.
-    first_half = max(w for _, w, _ in samples[:5])
-    assert max(w for _, w, _ in samples[5:]) <= first_half + 64 * 1024, samples
+    # Each flush ends with a checkpoint that copies the write-ahead log into the file and empties
+    # it: right after a flush the log holds nothing, however many sessions came and went.
+    assert [w for _, w, _ in samples] == [0] * len(samples), samples
     assert capsys.readouterr() == ("", "")
+    assert caplog.records == []
+
+
+def test_a_flush_while_another_worker_reads_leaves_the_log_to_the_next_flush(client, service, clock, caplog):
+    """The checkpoint never waits for a reader (the flush runs on its own thread, but holds the
+    flush lock): a worker reading at that moment makes it skip, quietly, and the next flush empties
+    the log."""
+    join_flushes()
+    path = service.settings.data_dir / "sessions.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    session_token(client)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM sessions").fetchone() == (1,)  # a read snapshot, held
+        service.stores.flush(clock())
+        assert wal.stat().st_size > 0
+        reader.execute("COMMIT")
+    clock.advance(ezauth.FLUSH_EVERY)
+    service.stores.flush(clock())
+    assert wal.stat().st_size == 0
     assert caplog.records == []
 
 
@@ -1009,18 +935,6 @@ def test_refused_token_is_401_in_every_worker(data_dir, clock, how):
             assert "X-Ezauth-Authorization" not in reply.headers
 
 
-def test_a_deleted_users_token_stays_dead_when_the_name_is_created_again(data_dir, clock):
-    app, worker = build(data_dir, clock)
-    _, secret = app.stores.tokens.add("alice", "old script", clock())
-    deleted = run_cli("deluser", "alice", data_dir=data_dir)
-    assert deleted.returncode == 0, deleted.stderr
-    tick(clock, worker)
-    verify(worker, 401, Authorization=bearer(secret))
-    add_user(data_dir, "alice", "someone else's password")  # a new account that happens to get the name
-    tick(clock, worker)
-    verify(worker, 401, Authorization=bearer(secret))
-
-
 @pytest.mark.parametrize(("uri", "status"), [
     ("/sdapi/", 200),
     ("/sdapi/v1/txt2img", 200),
@@ -1099,488 +1013,3 @@ def test_strip_header_is_sent_only_when_ezauths_own_credentials_were_used(
     reply = verify(new_client(app), 200, token, **({"Authorization": header} if header else {}))
     assert reply.headers["X-Auth-Request-User"] == "alice"
     assert reply.headers.get("X-Ezauth-Authorization") == ("strip" if stripped else None)
-
-
-# -- The command line -------------------------------------------------------------------------
-
-
-def test_cli_token_add_list_and_revoke(data_dir):
-    secret, token_id = cli_token(data_dir, "alice", "sd script", "--expires", "90", "--path", "/sdapi/",
-                                 "--path", "/extra/")
-    [stored] = stored_tokens(data_dir)
-    assert (stored.id, stored.user, stored.label, stored.paths) == (token_id, "alice", "sd script",
-                                                                   ("/sdapi/", "/extra/"))
-    assert stored.expires - stored.created == 90 * 86400
-
-    listing = run_cli("token", "list", data_dir=data_dir)
-    assert listing.returncode == 0, listing.stderr
-    header, *lines = listing.stdout.splitlines()
-    assert header.split() == ["ID", "USER", "LABEL", "CREATED", "LAST", "USED", "EXPIRES", "PATHS"]
-    [line] = lines
-    assert line.startswith(f"{token_id}  alice  sd script  ")
-    for cell in (shown_time(stored.created), "never", shown_time(stored.expires), "/sdapi/ /extra/"):
-        assert cell in line
-    assert secret not in listing.stdout
-    assert run_cli("token", "list", "bob", data_dir=data_dir).stdout.splitlines()[1:] == []
-
-    clock = FakeClock()
-    _, client = build(data_dir, clock)
-    verify(client, 200, Authorization=bearer(secret), uri="/sdapi/v1/sd-models")
-    verify(client, 403, Authorization=bearer(secret), uri="/admin")
-
-    revoked = run_cli("token", "revoke", token_id, data_dir=data_dir)
-    assert revoked.returncode == 0, revoked.stderr
-    assert f"revoked token {token_id}" in revoked.stdout
-    tick(clock, client)
-    verify(client, 401, Authorization=bearer(secret), uri="/sdapi/v1/sd-models")
-    again = run_cli("token", "revoke", token_id, data_dir=data_dir)
-    assert again.returncode == 1 and "no token" in again.stderr
-    assert run_cli("token", "list", data_dir=data_dir).stdout.splitlines()[1:] == []
-
-
-@pytest.mark.parametrize(("args", "code"), [
-    pytest.param(("nobody", "--label", "x"), 1, id="no-such-user"),
-    pytest.param(("alice", "--label", ""), 1, id="empty-label"),
-    pytest.param(("alice", "--label", "x", "--path", "sdapi/"), 1, id="relative-path"),
-    pytest.param(("alice", "--label", "x", "--expires", "0"), 1, id="zero-days"),
-    pytest.param(("alice", "--label", "x", "--expires", "3651"), 1, id="too-many-days"),
-    pytest.param(("alice",), 2, id="no-label"),
-])
-def test_cli_token_add_refuses_bad_input(data_dir, args, code):
-    done_ = run_cli("token", "add", *args, data_dir=data_dir)
-    assert done_.returncode == code, done_.stdout
-    assert done_.stderr.strip() and "ezt_" not in done_.stdout
-    assert stored_tokens(data_dir) == []
-
-
-def test_token_store_keeps_only_a_digest_in_a_private_file(data_dir):
-    from_cli, _ = cli_token(data_dir)
-    _, client = build(data_dir)  # a running app keeps the registry open, its write-ahead log beside it
-    login(client)
-    from_page = new_token_on(change(client, "token_create", 200, label="page").text)
-    db = data_dir / "sessions.sqlite3"
-    everything = b"".join(p.read_bytes() for p in data_dir.iterdir() if p.is_file())
-    for secret in (from_cli, from_page):
-        assert secret.encode() not in everything
-        assert secret[4:].encode() not in everything
-        assert hashlib.sha256(secret.encode()).hexdigest().encode() in everything  # what is stored instead
-    assert stat.S_IMODE(db.stat().st_mode) == 0o600
-    for companion in data_dir.glob("sessions.sqlite3*"):
-        assert stat.S_IMODE(companion.stat().st_mode) & 0o077 == 0, companion
-    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
-
-
-def test_cli_sessions_lists_and_ends_sessions(data_dir):
-    clock = FakeClock()
-    app, nginx = build(data_dir, clock)
-    laptop = session_token(new_client(app), headers={"User-Agent": FIREFOX, **FORWARDED})
-    phone = session_token(new_client(app), headers={"User-Agent": IPHONE, "X-Forwarded-For": "198.51.100.23"})
-    bob = session_token(new_client(app), "bob", headers={"User-Agent": "curl/8.5.0"})
-
-    listing = run_cli("sessions", data_dir=data_dir)
-    assert listing.returncode == 0, listing.stderr
-    header, *lines = listing.stdout.splitlines()
-    assert header.split() == ["ID", "USER", "CREATED", "LAST", "SEEN", "IP", "BROWSER"]
-    assert len(lines) == 3
-    when = shown_time(clock())
-    for token, user, ip, browser in ((laptop, "alice", CLIENT_IP, "Firefox on Linux"),
-                                     (phone, "alice", "198.51.100.23", "Safari on iOS"),
-                                     (bob, "bob", "127.0.0.1", "curl")):
-        [line] = [line for line in lines if line.startswith(sid_of(token)[:8])]
-        assert line.split(maxsplit=1)[1].split("  ")[0] == user
-        assert f"{when}  {when}" in line and ip in line and line.endswith(browser)
-    assert sid_of(laptop) not in listing.stdout  # a prefix, not the whole id
-    only_alice = run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1:]
-    assert len(only_alice) == 2 and all(" alice " in line for line in only_alice)
-
-    # `--end=ID`: one id in 64 begins with "-" (see the test below for `--end ID` with such an id).
-    ended = run_cli("sessions", f"--end={sid_of(laptop)[:6]}", data_dir=data_dir)
-    assert ended.returncode == 0, ended.stderr
-    assert sid_of(laptop)[:8] in ended.stdout and "alice" in ended.stdout
-    tick(clock, nginx)
-    verify(nginx, 401, laptop)
-    verify(nginx, 200, phone)
-    for wrong in (sid_of(phone)[:5], "zzzzzzzzzz"):
-        refused = run_cli("sessions", f"--end={wrong}", data_dir=data_dir)
-        assert refused.returncode == 1 and "at least 6 characters" in refused.stderr
-    verify(nginx, 200, phone)
-
-    everyone = run_cli("sessions", "--end-user", "alice", data_dir=data_dir)
-    assert everyone.returncode == 0 and everyone.stdout.strip() == "ended 1 session of alice"
-    tick(clock, nginx)
-    verify(nginx, 401, phone)
-    verify(nginx, 200, bob)
-    remaining = run_cli("sessions", data_dir=data_dir).stdout.splitlines()[1:]
-    assert len(remaining) == 1 and remaining[0].startswith(sid_of(bob)[:8])
-
-
-def test_cli_sessions_end_takes_the_printed_prefix_as_the_readme_writes_it(data_dir):
-    """`sessions --end PREFIX` must work for every id it prints: none may begin with "-" (which
-    argparse would read as an option; base64url ids did, one in 64)."""
-    clock = FakeClock()
-    app, nginx = build(data_dir, clock)
-    sids = [app.stores.sessions.start("bob", clock(), False)[1].sid for _ in range(300)]
-    assert not [sid for sid in sids if sid.startswith("-")]
-    token = session_token(new_client(app))
-    shown = run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1].split()[0]
-    assert shown == sid_of(token)[:8]
-    ended = run_cli("sessions", "--end", shown, data_dir=data_dir)
-    assert ended.returncode == 0, ended.stderr
-    tick(clock, nginx)
-    verify(nginx, 401, token)
-
-
-def test_cli_passwd_ends_the_users_sessions(data_dir):
-    clock = FakeClock()
-    app, nginx = build(data_dir, clock)
-    token = session_token(new_client(app))
-    bob = session_token(new_client(app), "bob")
-    changed = run_cli("passwd", "alice", "--password-stdin", data_dir=data_dir, stdin=NEW_PASSWORD + "\n")
-    assert changed.returncode == 0, changed.stderr
-    assert "their sessions have ended" in changed.stdout
-    tick(clock, nginx)
-    verify(nginx, 401, token)
-    verify(nginx, 200, bob)
-    assert app.stores.registry.get(sid_of(token), clock()).reason == "password_changed"
-    assert run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1:] == []
-    login(new_client(app), password=NEW_PASSWORD)
-
-
-# -- Real processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Gunicorn:
-    """`gunicorn -w 2 -k gthread ezauth:app` on a free port, its access log naming the worker of each request."""
-
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen
-    access_log: Path
-
-    def workers(self, marks: list[str]) -> dict[str, str]:
-        """mark -> the worker (pid) that answered the request `?mark=MARK`."""
-        pattern = re.compile(r"^<(\d+)> \S+ \S+\?mark=(\S+) ", re.MULTILINE)
-
-        def found() -> dict[str, str] | None:
-            seen = {m.group(2): m.group(1) for m in pattern.finditer(self.access_log.read_text())}
-            return seen if all(mark in seen for mark in marks) else None
-
-        seen = wait_until(found, timeout=5)
-        assert seen, "gunicorn did not log every request"
-        return seen
-
-
-@pytest.fixture
-def gunicorn(tmp_path, gunicorn_bin) -> Iterator[Gunicorn]:
-    data_dir = tmp_path / "data"
-    add_user(data_dir, "alice")
-    port, access_log = free_port(), tmp_path / "access.log"
-    with open(tmp_path / "gunicorn.log", "wb") as out:
-        proc = subprocess.Popen(
-            [gunicorn_bin, "-w", "2", "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}",
-             "--access-logfile", str(access_log), "--access-logformat", "%(p)s %(r)s %(s)s", "ezauth:app"],
-            cwd=HERE, stdout=out, stderr=subprocess.STDOUT, env=clean_env(EZAUTH_DATA_DIR=str(data_dir)))
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        yield Gunicorn(data_dir, port, proc, access_log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def poll_verify(server: Gunicorn, headers: dict[str, str], seconds: float, tag: str) -> list[tuple[float, int, str]]:
-    """Ask verify again and again (a new connection each time, so either worker answers) for SECONDS:
-    (seconds since the start, status, worker pid) of each."""
-    started, answers = time.monotonic(), []
-    while (elapsed := time.monotonic() - started) < seconds:
-        mark = f"{tag}{len(answers)}"
-        answers.append((elapsed, http_call(server.port, "GET", f"{VERIFY}?mark={mark}", headers=headers).status, mark))
-        time.sleep(0.005)
-    workers = server.workers([mark for _, _, mark in answers])
-    return [(elapsed, status, workers[mark]) for elapsed, status, mark in answers]
-
-
-def warm_up(server: Gunicorn, headers: dict[str, str], tag: str) -> None:
-    """Until both workers have answered 200 to these credentials (each holds them as valid)."""
-    answered: set[str] = set()
-    rounds = itertools.count()  # every request's mark is new, so the access log cannot pair it with an older one
-
-    def both() -> bool:
-        answered.update(pid for _, status, pid in poll_verify(server, headers, 0.2, f"{tag}{next(rounds)}-")
-                        if status == 200)
-        return len(answered) == 2
-
-    assert wait_until(both, timeout=10, interval=0), f"not both workers accepted: {answered}"
-
-
-def assert_refused_everywhere_within_a_second(answers: list[tuple[float, int, str]]) -> None:
-    late = [(status, pid) for elapsed, status, pid in answers if elapsed >= LAG + SLACK]
-    assert len(late) >= 20
-    assert {status for status, _ in late} == {401}, [a for a in answers if a[0] >= LAG + SLACK and a[1] != 401]
-    assert len({pid for _, pid in late}) == 2, "only one worker answered after the deadline"
-
-
-@pytest.mark.slow
-def test_gunicorn_workers_refuse_a_logged_out_cookie_within_a_second(gunicorn):
-    cookie = real_login(gunicorn.port).cookie()
-    headers = {"Cookie": f"ezauth={cookie}"}
-    warm_up(gunicorn, headers, "warm")
-    out = http_call(gunicorn.port, "POST", LOGOUT, headers=headers)
-    assert out.status == 303
-    assert_refused_everywhere_within_a_second(poll_verify(gunicorn, headers, LAG + 1.5, "out"))
-
-
-@pytest.mark.slow
-def test_gunicorn_workers_refuse_a_revoked_token_within_a_second(gunicorn):
-    secret, token_id = cli_token(gunicorn.data_dir)
-    headers = {"Authorization": bearer(secret)}
-    warm_up(gunicorn, headers, "warm")
-    revoked = run_cli("token", "revoke", token_id, data_dir=gunicorn.data_dir)
-    assert revoked.returncode == 0, revoked.stderr
-    assert_refused_everywhere_within_a_second(poll_verify(gunicorn, headers, LAG + 1.5, "revoked"))
-
-
-def test_32_parallel_requests_with_a_fresh_token_all_pass(live_server):
-    fresh, _ = cli_token(live_server.data_dir, "alice", "parallel")  # never used before the burst
-    probe, _ = cli_token(live_server.data_dir, "alice", "probe")  # made after it: once accepted, both are known
-
-    def status(secret: str) -> int:
-        return http_call(live_server.port, "GET", VERIFY, headers={"Authorization": bearer(secret)}).status
-
-    assert wait_until(lambda: status(probe) == 200, timeout=5)
-    logged_before = len(live_server.log())
-    start = threading.Barrier(32)
-
-    def call(_: int) -> tuple[int, str, str]:
-        start.wait(timeout=10)
-        reply = http_call(live_server.port, "GET", VERIFY, headers={"Authorization": bearer(fresh)})
-        return reply.status, reply.headers.get("X-Auth-Request-User", ""), reply.headers.get(
-            "X-Ezauth-Authorization", "")
-
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(call, range(32)))
-    assert answers == [(200, "alice", "strip")] * 32
-    log = live_server.log()[logged_before:]
-    assert "token_rejected" not in log and "login_failed" not in log and "login_busy" not in log
-
-
-# -- Through nginx ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stack(nginx_bin, tmp_path_factory) -> Iterator[Stack]:
-    with contextlib.ExitStack() as cleanup:
-        yield build_stack(nginx_bin, tmp_path_factory.mktemp("account-stack"), cleanup, users=("alice",))
-
-
-@pytest.mark.nginx
-def test_logout_through_nginx_ends_the_session_for_a_replayed_cookie(stack):
-    browser = stack.browser()
-    login_through_nginx(browser)
-    old = browser.cookie()
-    assert browser.get(TARGET).echo()["path"] == TARGET
-    out = browser.get(LOGOUT)
-    assert (out.status, out.location) == (303, LOGIN)
-    assert browser.cookie() is None
-
-    replay = Browser(stack.nginx.port)
-    refused = wait_until(lambda: (r := replay.get(TARGET, Cookie=f"ezauth={old}")).status == 302 and r,
-                         timeout=LAG, interval=0.05)
-    assert refused, "the old cookie still opens the app a second after logout"
-    assert login_target(refused.location) == TARGET
-    assert parse_qs(urlsplit(refused.location).query)["expired"] == ["1"]
-    seen = len(stack.app.seen)
-    for _ in range(5):
-        assert replay.get(TARGET, Cookie=f"ezauth={old}").status == 302
-    assert len(stack.app.seen) == seen
-
-
-@pytest.mark.nginx
-def test_bearer_token_reaches_the_app_which_never_sees_the_authorization_header(stack):
-    secret, _ = cli_token(stack.ezauth.data_dir)
-    browser = stack.browser()
-    reply = wait_until(lambda: (r := browser.get(TARGET, Authorization=bearer(secret))).status == 200 and r,
-                       timeout=LAG + 2)
-    assert reply, "the new token was not accepted"
-    for answer in (reply, browser.get(TARGET, Authorization=basic("alice", secret))):
-        echo = answer.echo()
-        assert echo["path"] == TARGET
-        assert echo_header(echo, "Authorization") == []
-        assert echo_header(echo, "X-Auth-Request-User") == ["alice"]
-        assert not [value for _, value in echo["headers"] if "ezt_" in value]
-    wrong = browser.get(TARGET, Authorization=bearer("ezt_" + "A" * 43))
-    assert wrong.status == 401 and b"wrong_credentials" in wrong.body
-
-
-@pytest.mark.nginx
-def test_the_apps_own_bearer_header_reaches_it_beside_a_session(stack):
-    browser = stack.browser()
-    login_through_nginx(browser)
-    echo = browser.get(TARGET, Authorization="Bearer app-token").echo()
-    assert echo_header(echo, "Authorization") == ["Bearer app-token"]
-    assert echo_header(echo, "X-Auth-Request-User") == ["alice"]
-    # The app's own header opens nothing by itself: a script gets 401, a browser the login page.
-    seen = len(stack.app.seen)
-    script = http_call(stack.nginx.port, "GET", TARGET, headers={"Authorization": "Bearer app-token"})
-    assert script.status == 401 and b"login_required" in script.body
-    page = stack.browser().get(TARGET, Authorization="Bearer app-token")
-    assert page.status == 302 and login_target(page.location) == TARGET
-    assert len(stack.app.seen) == seen
-
-
-# -- Chromium -----------------------------------------------------------------------------------
-
-
-def account_url(server) -> str:
-    return server.url + ACCOUNT
-
-
-def log_in(page, server, password: str = PASSWORD) -> None:
-    """The login page opened straight lands on the account page."""
-    page.goto(login_url(server))
-    submit(page, "alice", password)
-    assert urlsplit(page.url).path == ACCOUNT, page.url
-
-
-def axe(page) -> list[dict]:
-    """axe's violations once the page has settled (its entrance animation done)."""
-    finish_animations(page)
-    return run_axe(page)
-
-
-def click_and_wait(page, selector_or_locator) -> None:
-    with page.expect_navigation():
-        (page.locator(selector_or_locator) if isinstance(selector_or_locator, str) else selector_or_locator).click()
-
-
-@pytest.mark.browser
-def test_chromium_ends_another_device_whose_next_request_goes_to_the_login(chromium, live_server):
-    with open_page(chromium, live_server) as (laptop, laptop_watch), \
-            open_page(chromium, live_server, user_agent=IPHONE) as (phone, phone_watch):
-        log_in(laptop, live_server)
-        log_in(phone, live_server)
-        laptop.goto(account_url(live_server))
-        listed = laptop.locator("#sessions tbody tr")
-        expect(listed).to_have_count(2)
-        expect(laptop.locator("#sessions tbody tr.current")).to_contain_text(TEXT["t_this_device"])
-        other = laptop.locator("#sessions tbody tr:not(.current)")
-        expect(other).to_contain_text("Safari on iOS")
-        click_and_wait(laptop, other.get_by_role("button", name=TEXT["t_end"]))
-        expect(laptop.locator("#account-notice")).to_have_text(TEXT["msg_session_ended"])
-        expect(listed).to_have_count(1)
-
-        phone.reload()  # the phone's next request
-        parts = urlsplit(phone.url)
-        assert parts.path == LOGIN and parse_qs(parts.query)["rd"] == [ACCOUNT]
-        expect(phone.locator("#username")).to_be_visible()
-        laptop_watch.assert_clean()
-        phone_watch.assert_clean()
-
-
-@pytest.mark.browser
-def test_chromium_changes_the_password_and_turns_on_two_factor(chromium, live_server):
-    with open_page(chromium, live_server) as (page, watch):
-        log_in(page, live_server)
-        page.fill("#current-password", PASSWORD)
-        page.fill("#new-password", NEW_PASSWORD)
-        page.fill("#new-password-again", NEW_PASSWORD)
-        click_and_wait(page, "#password-form button[type=submit]")
-        expect(page.locator("#account-notice")).to_have_text(TEXT["msg_password_changed"])
-        real_login(live_server.port, "alice", NEW_PASSWORD)
-
-        click_and_wait(page, "#totp-form button[type=submit]")  # no password asked: it was just entered
-        text = page.inner_text("#totp-secret").strip()
-        secret = base64.b32decode(text + "=" * (-len(text) % 8))
-        assert page.inner_text("#totp-uri").startswith("otpauth://totp/")
-        page.fill("#totp-code", ezauth.totp(secret, time.time()))
-        click_and_wait(page, "#totp-form button[type=submit]")
-        expect(page.locator("#account-notice")).to_have_text(TEXT["msg_totp_on"])
-        expect(page.locator("#totp-form")).to_contain_text(TEXT["t_totp_turn_off"])
-        watch.assert_clean()
-
-    with open_page(chromium, live_server) as (page, watch):
-        page.goto(login_url(live_server))
-        submit(page, "alice", NEW_PASSWORD)
-        expect(page.locator("#code")).to_be_visible()
-        page.fill("#code", ezauth.totp(secret, time.time() + 30))  # the step that turned it on is spent
-        with page.expect_navigation():
-            page.press("#code", "Enter")
-        assert urlsplit(page.url).path == ACCOUNT
-        watch.assert_clean()
-
-
-@pytest.mark.browser
-def test_chromium_makes_a_token_on_the_page_that_works_until_revoked(chromium, live_server):
-    with open_page(chromium, live_server, permissions=["clipboard-read", "clipboard-write"]) as (page, watch):
-        log_in(page, live_server)
-        page.fill("#token-label", "sd script")
-        page.fill("#token-paths", "/sdapi/")
-        click_and_wait(page, "#token-form button[type=submit]")
-        secret = page.input_value("#new-token")
-        assert TOKEN_RE.fullmatch(secret)
-        copy = page.locator("button[data-copy]")
-        expect(copy).to_be_visible()
-        copy.click()
-        assert page.evaluate("navigator.clipboard.readText()") == secret
-
-        def ask(uri: str) -> int:
-            return http_call(live_server.port, "GET", VERIFY,
-                             headers={"Authorization": bearer(secret), "X-Original-URI": uri}).status
-
-        assert ask("/sdapi/v1/sd-models") == 200
-        assert ask("/admin") == 403
-
-        page.goto(account_url(live_server))  # shown once
-        expect(page.locator("#new-token")).to_have_count(0)
-        assert secret not in page.content()
-        row = page.locator("#tokens tbody tr", has_text="sd script")
-        expect(row).to_contain_text("/sdapi/")
-        click_and_wait(page, row.get_by_role("button", name=TEXT["t_revoke"]))
-        expect(page.locator("#account-notice")).to_have_text(TEXT["msg_token_revoked"])
-        assert ask("/sdapi/v1/sd-models") == 401
-        watch.assert_clean()
-
-
-@pytest.mark.browser
-@pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
-def test_chromium_account_page_has_no_axe_violations_in_any_state(chromium, live_server, locale):
-    found: dict[str, list] = {}
-    # bypass_csp only so that axe itself can be injected; the page is unchanged.
-    with open_page(chromium, live_server, locale=locale, bypass_csp=True) as (page, watch):
-        log_in(page, live_server)
-        found["sessions"] = axe(page)
-        click_and_wait(page, "#totp-form button[type=submit]")
-        found["two-factor set-up"] = axe(page)
-        page.goto(account_url(live_server))
-        page.fill("#token-label", "axe")
-        click_and_wait(page, "#token-form button[type=submit]")
-        found["new token"] = axe(page)
-        page.goto(account_url(live_server))
-        page.fill("#current-password", "not my password")
-        page.fill("#new-password", NEW_PASSWORD)
-        page.fill("#new-password-again", NEW_PASSWORD)
-        click_and_wait(page, "#password-form button[type=submit]")
-        expect(page.locator("#account-error")).to_be_visible()
-        found["error"] = axe(page)
-        wrong_password = {f"HTTP 401: POST {account_url(live_server)}",
-                          "console error: Failed to load resource: the server responded with a status of 401 "
-                          "(Unauthorized)"}
-        watch.problems = [p for p in watch.problems if p not in wrong_password]
-        watch.assert_clean()
-    assert {state: [(v["id"], [n["target"] for n in v["nodes"]]) for v in violations]
-            for state, violations in found.items()} == {state: [] for state in found}
-
-
-def test_a_token_made_by_the_cli_works_at_once_in_a_running_worker(data_dir, clock):
-    """A script runs `token add` and calls the API straight away: no waiting for the next refresh."""
-    _, client = build(data_dir, clock)
-    client.get(HEALTHZ, status=200)  # the worker has looked at the registry already
-    secret, _ = cli_token(data_dir)
-    verify(client, 200, Authorization=bearer(secret))
-    verify(client, 401, Authorization=bearer("ezt_" + "x" * 43))  # a miss stays a miss
-

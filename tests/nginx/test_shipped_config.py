@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -11,51 +10,41 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import jwt
 import pytest
 
-from conftest import (
+from tests.support.basics import (
     EXAMPLE,
     EZAUTH,
-    LISTEN,
     PASSWORD,
+    basic,
+    clean_env,
+    free_port,
+    parse_page,
+    parse_set_cookie,
+    require_tool,
+)
+from tests.support.nginx import (
+    LISTEN,
     TARGET,
     Browser,
-    Reply,
     Stack,
-    basic,
-    build_stack,
-    clean_env,
     echo_header,
     encode_frame,
-    free_port,
     login_target,
     login_through_nginx,
     nginx_command,
-    parse_page,
-    parse_set_cookie,
     read_frame,
     render_example,
-    require_tool,
     websocket_handshake,
     write_prefix,
 )
-
-pytestmark = pytest.mark.nginx
-
+from tests.support.process import Reply
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def stack(nginx_bin, tmp_path_factory) -> Iterator[Stack]:
-    """One shared stack with users alice and bob."""
-    with contextlib.ExitStack() as cleanup:
-        yield build_stack(nginx_bin, tmp_path_factory.mktemp("stack"), cleanup, users=("alice", "bob"))
-
 
 @pytest.fixture
 def browser(stack) -> Browser:

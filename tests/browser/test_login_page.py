@@ -1,34 +1,25 @@
-"""The login page in a real browser (Debian's chromium through Playwright) against the real server."""
+"""The login page in a real browser (Debian's chromium through Playwright) against the real server.
+The template and assets without a browser are checked in tests/app/test_page_templates.py."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import (
-    AXE,
-    HERE,
-    LOGIN,
-    PASSWORD,
-    expect,
-    finish_animations,
-    login_url,
-    missing,
-    open_page,
-    run_axe,
-    submit,
-)
+import ezauth
+from tests.support.basics import CSRF, HERE, LOGIN, PASSWORD, TEXT, wait_until
+from tests.support.browser import expect, finish_animations, login_url, open_page, require_axe, run_axe, submit
+from tests.support.process import Server, real_login, run_cli
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 ARTIFACTS = HERE / "artifacts"
-TEMPLATE = HERE / "login.html"
-STATIC = HERE / "static"
 WEIGHT_LIMIT = 50 * 1024
 
 # Records, in order, whether data-theme was set on <html> before <body> was inserted.
@@ -73,67 +64,9 @@ def path_and_query(url: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-# -- The template and assets, without a browser ----------------------------------
-
-
-def asset_texts() -> dict[str, str]:
-    files = {"login.html": TEMPLATE.read_text()}
-    files.update({f"static/{p.name}": p.read_text() for p in sorted(STATIC.iterdir()) if p.is_file()})
-    return files
-
-
-def test_template_has_no_inline_code_or_styles():
-    page = TEMPLATE.read_text()
-    assert re.search(r"<script(?![^>]*\ssrc=)[^>]*>", page) is None, "inline <script>"
-    assert "<style" not in page
-    assert re.search(r"\sstyle\s*=", page) is None, "inline style attribute"
-    assert re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE) is None, "inline event handler"
-    assert re.search(r"javascript:", page, re.IGNORECASE) is None
-
-
-def test_nothing_points_off_the_origin():
-    for name, text in asset_texts().items():
-        without_xmlns = re.sub(r'xmlns="http://www\.w3\.org/2000/svg"', "", text)
-        assert re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", without_xmlns, re.IGNORECASE) is None, name
-        assert "@import" not in text and "@font-face" not in text, name
-
-
-def test_theme_script_is_synchronous_and_first_in_head():
-    head = TEMPLATE.read_text().split("</head>")[0]
-    tag = re.search(r'<script src="\$static/theme\.js"\s*>', head)
-    assert tag, "theme.js must be a plain (not async/defer) script in <head>"
-    assert tag.start() < head.index('rel="stylesheet"'), "theme.js must come before the stylesheet"
-
-
-# What the code supplies to each page besides the t_ texts, written out here so a change to either
-# side (a new placeholder, a value no longer passed) is seen.
-LOGIN_FIELDS = {"lang", "title", "subtitle", "slogan", "static", "action", "csrf", "rd", "username", "remember",
-                "error", "error_state", "footer", "password_step", "code_step", "pending"}
-ACCOUNT_FIELDS = {"lang", "title", "static", "prefix", "action", "csrf", "user", "signed_in", "error", "error_state",
-                  "notice", "new_token", "session_rows", "totp", "token_rows"}
-
-
-def test_every_placeholder_is_supplied_in_both_languages(page_text):
-    import ezauth
-
-    def used(template: str) -> set[str]:
-        return {m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", template)}
-
-    fragments = "".join(v.template for v in vars(ezauth).values() if isinstance(v, ezauth.string.Template))
-    login_page, account_page = used(TEMPLATE.read_text()), used((TEMPLATE.parent / "account.html").read_text())
-    t_keys = {lang: {k for k in texts if k.startswith("t_")} for lang, texts in page_text.items()}
-    assert set(page_text) == {"en", "zh-CN"}
-    assert t_keys["en"] == t_keys["zh-CN"], "both languages need the same t_ keys"
-    assert login_page - t_keys["en"] == set(ezauth.PAGE_FIELDS) == LOGIN_FIELDS, "the login page's own values"
-    assert account_page - t_keys["en"] == set(ezauth.ACCOUNT_FIELDS) == ACCOUNT_FIELDS, "the account page's own"
-    assert t_keys["en"] <= login_page | account_page | used(fragments), "every t_ key is used somewhere"
-    assert all(page_text["zh-CN"][k] != page_text["en"][k] for k in t_keys["en"]), "untranslated t_ key"
-
-
 # -- Error state ------------------------------------------------------------------
 
 
-@pytest.mark.browser
 def test_wrong_password_shows_the_cat_and_it_stays(chromium, lenient_server, page_text):
     with open_page(chromium, lenient_server) as (page, watch):
         page.goto(login_url(lenient_server, "/ezauth/healthz"))
@@ -170,7 +103,6 @@ def test_wrong_password_shows_the_cat_and_it_stays(chromium, lenient_server, pag
 RUNNING_ANIMATIONS = "document.getAnimations().map((a) => a.animationName || a.transitionProperty)"
 
 
-@pytest.mark.browser
 def test_entrance_animation_is_off_under_reduced_motion(chromium, lenient_server):
     with open_page(chromium, lenient_server, reduced_motion="no-preference") as (page, watch):
         page.goto(login_url(lenient_server))
@@ -190,7 +122,6 @@ def test_entrance_animation_is_off_under_reduced_motion(chromium, lenient_server
 # -- Themes ------------------------------------------------------------------------
 
 
-@pytest.mark.browser
 def test_theme_toggle_flips_and_the_choice_survives_reload(chromium, lenient_server, page_text):
     with open_page(chromium, lenient_server, color_scheme="light") as (page, watch):
         page.goto(login_url(lenient_server))
@@ -215,7 +146,6 @@ def test_theme_toggle_flips_and_the_choice_survives_reload(chromium, lenient_ser
         watch.assert_clean()
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["dark", "light"])
 def test_first_visit_follows_the_system_theme(chromium, lenient_server, scheme):
     with open_page(chromium, lenient_server, color_scheme=scheme) as (page, watch):
@@ -240,7 +170,6 @@ def test_first_visit_follows_the_system_theme(chromium, lenient_server, scheme):
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_stored_theme_is_set_before_the_body_exists(chromium, lenient_server):
     """No flash: the saved choice wins over the system and is applied before anything can paint."""
     stored = {"cookies": [], "origins": [
@@ -258,7 +187,6 @@ def test_stored_theme_is_set_before_the_body_exists(chromium, lenient_server):
 # -- Logging in ---------------------------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("target,remember", [("/ezauth/healthz", False), ("/ezauth/healthz?a=1&b=2", True)])
 def test_right_password_lands_on_the_return_target(chromium, lenient_server, target, remember):
     with open_page(chromium, lenient_server) as (page, watch):
@@ -278,7 +206,6 @@ def test_right_password_lands_on_the_return_target(chromium, lenient_server, tar
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_the_fragment_of_the_first_url_survives_the_login(chromium, lenient_server):
     """nginx's redirect carries no #fragment, but the browser keeps it on the login page's URL:
     the page's script puts it into the return target, and the server lets it through."""
@@ -290,7 +217,6 @@ def test_the_fragment_of_the_first_url_survives_the_login(chromium, lenient_serv
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_logging_in_without_a_return_target_lands_on_the_account_page(chromium, lenient_server):
     with open_page(chromium, lenient_server) as (page, watch):
         page.goto(lenient_server.url + "/ezauth/login")
@@ -303,7 +229,6 @@ def test_logging_in_without_a_return_target_lands_on_the_account_page(chromium, 
         watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_login_works_without_javascript(chromium, lenient_server):
     with open_page(chromium, lenient_server, java_script_enabled=False, color_scheme="dark") as (page, watch):
         page.goto(login_url(lenient_server, "/ezauth/healthz?from=nojs"))
@@ -331,7 +256,6 @@ def visible_strings(page: Page) -> dict[str, str]:
     }
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
 def test_page_speaks_the_browser_language(chromium, lenient_server, page_text, locale):
     lang = "zh-CN" if locale == "zh-CN" else "en"
@@ -367,11 +291,9 @@ def test_page_speaks_the_browser_language(chromium, lenient_server, page_text, l
 # -- Accessibility ------------------------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_axe_finds_no_violations(chromium, lenient_server, scheme):
-    if not AXE.exists():
-        missing(f"{AXE} missing; run `npm ci` in {HERE}", "EZAUTH_REQUIRE_BROWSER")
+    require_axe()
     found = {}
     for locale in ("en-US", "zh-CN"):
         # bypass_csp only so that axe itself can be injected; the page is unchanged.
@@ -396,7 +318,6 @@ def test_axe_finds_no_violations(chromium, lenient_server, scheme):
 # -- Layout, screenshots and weight ---------------------------------------------------
 
 
-@pytest.mark.browser
 @pytest.mark.parametrize("width,height", [(1280, 800), (375, 740), (320, 568)])
 def test_screenshots_and_the_form_fits(chromium, lenient_server, width, height):
     ARTIFACTS.mkdir(exist_ok=True)
@@ -420,7 +341,6 @@ def test_screenshots_and_the_form_fits(chromium, lenient_server, width, height):
             watch.assert_clean()
 
 
-@pytest.mark.browser
 def test_page_and_assets_weigh_under_50_kb(chromium, lenient_server):
     with open_page(chromium, lenient_server) as (page, watch):
         sizes: dict[str, int] = {}
@@ -444,4 +364,51 @@ def test_page_and_assets_weigh_under_50_kb(chromium, lenient_server):
         assert total < WEIGHT_LIMIT, (total, sizes)
         favicon = page.request.get(lenient_server.url + "/ezauth/static/favicon.svg")
         assert favicon.ok and favicon.headers["content-type"].startswith("image/svg+xml")
+        watch.assert_clean()
+
+
+# -- The code step of two-factor login --------------------------------------------------------------
+
+
+def enroll_alice(server: Server) -> bytes:
+    """Turn on two-factor for alice with the real `totp` command; her secret, once the server has
+    reread its files (at most once a second): the password alone then gets the code page (200), no
+    longer a session (303)."""
+    enrolled = run_cli("totp", "alice", data_dir=server.data_dir)
+    secret = parse_qs(urlsplit(re.search(r"otpauth://\S+", enrolled.stdout).group()).query)["secret"][0]
+    assert wait_until(lambda: real_login(server.port, csrf=CSRF, status="*").status == 200)
+    return base64.b32decode(secret + "=" * (-len(secret) % 8))
+
+
+def enter_a_wrong_code(page: Page, server: Server) -> None:
+    """The password, then the code step (focused, the password hidden), then a wrong code."""
+    page.goto(login_url(server, "/ezauth/healthz"))
+    assert submit(page, "alice", PASSWORD).status == 200
+    expect(page.locator("#code")).to_be_focused()
+    expect(page.locator("#password")).to_be_hidden()
+    page.fill("#code", "000000")
+    with page.expect_navigation() as nav:
+        page.press("#code", "Enter")
+    assert nav.value.status == 401
+    expect(page.get_by_role("alert")).to_contain_text(TEXT["msg_wrong_code"])
+
+
+def test_code_step_in_a_real_browser_is_focused_and_logs_in(chromium, lenient_server):
+    secret = enroll_alice(lenient_server)
+    with open_page(chromium, lenient_server) as (page, watch):
+        enter_a_wrong_code(page, lenient_server)
+        page.fill("#code", ezauth.totp(secret, time.time()))
+        with page.expect_navigation():
+            page.press("#code", "Enter")
+        assert urlsplit(page.url).path == "/ezauth/healthz"
+        watch.assert_clean()
+
+
+def test_code_step_has_no_axe_violations(chromium, lenient_server):
+    require_axe()
+    enroll_alice(lenient_server)
+    # bypass_csp only so that axe itself can be injected; the page is unchanged.
+    with open_page(chromium, lenient_server, bypass_csp=True) as (page, watch):
+        enter_a_wrong_code(page, lenient_server)
+        assert [(v["id"], v["impact"]) for v in run_axe(page)] == []
         watch.assert_clean()

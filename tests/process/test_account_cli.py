@@ -1,0 +1,225 @@
+"""Sessions, API tokens and two-factor from the command line (`sessions`, `token`, `passwd`,
+`deluser`, `totp`), each a real subprocess, with the running app seeing the change within a second."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+import ezauth
+from tests.support.app import build, change, login, new_client, new_token_on, session_token, tick, verify
+from tests.support.basics import (
+    CLIENT_IP,
+    FIREFOX,
+    FORWARDED,
+    HEALTHZ,
+    IPHONE,
+    NEW_PASSWORD,
+    FakeClock,
+    bearer,
+    shown_time,
+    sid_of,
+)
+from tests.support.process import add_user, cli_token, run_cli
+
+
+def test_deleting_a_user_ends_their_sessions_in_every_worker(data_dir, clock):
+    (app_a, worker_a), (app_b, worker_b) = build(data_dir, clock), build(data_dir, clock)
+    first, second = session_token(new_client(app_a)), session_token(new_client(app_b))
+    bob = session_token(new_client(app_a), "bob")
+
+    deleted = run_cli("deluser", "alice", data_dir=data_dir)
+    assert deleted.returncode == 0, deleted.stderr
+    tick(clock, worker_a, worker_b)
+    for worker in (worker_a, worker_b):
+        verify(worker, 401, first)
+        verify(worker, 401, second)
+        verify(worker, 200, bob)
+    for token in (first, second):
+        assert app_a.stores.registry.get(sid_of(token), clock()).reason == "user_deleted"
+    assert app_a.stores.registry.live(clock(), "alice") == []
+
+
+def test_a_deleted_users_token_stays_dead_when_the_name_is_created_again(data_dir, clock):
+    app, worker = build(data_dir, clock)
+    _, secret = app.stores.tokens.add("alice", "old script", clock())
+    deleted = run_cli("deluser", "alice", data_dir=data_dir)
+    assert deleted.returncode == 0, deleted.stderr
+    tick(clock, worker)
+    verify(worker, 401, Authorization=bearer(secret))
+    add_user(data_dir, "alice", "someone else's password")  # a new account that happens to get the name
+    tick(clock, worker)
+    verify(worker, 401, Authorization=bearer(secret))
+
+
+def test_cli_token_add_list_and_revoke(data_dir):
+    secret, token_id = cli_token(data_dir, "alice", "sd script", "--expires", "90", "--path", "/sdapi/",
+                                 "--path", "/extra/")
+    [stored] = stored_tokens(data_dir)
+    assert (stored.id, stored.user, stored.label, stored.paths) == (token_id, "alice", "sd script",
+                                                                   ("/sdapi/", "/extra/"))
+    assert stored.expires - stored.created == 90 * 86400
+
+    listing = run_cli("token", "list", data_dir=data_dir)
+    assert listing.returncode == 0, listing.stderr
+    header, *lines = listing.stdout.splitlines()
+    assert header.split() == ["ID", "USER", "LABEL", "CREATED", "LAST", "USED", "EXPIRES", "PATHS"]
+    [line] = lines
+    assert line.startswith(f"{token_id}  alice  sd script  ")
+    for cell in (shown_time(stored.created), "never", shown_time(stored.expires), "/sdapi/ /extra/"):
+        assert cell in line
+    assert secret not in listing.stdout
+    assert run_cli("token", "list", "bob", data_dir=data_dir).stdout.splitlines()[1:] == []
+
+    clock = FakeClock()
+    _, client = build(data_dir, clock)
+    verify(client, 200, Authorization=bearer(secret), uri="/sdapi/v1/sd-models")
+    verify(client, 403, Authorization=bearer(secret), uri="/admin")
+
+    revoked = run_cli("token", "revoke", token_id, data_dir=data_dir)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"revoked token {token_id}" in revoked.stdout
+    tick(clock, client)
+    verify(client, 401, Authorization=bearer(secret), uri="/sdapi/v1/sd-models")
+    again = run_cli("token", "revoke", token_id, data_dir=data_dir)
+    assert again.returncode == 1 and "no token" in again.stderr
+    assert run_cli("token", "list", data_dir=data_dir).stdout.splitlines()[1:] == []
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    pytest.param(("nobody", "--label", "x"), 1, id="no-such-user"),
+    pytest.param(("alice", "--label", ""), 1, id="empty-label"),
+    pytest.param(("alice", "--label", "x", "--path", "sdapi/"), 1, id="relative-path"),
+    pytest.param(("alice", "--label", "x", "--expires", "0"), 1, id="zero-days"),
+    pytest.param(("alice", "--label", "x", "--expires", "3651"), 1, id="too-many-days"),
+    pytest.param(("alice",), 2, id="no-label"),
+])
+def test_cli_token_add_refuses_bad_input(data_dir, args, code):
+    done_ = run_cli("token", "add", *args, data_dir=data_dir)
+    assert done_.returncode == code, done_.stdout
+    assert done_.stderr.strip() and "ezt_" not in done_.stdout
+    assert stored_tokens(data_dir) == []
+
+
+def test_token_store_keeps_only_a_digest_in_a_private_file(data_dir):
+    from_cli, _ = cli_token(data_dir)
+    _, client = build(data_dir)  # a running app keeps the registry open, its write-ahead log beside it
+    login(client)
+    from_page = new_token_on(change(client, "token_create", 200, label="page").text)
+    db = data_dir / "sessions.sqlite3"
+    everything = b"".join(p.read_bytes() for p in data_dir.iterdir() if p.is_file())
+    for secret in (from_cli, from_page):
+        assert secret.encode() not in everything
+        assert secret[4:].encode() not in everything
+        assert hashlib.sha256(secret.encode()).hexdigest().encode() in everything  # what is stored instead
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    for companion in data_dir.glob("sessions.sqlite3*"):
+        assert stat.S_IMODE(companion.stat().st_mode) & 0o077 == 0, companion
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+
+
+def test_cli_sessions_lists_and_ends_sessions(data_dir):
+    clock = FakeClock()
+    app, nginx = build(data_dir, clock)
+    laptop = session_token(new_client(app), headers={"User-Agent": FIREFOX, **FORWARDED})
+    phone = session_token(new_client(app), headers={"User-Agent": IPHONE, "X-Forwarded-For": "198.51.100.23"})
+    bob = session_token(new_client(app), "bob", headers={"User-Agent": "curl/8.5.0"})
+
+    listing = run_cli("sessions", data_dir=data_dir)
+    assert listing.returncode == 0, listing.stderr
+    header, *lines = listing.stdout.splitlines()
+    assert header.split() == ["ID", "USER", "CREATED", "LAST", "SEEN", "IP", "BROWSER"]
+    assert len(lines) == 3
+    when = shown_time(clock())
+    for token, user, ip, browser in ((laptop, "alice", CLIENT_IP, "Firefox on Linux"),
+                                     (phone, "alice", "198.51.100.23", "Safari on iOS"),
+                                     (bob, "bob", "127.0.0.1", "curl")):
+        [line] = [line for line in lines if line.startswith(sid_of(token)[:8])]
+        assert line.split(maxsplit=1)[1].split("  ")[0] == user
+        assert f"{when}  {when}" in line and ip in line and line.endswith(browser)
+    assert sid_of(laptop) not in listing.stdout  # a prefix, not the whole id
+    only_alice = run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1:]
+    assert len(only_alice) == 2 and all(" alice " in line for line in only_alice)
+
+    # `--end=ID`: one id in 64 begins with "-" (see the test below for `--end ID` with such an id).
+    ended = run_cli("sessions", f"--end={sid_of(laptop)[:6]}", data_dir=data_dir)
+    assert ended.returncode == 0, ended.stderr
+    assert sid_of(laptop)[:8] in ended.stdout and "alice" in ended.stdout
+    tick(clock, nginx)
+    verify(nginx, 401, laptop)
+    verify(nginx, 200, phone)
+    for wrong in (sid_of(phone)[:5], "zzzzzzzzzz"):
+        refused = run_cli("sessions", f"--end={wrong}", data_dir=data_dir)
+        assert refused.returncode == 1 and "at least 6 characters" in refused.stderr
+    verify(nginx, 200, phone)
+
+    everyone = run_cli("sessions", "--end-user", "alice", data_dir=data_dir)
+    assert everyone.returncode == 0 and everyone.stdout.strip() == "ended 1 session of alice"
+    tick(clock, nginx)
+    verify(nginx, 401, phone)
+    verify(nginx, 200, bob)
+    remaining = run_cli("sessions", data_dir=data_dir).stdout.splitlines()[1:]
+    assert len(remaining) == 1 and remaining[0].startswith(sid_of(bob)[:8])
+
+
+def test_cli_sessions_end_takes_the_printed_prefix_as_the_readme_writes_it(data_dir):
+    """`sessions --end PREFIX` must work for every id it prints: none may begin with "-" (which
+    argparse would read as an option; base64url ids did, one in 64)."""
+    clock = FakeClock()
+    app, nginx = build(data_dir, clock)
+    sids = [app.stores.sessions.start("bob", clock(), False)[1].sid for _ in range(300)]
+    assert not [sid for sid in sids if sid.startswith("-")]
+    token = session_token(new_client(app))
+    shown = run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1].split()[0]
+    assert shown == sid_of(token)[:8]
+    ended = run_cli("sessions", "--end", shown, data_dir=data_dir)
+    assert ended.returncode == 0, ended.stderr
+    tick(clock, nginx)
+    verify(nginx, 401, token)
+
+
+def test_cli_passwd_ends_the_users_sessions(data_dir):
+    clock = FakeClock()
+    app, nginx = build(data_dir, clock)
+    token = session_token(new_client(app))
+    bob = session_token(new_client(app), "bob")
+    changed = run_cli("passwd", "alice", "--password-stdin", data_dir=data_dir, stdin=NEW_PASSWORD + "\n")
+    assert changed.returncode == 0, changed.stderr
+    assert "their sessions have ended" in changed.stdout
+    tick(clock, nginx)
+    verify(nginx, 401, token)
+    verify(nginx, 200, bob)
+    assert app.stores.registry.get(sid_of(token), clock()).reason == "password_changed"
+    assert run_cli("sessions", "alice", data_dir=data_dir).stdout.splitlines()[1:] == []
+    login(new_client(app), password=NEW_PASSWORD)
+
+
+def test_a_token_made_by_the_cli_works_at_once_in_a_running_worker(data_dir, clock):
+    """A script runs `token add` and calls the API straight away: no waiting for the next refresh."""
+    _, client = build(data_dir, clock)
+    client.get(HEALTHZ, status=200)  # the worker has looked at the registry already
+    secret, _ = cli_token(data_dir)
+    verify(client, 200, Authorization=bearer(secret))
+    verify(client, 401, Authorization=bearer("ezt_" + "x" * 43))  # a miss stays a miss
+
+
+def stored_tokens(data_dir: Path) -> list[ezauth.ApiToken]:
+    return ezauth.open_registry(ezauth.Settings(data_dir=data_dir))[1].list(time.time())
+
+
+def test_totp_cli_enrolls_prints_the_uri_and_removes(tmp_path):
+    data = tmp_path / "data"
+    add_user(data, "carol")
+    done = run_cli("totp", "carol", data_dir=data)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"otpauth://totp/ezauth%3Acarol\?secret=[A-Z2-7]{32}&", done.stdout)
+    assert stat.S_IMODE((data / "totp").stat().st_mode) == 0o600
+    assert run_cli("totp", "nobody", data_dir=data).returncode == 1
+    assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 0
+    assert (data / "totp").read_text() == ""
+    assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 1

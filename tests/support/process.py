@@ -1,0 +1,203 @@
+"""Real ezauth processes: the CLI, `python ezauth.py serve` on a free port, and plain HTTP to it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from urllib.parse import urlencode
+
+from tests.support.basics import (
+    EZAUTH,
+    LOGIN,
+    PASSWORD,
+    VERIFY,
+    clean_env,
+    form_field,
+    free_port,
+    parse_set_cookie,
+    wait_until,
+)
+
+# -- The command line -----------------------------------------------------------------------
+
+
+def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
+            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `python ezauth.py ARGS --data-dir DATA_DIR` and return the finished process."""
+    return subprocess.run(
+        [sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)],
+        input=stdin, capture_output=True, text=True, timeout=timeout,
+        env=env or clean_env(), cwd=cwd or data_dir.parent,
+    )
+
+
+def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
+    """Create or update a user through the real CLI (a real-cost hash)."""
+    done = run_cli("passwd", name, "--password-stdin", data_dir=data_dir, stdin=password + "\n")
+    assert done.returncode == 0, done.stderr
+
+
+TOKEN_RE = re.compile(r"ezt_[A-Za-z0-9_-]{43}")
+
+
+def cli_token(data_dir: Path, user: str = "alice", label: str = "script", *options: str) -> tuple[str, str]:
+    """`token add USER --label LABEL OPTIONS...` through the real CLI: (the token, its id)."""
+    made = run_cli("token", "add", user, "--label", label, *options, data_dir=data_dir)
+    assert made.returncode == 0, (options, made.stdout, made.stderr)
+    first, second = [*made.stdout.splitlines(), "", ""][:2]
+    assert TOKEN_RE.fullmatch(first), made.stdout
+    token_id = re.search(rf"\btoken ([0-9a-f]+) for {re.escape(user)}\b", second)
+    assert token_id, made.stdout
+    return first, token_id.group(1)
+
+
+# -- The real server ----------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A running `python ezauth.py serve` on a free loopback port."""
+
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
+    """Poll /ezauth/healthz until it answers 200 (bounded)."""
+    def healthy() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/ezauth/healthz", timeout=1) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    if not wait_until(healthy, timeout):
+        raise RuntimeError(f"{url} did not become healthy in {timeout}s")
+
+
+def start_server(data_dir: Path, port: int | None = None, args: tuple = (), **env: str) -> Server:
+    """Start the real server as a subprocess and wait until healthz answers."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"ezauth-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(EZAUTH), "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(data_dir), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=clean_env(**env), cwd=data_dir.parent,
+        )
+    server = Server(data_dir, port, proc, log_path, env)
+    try:
+        wait_healthy(server.url, proc)
+    except RuntimeError:
+        server.stop(signal.SIGKILL)
+        raise RuntimeError(f"ezauth did not start:\n{server.log()}") from None
+    return server
+
+@dataclass
+class Reply:
+    """One HTTP answer from a real server (ezauth itself, or nginx in front of it)."""
+
+    status: int
+    headers: Message
+    body: bytes
+
+    @property
+    def location(self) -> str:
+        return self.headers.get("Location", "")
+
+    @property
+    def set_cookies(self) -> list[str]:
+        return self.headers.get_all("Set-Cookie") or []
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def cookie(self, name: str = "ezauth") -> str | None:
+        """The value this answer sets for cookie NAME, or None."""
+        return next((value for n, value, _ in map(parse_set_cookie, self.set_cookies) if n == name), None)
+
+    def app_echo(self) -> dict | None:
+        """The stub app's echo when this reply came from the app, else None."""
+        if self.status != 200:
+            return None
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and data.get("app") == "stub" else None
+
+    def echo(self) -> dict:
+        """The stub app's echo; fails unless this reply really came from the app."""
+        data = self.app_echo()
+        assert data is not None, (self.status, self.text[:300])
+        return data
+
+
+def http_call(port: int, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None,
+              *, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, timeout: float = 30) -> Reply:
+    """One request on a fresh connection (HTTPS with a TLS context), closed afterwards."""
+    conn = (http.client.HTTPSConnection(host, port, timeout=timeout, context=tls) if tls
+            else http.client.HTTPConnection(host, port, timeout=timeout))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def real_login(port: int, username: str = "alice", password: str = PASSWORD, *, rd: str = "/",
+               ip: str | None = None, csrf: str | None = None, status: int | str = 303) -> Reply:
+    """Post the login form to a running server and check STATUS ("*": any); `.cookie()` is the session.
+
+    By default the page is loaded first for its CSRF token, like a browser; with csrf=TOKEN the form
+    is posted at once (no visit counted). IP is sent as X-Forwarded-For.
+    """
+    if csrf is None:
+        csrf = form_field(http_call(port, "GET", LOGIN).text, "csrf")
+    form = urlencode({"csrf": csrf, "rd": rd, "username": username, "password": password})
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"ezauth_csrf={csrf}"}
+    if ip is not None:
+        headers["X-Forwarded-For"] = ip
+    reply = http_call(port, "POST", LOGIN, form, headers)
+    assert status == "*" or reply.status == status, (reply.status, username, reply.text[:300])
+    return reply
+
+
+def real_verify(port: int, token: str) -> int:
+    """The status a running server's verify gives this session token."""
+    return http_call(port, "GET", VERIFY, headers={"Cookie": f"ezauth={token}"}).status
