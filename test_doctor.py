@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from email.message import Message
 from pathlib import Path
@@ -20,6 +22,8 @@ import pytest
 
 import ezauth
 from conftest import (
+    EZAUTH,
+    HERE,
     PASSWORD,
     TARGET,
     Stack,
@@ -137,6 +141,25 @@ def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
     new_log = shipped.ezauth.log()[len(log_before):]
     assert "event=login_ok user=alice" in new_log and "event=logout user=alice" in new_log
     assert shipped.app.seen[-2:] == [TARGET, TARGET]  # the two logged-in requests, and only those
+
+
+@nginx
+def test_with_the_auth_cache_on_it_is_all_ok_and_logout_is_waited_for(make_stack):
+    """The cache says yes to a just-ended session for up to 6 s (documented): the doctor waits that out."""
+    stack = make_stack(cache=True)
+    done = doctor(site_url(stack), "--user", "alice", data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    assert done.returncode == 0 and lines(done, "WARN") == [], done.stdout
+    assert re.fullmatch(r"OK    logged out \(303\); the old session cookie no longer gets in "
+                        r"\(after [1-7] s: the auth cache\)", lines(done)[-1]), done.stdout
+
+
+@nginx
+def test_an_auth_cache_that_outlives_a_logout_is_a_fail(make_stack):
+    longer = breaking("        proxy_cache_valid 200 5s;", "        proxy_cache_valid 200 1m;")
+    stack = make_stack(cache=True, edit=longer)
+    done = doctor(site_url(stack), "--user", "alice", data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    assert lines(done, "FAIL") == ["FAIL  logged out, but the old session cookie still gets in (200): logout does "
+                                   "not end the session"]
 
 
 @nginx
@@ -541,3 +564,30 @@ def test_find_location_picks_as_nginx_does(uri, picked):
     config = ezauth.NginxConfig(dump({"nginx.conf": f"http {{ {site} }}"}))
     found = ezauth.find_location(ezauth.server_chains(config)[0], uri)
     assert found is not None and " ".join(found[-1].args) == picked
+
+
+# -- the README's daily check ------------------------------------------------------------------------
+
+def readme_doctor_units() -> dict[str, str]:
+    """The doctor's systemd units as the README writes them: file name -> text."""
+    section = (HERE / "README.md").read_text().split("## Check your setup: doctor", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^`/etc/systemd/system/(ezauth-doctor\.\w+)`:\n\n```ini\n(.*?)```", section, re.M | re.S))
+
+
+def test_the_readme_runs_the_doctor_daily_with_units_systemd_accepts(tmp_path):
+    units = readme_doctor_units()
+    assert sorted(units) == ["ezauth-doctor.service", "ezauth-doctor.timer"]
+    service = units["ezauth-doctor.service"]
+    dump = re.search(r"^ExecStartPre=\+/bin/sh -c 'exec /usr/sbin/nginx -T > (\S+)'$", service, re.M)
+    command = shlex.split(re.search(r"^ExecStart=(.*)$", service, re.M)[1])
+    assert dump and command[:3] == ["/opt/ezauth/.venv/bin/python", "/opt/ezauth/ezauth.py", "doctor"]
+    args = ezauth.build_parser().parse_args(command[2:])  # the command line as the README writes it
+    assert (args.command, args.nginx_dump) == ("doctor", dump[1])
+    analyze = require_tool("systemd-analyze", "EZAUTH_REQUIRE_NGINX", "systemd")
+    for name, text in units.items():  # paths filled in for this checkout, as an install would have them
+        text = text.replace("/opt/ezauth/.venv/bin/python", sys.executable)
+        text = text.replace("/opt/ezauth/ezauth.py", str(EZAUTH)).replace("/opt/ezauth", str(HERE))
+        (tmp_path / name).write_text(text)
+    done = subprocess.run([analyze, "verify", *(str(tmp_path / name) for name in units)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "ezauth-doctor" not in done.stderr, done.stderr
