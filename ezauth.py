@@ -4328,7 +4328,30 @@ def page_forms(answer: Answer) -> list[tuple[str, dict[str, str]]]:
     return [(urllib.parse.urljoin(answer.url, action), fields) for action, fields in reader.forms]
 
 
-def log_in(probe: Probe, url: str, user: str, password: str) -> tuple[str, Answer]:
+@dataclass(frozen=True)
+class Login:
+    """--user: who logs in, and the only hosts the password may be sent to (URL's, --login-host)."""
+
+    user: str
+    password: str = field(repr=False)
+    hosts: frozenset[str] = frozenset()
+
+
+def check_destination(action: str, login: Login) -> None:
+    """DoctorStop unless the login form posts where the password may go: a site that redirects the
+    doctor elsewhere must not collect it, nor must anyone on the network."""
+    where = urllib.parse.urlsplit(action)
+    host = where.hostname or ""
+    if host not in login.hosts:
+        raise DoctorStop(FAIL, f"--user: the login form posts to {shown(host)}, and the doctor sends the password "
+                               f"nowhere but {', '.join(sorted(login.hosts))} (--login-host {shown(host)} if it is "
+                               "your login host)")
+    if where.scheme != "https" and check_plain_http(host, where.port or 80)[0] != OK:
+        raise DoctorStop(WARN, f"--user: not sending a password over plain http to {host}, which is not a local "
+                               "address")
+
+
+def log_in(probe: Probe, url: str, login: Login) -> tuple[str, Answer]:
     """Walk the login as a browser does: URL, the login page it is sent to, the form posted there.
     Returns the login page's URL and the answer to the form."""
     target = login_target(probe.send(url))
@@ -4338,7 +4361,8 @@ def log_in(probe: Probe, url: str, user: str, password: str) -> tuple[str, Answe
     form = next(((a, f) for a, f in page_forms(page) if "password" in f), None)
     if form is None:
         raise DoctorStop(FAIL, f"--user: no login form at {shown(target)} ({page.status})")
-    return target, probe.send(form[0], form={**form[1], "username": user, "password": password})
+    check_destination(form[0], login)
+    return target, probe.send(form[0], form={**form[1], "username": login.user, "password": login.password})
 
 
 def check_landing(done: Answer, url: str, user: str) -> Finding:
@@ -4383,7 +4407,8 @@ def check_inside(probe: Probe, url: str, token: str) -> list[Finding]:
                             "it): anyone logged in can pose as another user. Set it in nginx: "
                             f"`proxy_set_header {leaked[0]} $ezauth_user;`"))
     else:
-        found.append((OK, f"logged in, a spoofed {' and '.join(USER_HEADERS)} do not come back in the app's answer"))
+        found.append((OK, f"logged in, the app's answer does not show a spoofed {' or '.join(USER_HEADERS)} (an app "
+                          "that echoes headers would)"))
     if token.encode() in echoed:
         found.append((WARN, "logged in, the app got the ezauth session cookie (its answer shows it): add "
                             "`proxy_set_header Cookie $ezauth_app_cookie;` and its maps from nginx.conf.example"))
@@ -4424,11 +4449,11 @@ def check_logout(probe: Probe, url: str, login_page: str, session: str) -> Findi
     return OK, f"logged out ({left.status}); the old session cookie no longer gets in{lag}"
 
 
-def check_login(probe: Probe, url: str, user: str, password: str, cookie: str) -> Iterator[Finding]:
-    """Log in as USER through the real pages, land on exactly URL, reach the app, log out again."""
+def check_with_user(probe: Probe, url: str, login: Login, cookie: str) -> Iterator[Finding]:
+    """Log in through the real pages, land on exactly URL, reach the app, log out again."""
     try:
-        login_page, done = log_in(probe, url, user, password)
-        yield check_landing(done, url, user)
+        login_page, done = log_in(probe, url, login)
+        yield check_landing(done, url, login.user)
         name, token, secure = session_cookie(done, cookie)
     except DoctorStop as stop:
         yield stop.finding
@@ -4767,7 +4792,7 @@ def read_doctor_password(user: str) -> str:
     return password
 
 
-def doctor_findings(args: argparse.Namespace, cookie: str, probe: Probe, password: str,
+def doctor_findings(args: argparse.Namespace, cookie: str, probe: Probe, login: Login | None,
                     now: float) -> Iterator[Finding]:
     """Every finding of one doctor run, in the order they are printed."""
     if args.insecure:
@@ -4782,8 +4807,8 @@ def doctor_findings(args: argparse.Namespace, cookie: str, probe: Probe, passwor
             probes += [uri for uri, _ in auth_targets(config) if "$" not in uri]
     try:
         yield from check_site(probe, args.url, cookie, probes, args.http_port, now)
-        if args.user:
-            yield from check_login(probe.fresh(), args.url, args.user, password, cookie)
+        if login is not None:
+            yield from check_with_user(probe.fresh(), args.url, login, cookie)
     except Unreachable as err:
         yield FAIL, str(err)
     if config is not None:
@@ -4794,10 +4819,11 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     """Try a protected site as a stranger would (and read its nginx config with --nginx); 1 on any FAIL."""
     if args.user and args.nginx_dump == "-":
         raise UsageError("--nginx-dump - and --user both read standard input; save the dump to a file")
-    password = read_doctor_password(args.user) if args.user else ""
+    hosts = frozenset({urllib.parse.urlsplit(args.url).hostname or "", *(h.lower() for h in args.login_host or ())})
+    login = Login(args.user, read_doctor_password(args.user), hosts) if args.user else None
     probe = Probe(doctor_tls(args.ca, args.insecure), args.timeout)
     counts = dict.fromkeys((OK, WARN, FAIL), 0)
-    for level, message in doctor_findings(args, settings.cookie_name, probe, password, time.time()):
+    for level, message in doctor_findings(args, settings.cookie_name, probe, login, time.time()):
         counts[level] += 1
         print(f"{level:<6}{message}", flush=True)
     print(f"doctor: {counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL for {args.url}")
@@ -4870,6 +4896,9 @@ def add_doctor_command(sub: Any, common: argparse.ArgumentParser) -> None:
     doctor_p.add_argument("url", type=doctor_url, metavar="URL", help="the protected site, e.g. https://sd.example.com/")
     doctor_p.add_argument("--user", metavar="NAME", help="also log in as NAME (the password: one line on standard "
                           "input), land on URL, log out")
+    doctor_p.add_argument("--login-host", action="append", metavar="HOST",
+                          help="a host of its own that serves the login page (a portal): the only host besides "
+                               "URL's that --user sends the password to (repeatable)")
     tls = doctor_p.add_mutually_exclusive_group()
     tls.add_argument("--ca", metavar="FILE", help="trust the CA certificate(s) in FILE, e.g. a self-signed one")
     tls.add_argument("--insecure", action="store_true", help="do not check the certificate (printed as a WARN)")

@@ -134,7 +134,8 @@ def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
     assert lines(done)[-4:] == [
         f"OK    logged in as alice: the login page sent the browser back to exactly {url}",
         f"OK    logged in, GET {url} reaches the app (200)",
-        "OK    logged in, a spoofed X-Auth-Request-User and X-Forwarded-User do not come back in the app's answer",
+        "OK    logged in, the app's answer does not show a spoofed X-Auth-Request-User or X-Forwarded-User (an app "
+        "that echoes headers would)",
         "OK    logged out (303); the old session cookie no longer gets in",
     ]
     assert PASSWORD not in done.stdout + done.stderr
@@ -167,6 +168,25 @@ def test_a_wrong_password_is_a_fail_that_says_so(shipped):
     done = doctor(site_url(shipped), "--user", "alice", data_dir=shipped.ezauth.data_dir, stdin="wrong password\n")
     assert lines(done, "FAIL") == ["FAIL  --user: the login page refused the password of alice (401)"]
     assert "wrong password" not in done.stdout + done.stderr
+
+
+@nginx
+def test_the_password_goes_to_no_other_host_than_the_urls_unless_named(make_stack):
+    """A login page on another host (here `localhost` for 127.0.0.1) is fine for strangers, but the
+    doctor posts the password there only when --login-host names it."""
+    stack = make_stack(edit=breaking("        return 302 $ezauth_login;\n",
+                                     "        return 302 http://localhost:$server_port$ezauth_login;\n"))
+    url, data_dir = site_url(stack), stack.ezauth.data_dir
+    refused = doctor(url, "--user", "alice", data_dir=data_dir, stdin=f"{PASSWORD}\n")
+    assert f"OK    anonymous GET {url} as a browser is sent to the login page on localhost (302)" in lines(refused)
+    assert lines(refused, "FAIL") == ["FAIL  --user: the login form posts to localhost, and the doctor sends the "
+                                      "password nowhere but 127.0.0.1 (--login-host localhost if it is your "
+                                      "login host)"]
+    assert "event=login" not in stack.ezauth.log()
+    named = doctor(url, "--user", "alice", "--login-host", "LocalHost", data_dir=data_dir, stdin=f"{PASSWORD}\n")
+    assert "event=login_ok user=alice" in stack.ezauth.log()
+    assert f"FAIL  logged in as alice, but the login page sent the browser to http://localhost:{stack.nginx.port}" \
+           f"{TARGET} instead of {url}: the return target was lost" in lines(named)
 
 
 @nginx
@@ -392,6 +412,21 @@ def answer(status: int, url: str = "https://sd.example.com/app/", body: bytes = 
 def test_an_anonymous_answer_is_ok_only_when_it_sends_to_the_login_page(reply, expected):
     level, text = ezauth.refusal(reply)
     assert (level, text[:len(expected[1])]) == expected
+
+
+@pytest.mark.parametrize(("action", "level"), [
+    ("https://sd.example.com/ezauth/login", None), ("http://192.168.1.5/ezauth/login", None),
+    ("http://8.8.8.8/ezauth/login", "WARN"), ("https://evil.example/ezauth/login", "FAIL"),
+])
+def test_the_password_is_posted_only_to_a_named_host_and_not_in_clear_text_off_the_network(action, level):
+    login = ezauth.Login("doctor", "secret password", frozenset({"sd.example.com", "192.168.1.5", "8.8.8.8"}))
+    assert "secret password" not in repr(login)
+    if level is None:
+        ezauth.check_destination(action, login)
+        return
+    with pytest.raises(ezauth.DoctorStop) as stopped:
+        ezauth.check_destination(action, login)
+    assert stopped.value.finding[0] == level
 
 
 def test_a_value_from_the_network_is_printed_on_one_line():
