@@ -3970,7 +3970,7 @@ def check_auth_request(chain: tuple[Directive, ...]) -> list[Finding]:
 
 
 def check_user_headers(chain: tuple[Directive, ...], backends: set[str]) -> list[Finding]:
-    """The app gets the user name from nginx only, and never ezauth's session cookie."""
+    """The app gets the user name from nginx only, never from the client."""
     label, location = location_label(chain[-1]), chain[-1]
     if not any(p.name == "proxy_pass" and backend(p.args[0]) not in backends for p in passes_of(location)):
         return [(WARN, f"nginx: {label} does not use proxy_pass: the doctor cannot check which user "
@@ -3987,15 +3987,17 @@ def check_user_headers(chain: tuple[Directive, ...], backends: set[str]) -> list
                                 f"`proxy_set_header {header} $ezauth_user;`"))
         elif "$http_" in line.args[1]:
             found.append((FAIL, f"nginx: {label} copies a client's own header into {header} ({line.where})"))
-    if not found:
-        found.append((OK, f"nginx: {label} sets {' and '.join(USER_HEADERS)} itself"))
-    cookie = sets.get("cookie")
-    if cookie is None or "$http_cookie" in cookie.args[1]:
-        found.append((WARN, f"nginx: {label} passes the ezauth session cookie to the app: add "
-                            "`proxy_set_header Cookie $ezauth_app_cookie;` and its two maps from nginx.conf.example"))
-    else:
-        found.append((OK, f"nginx: {label} keeps the ezauth session cookie from the app ({cookie.where})"))
-    return found
+    return found or [(OK, f"nginx: {label} sets {' and '.join(USER_HEADERS)} itself")]
+
+
+def check_cookie_kept(chain: tuple[Directive, ...]) -> Finding:
+    """The app should not get ezauth's session cookie: an app that logs headers would leak sessions."""
+    label = location_label(chain[-1])
+    cookie = next((d for d in innermost(chain, "proxy_set_header") if "".join(d.args[:1]).lower() == "cookie"), None)
+    if cookie is None or "$http_cookie" in " ".join(cookie.args[1:]):
+        return WARN, (f"nginx: {label} passes the ezauth session cookie to the app: add "
+                      "`proxy_set_header Cookie $ezauth_app_cookie;` and its two maps from nginx.conf.example")
+    return OK, f"nginx: {label} keeps the ezauth session cookie from the app ({cookie.where})"
 
 
 def check_auth_target(uri: str, server: tuple[Directive, ...], backends: set[str]) -> Finding:
@@ -4044,7 +4046,7 @@ def check_server(server: tuple[Directive, ...], backends: set[str]) -> list[Find
         if reachable(chain[-1]):
             found += check_auth_request(chain)
         if passes_of(chain[-1]):
-            found += check_user_headers(chain, backends)
+            found += [*check_user_headers(chain, backends), check_cookie_kept(chain)]
     return found
 
 
@@ -4084,6 +4086,20 @@ def read_nginx_config(binary: str, dump_file: str | None) -> NginxConfig:
 
 class Unreachable(Exception):
     """A request that got no HTTP answer at all: refused, timed out, or a certificate not trusted."""
+
+
+def shown(text: str) -> str:
+    """A value from the network, safe to print on one line."""
+    return text[:200].encode("ascii", "backslashreplace").decode().translate({i: "?" for i in (*range(32), 127)})
+
+
+def unreachable(url: str, err: Exception) -> Unreachable:
+    """Why URL got no answer; an untrusted certificate said apart, since it is fixed differently."""
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return Unreachable(f"cannot check {url}: its certificate is not trusted ({reason.verify_message}). "
+                           "Fix the certificate, or name your own CA with --ca FILE")
+    return Unreachable(f"cannot reach {url}: {shown(str(reason))}")
 
 
 class Answer(NamedTuple):
@@ -4142,19 +4158,6 @@ class Probe:
         # URLError is an OSError; a Location that is no URL gives a ValueError (InvalidURL).
         except (OSError, ValueError, http.client.HTTPException) as err:
             raise unreachable(url, err) from None
-
-
-def unreachable(url: str, err: Exception) -> Unreachable:
-    reason = getattr(err, "reason", err)
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return Unreachable(f"cannot check {url}: its certificate is not trusted ({reason.verify_message}). "
-                           "Fix the certificate, or name your own CA with --ca FILE")
-    return Unreachable(f"cannot reach {url}: {reason}")
-
-
-def shown(text: str) -> str:
-    """A value from the network, safe to print on one line."""
-    return text[:200].encode("ascii", "backslashreplace").decode().translate({i: "?" for i in (*range(32), 127)})
 
 
 def login_target(answer: Answer) -> str | None:
@@ -4238,12 +4241,13 @@ def check_verify_hidden(probe: Probe, url: str, path: str) -> Finding:
     return WARN, f"{path} answers {answer.said()} from outside; expected 404"
 
 
-def set_cookies(answer: Answer) -> dict[str, bool]:
-    """The cookies an answer sets: name -> whether it is Secure."""
+def set_cookies(answer: Answer) -> dict[str, tuple[str, bool]]:
+    """The cookies an answer sets: name -> (value, whether it is Secure)."""
     found = {}
     for header in answer.headers.get_all("Set-Cookie") or []:
         first, *attributes = header.split(";")
-        found[first.partition("=")[0].strip()] = any(a.strip().lower() == "secure" for a in attributes)
+        name, _, value = first.partition("=")
+        found[name.strip()] = (value.strip(), any(a.strip().lower() == "secure" for a in attributes))
     return found
 
 
@@ -4256,7 +4260,7 @@ def check_secure_pages(probe: Probe, url: str, cookie: str) -> Finding:
     if name is None:
         return WARN, ("over https: no login page set a CSRF cookie, so the doctor cannot see whether ezauth "
                       "marks its cookies Secure")
-    if not sent[name]:
+    if not sent[name][1]:
         return FAIL, (f"over https the login page's cookie {name} is not Secure: ezauth does not know the request came "
                       "over https. Keep `proxy_set_header X-Forwarded-Proto $scheme;` in location /ezauth/ "
                       "(or set EZAUTH_COOKIE_SECURE=1 when TLS ends before nginx)")
@@ -4384,13 +4388,11 @@ def check_landing(done: Answer, url: str, user: str) -> Finding:
 
 def session_cookie(done: Answer, cookie: str) -> tuple[str, str, bool]:
     """(name, value, Secure) of the session cookie the login set."""
-    names = session_names(cookie)
-    for header in done.headers.get_all("Set-Cookie") or []:
-        first, *attributes = header.split(";")
-        name, _, value = first.partition("=")
-        if name.strip() in names and value.strip():
-            return name.strip(), value.strip(), any(a.strip().lower() == "secure" for a in attributes)
-    raise DoctorStop(FAIL, f"--user: the login set no session cookie ({', '.join(names)})")
+    names, sent = session_names(cookie), set_cookies(done)
+    name = next((n for n in names if sent.get(n, ("", False))[0]), None)
+    if name is None:
+        raise DoctorStop(FAIL, f"--user: the login set no session cookie ({', '.join(names)})")
+    return name, *sent[name]
 
 
 def check_inside(probe: Probe, url: str, token: str) -> list[Finding]:
