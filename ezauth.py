@@ -3958,8 +3958,8 @@ def check_auth_request(chain: tuple[Directive, ...]) -> list[Finding]:
         found.append((FAIL, f"nginx: {label} has no auth_request: everything it serves is public. Add "
                             "`auth_request /_ezauth_verify;` and the lines around it from nginx.conf.example"))
     elif lines[-1].args == ("off",):
-        found.append((WARN, f"nginx: {label} has `auth_request off` ({lines[-1].where}): everything it "
-                            "serves is public. Fine only if that is meant"))
+        found.append((FAIL, f"nginx: {label} has `auth_request off` ({lines[-1].where}): everything it "
+                            "serves is public"))
     else:
         found.append((OK, f"nginx: {label} asks ezauth first (auth_request {' '.join(lines[-1].args)})"))
     satisfy = innermost(chain, "satisfy")

@@ -138,7 +138,7 @@ def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
         "that echoes headers would)",
         "OK    logged out (303); the old session cookie no longer gets in",
     ]
-    assert PASSWORD not in done.stdout + done.stderr
+    assert PASSWORD not in done.stdout + done.stderr and "eyJ" not in done.stdout + done.stderr  # nor a JWT
     new_log = shipped.ezauth.log()[len(log_before):]
     assert "event=login_ok user=alice" in new_log and "event=logout user=alice" in new_log
     assert shipped.app.seen[-2:] == [TARGET, TARGET]  # the two logged-in requests, and only those
@@ -521,7 +521,7 @@ def test_the_shipped_shape_is_all_ok():
     ("        auth_request /_ezauth_verify;\n", "",
      ("FAIL", "nginx: location / (/etc/nginx/conf.d/site.conf:10) has no auth_request")),
     ("        auth_request /_ezauth_verify;\n", "        auth_request off;\n",
-     ("WARN", "nginx: location / (/etc/nginx/conf.d/site.conf:10) has `auth_request off` "
+     ("FAIL", "nginx: location / (/etc/nginx/conf.d/site.conf:10) has `auth_request off` "
               "(/etc/nginx/conf.d/site.conf:11)")),
     ("internal; ", "", ("FAIL", "nginx: location = /_ezauth_verify (/etc/nginx/conf.d/site.conf:8), which "
                                 "auth_request asks, is not internal")),
