@@ -4177,6 +4177,10 @@ def refusal(answer: Answer) -> Finding:
         host = urllib.parse.urlsplit(target).hostname
         other = "" if host == urllib.parse.urlsplit(answer.url).hostname else f" on {host}"
         return OK, f"is sent to the login page{other} ({answer.status})"
+    asked, moved = urllib.parse.urlsplit(answer.url), urllib.parse.urlsplit(answer.location)
+    if (asked.scheme, moved.scheme, moved.hostname) == ("http", "https", asked.hostname):
+        return FAIL, (f"is redirected to https ({answer.said()}), so nothing behind it was checked: give the "
+                      "doctor the https:// address")
     if answer.status == 503:
         return FAIL, ("got 503: nginx cannot reach ezauth. Start it (`journalctl -u ezauth` says why it "
                       "stopped) and check the address in `upstream ezauth`")
@@ -4767,6 +4771,16 @@ def doctor_url(raw: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
 
 
+def seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (up to 3600)")
+    return value
+
+
 def port_number(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a port number")
@@ -4912,7 +4926,7 @@ def add_doctor_command(sub: Any, common: argparse.ArgumentParser) -> None:
                           help="the nginx to run (default: nginx on PATH, else /usr/sbin/nginx)")
     doctor_p.add_argument("--nginx-dump", metavar="FILE", help="read a saved `nginx -T` (- for standard input) instead "
                           "of running nginx; implies --nginx")
-    doctor_p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (default 10)")
+    doctor_p.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS", help="per request (default 10)")
     add_setting_flags(doctor_p, ["cookie_name"])
 
 

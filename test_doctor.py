@@ -254,6 +254,9 @@ def test_over_https_the_cookies_are_secure_and_http_redirects(make_stack, certif
     plain = f"http://127.0.0.1:{stack.nginx.port}{TARGET}"
     assert f"OK    {plain} redirects to https (301 to https://127.0.0.1{TARGET})" in lines(done)
     assert not any(line.startswith("OK    plain http") for line in lines(done))
+    wrong = doctor(plain, data_dir=stack.ezauth.data_dir)  # the http:// address of an https site
+    assert lines(wrong, "FAIL") and all("is redirected to https (301 to https://127.0.0.1" in line
+                                        for line in lines(wrong, "FAIL")) and "public" not in wrong.stdout
 
 
 @nginx
@@ -365,7 +368,7 @@ def test_ezauth_down_is_a_fail_of_its_own_not_a_public_app(make_stack):
     ["http://127.0.0.1/ezauth/login"], ["http://example.com/ a"], [],
     ["http://example.com/", "--ca", "cert.pem", "--insecure"],
     ["http://example.com/", "--ca", "/nonexistent/cert.pem"],
-    ["http://example.com/", "--http-port", "0"],
+    ["http://example.com/", "--http-port", "0"], ["http://example.com/", "--timeout", "0"],
     ["http://example.com/", "--nginx-dump", "-", "--user", "alice"],
     ["http://example.com/", "--user", "alice"],  # and no password on standard input
 ])
@@ -408,6 +411,8 @@ def answer(status: int, url: str = "https://sd.example.com/app/", body: bytes = 
     (answer(401), ("WARN", "got 401 instead of the login page")),
     (answer(503), ("FAIL", "got 503: nginx cannot reach ezauth")),
     (answer(502), ("FAIL", "got 502: nginx or ezauth is failing")),
+    (answer(301, "http://sd.example.com/app/", Location="https://sd.example.com/app/"),
+     ("FAIL", "is redirected to https (301 to https://sd.example.com/app/), so nothing behind it was checked")),
 ])
 def test_an_anonymous_answer_is_ok_only_when_it_sends_to_the_login_page(reply, expected):
     level, text = ezauth.refusal(reply)
