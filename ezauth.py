@@ -13,6 +13,8 @@ import getpass
 import hashlib
 import hmac
 import html
+import http.client
+import http.cookiejar
 import ipaddress
 import itertools
 import json
@@ -22,21 +24,27 @@ import os
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import string
 import struct
+import subprocess  # nosec B404  # only the doctor's `nginx -T`
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, field, fields, replace
+from email.message import Message
 from email.utils import formatdate
+from html.parser import HTMLParser
 from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
@@ -4458,11 +4466,785 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# -- Doctor ---------------------------------------------------------------------------------
+# `python ezauth.py doctor URL` tries the site as a stranger would, and with --nginx reads the
+# nginx config that guards it. Every check returns findings, (level, message) pairs, so a test
+# can call each one; cmd_doctor prints them. When unsure a check says WARN or FAIL, never OK.
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+Finding = tuple[str, str]
+USER_HEADERS = ("X-Auth-Request-User", "X-Forwarded-User")
+PASSES = ("proxy_pass", "fastcgi_pass", "uwsgi_pass", "scgi_pass", "grpc_pass")
+VERIFY_PROBES = (f"{PREFIX}/verify", "/_ezauth_verify")  # the second: the shipped internal location
+NGINX_FILE_RE = re.compile(r"^# configuration file (.+):$", re.M)
+# nginx's own token rules: `#` starts a comment only where a token could start, quotes take
+# backslash escapes, `;` and `{` end a word (unless `${`), and `}` closes a block only on its own.
+NGINX_TOKEN_RE = re.compile(r"""
+      (?P<space>\s+) | (?P<comment>\#[^\n]*) | (?P<special>[;{}])
+    | "(?P<double>(?:\\.|[^"\\])*)" | '(?P<single>(?:\\.|[^'\\])*)'
+    | (?P<word>(?:\\.|\$\{|[^\s;{}#"'\\])(?:\\.|\$\{|[^\s;{\\])*)
+""", re.X | re.S)
+NGINX_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
+NGINX_MAX_DEPTH = 32
+MAX_ANSWER = 1 << 20
+DOCTOR_AGENT = f"ezauth-doctor/{__version__}"
+AS_BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Mode": "navigate",
+              "Sec-Fetch-Dest": "document", "Sec-Fetch-Site": "none"}
+AS_SCRIPT = {"Accept": "*/*"}
+REDIRECTS = (301, 302, 303, 307, 308)
+LOGOUT_LAG = 8.0  # the optional auth cache says yes to an ended session for up to 6 s (README)
+
+
+class NginxError(Exception):
+    """An nginx config the doctor cannot read; the message says where."""
+
+
+class NginxToken(NamedTuple):
+    text: str
+    word: bool  # False for a `;`, `{` or `}` outside quotes
+    line: int
+
+
+@dataclass(frozen=True)
+class Directive:
+    """One nginx directive, where it is written, and its block (None for a simple directive)."""
+
+    name: str
+    args: tuple[str, ...]
+    where: str  # file:line
+    block: tuple[Directive, ...] | None = None
+
+
+def nginx_tokens(text: str, name: str) -> Iterator[NginxToken]:
+    """The tokens of one config file, each with the line it starts on."""
+    pos, line = 0, 1
+    while pos < len(text):
+        match = NGINX_TOKEN_RE.match(text, pos)
+        if match is None:
+            raise NginxError(f"{name}:{line}: cannot read {text[pos:pos + 20]!r} (an open quote?)")
+        kind = match.lastgroup
+        if kind == "special":
+            yield NginxToken(match.group(), False, line)
+        elif kind in ("double", "single", "word"):
+            raw = match.group(kind or "")
+            yield NginxToken(re.sub(r"\\(.)", lambda m: NGINX_ESCAPES.get(m[1], m[0]), raw, flags=re.S),
+                             True, line)
+        line += match.group().count("\n")
+        pos = match.end()
+
+
+class NginxConfig:
+    """The output of `nginx -T` read back into directives, each include put where it stands."""
+
+    def __init__(self, dump: str) -> None:
+        parts = NGINX_FILE_RE.split(dump)
+        self.files = {name: text.removeprefix("\n") for name, text in zip(parts[1::2], parts[2::2], strict=True)}
+        if not self.files:
+            raise NginxError("no '# configuration file' lines: this is not the output of nginx -T")
+        self.main = next(iter(self.files))
+        self.placed = {self.main}
+        self.root = Directive("", (), f"{self.main}:1", self.read_file(self.main, 0))
+
+    def read_file(self, name: str, depth: int) -> tuple[Directive, ...]:
+        if depth > NGINX_MAX_DEPTH:
+            raise NginxError(f"{name}: includes nest deeper than {NGINX_MAX_DEPTH}")
+        return self.read_block(nginx_tokens(self.files[name], name), name, depth, None)
+
+    def read_block(self, tokens: Iterator[NginxToken], name: str, depth: int,
+                   opened: NginxToken | None) -> tuple[Directive, ...]:
+        """Directives up to the `}` that closes OPENED (or to the end of the file when None)."""
+        found: list[Directive] = []
+        words: list[NginxToken] = []
+        for token in tokens:
+            if token.word:
+                words.append(token)
+            elif token.text == "}" and opened is not None and not words:
+                return tuple(found)
+            elif token.text == "}" or not words:
+                raise NginxError(f"{name}:{token.line}: unexpected {token.text!r}")
+            else:
+                head = Directive(words[0].text, tuple(w.text for w in words[1:]), f"{name}:{words[0].line}")
+                if token.text == "{":
+                    found.append(replace(head, block=self.read_block(tokens, name, depth, words[0])))
+                elif head.name == "include" and head.args:
+                    found += [d for f in self.included(head.args[0]) for d in self.read_file(f, depth + 1)]
+                else:
+                    found.append(head)
+                words = []
+        if opened is not None or words:
+            raise NginxError(f"{name}:{(opened or words[0]).line}: not closed before the end of the file")
+        return tuple(found)
+
+    def included(self, pattern: str) -> list[str]:
+        """The dumped files an include names, in the sorted order nginx reads a glob in."""
+        if not pattern.startswith("/"):
+            pattern = os.path.join(os.path.dirname(self.main), pattern)
+        regex = "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in pattern)
+        names = sorted(name for name in self.files if re.fullmatch(regex, name))
+        self.placed.update(names)
+        return names
+
+
+def children(level: Directive, name: str) -> list[Directive]:
+    return [d for d in level.block or () if d.name == name]
+
+
+def innermost(chain: tuple[Directive, ...], name: str) -> list[Directive]:
+    """The NAME lines in effect at the end of CHAIN (http, server, location...): nginx takes them
+    from the innermost level that has any, so a location with one of its own inherits none."""
+    for level in reversed(chain):
+        if found := children(level, name):
+            return found
+    return []
+
+
+def walk_locations(chain: tuple[Directive, ...]) -> Iterator[tuple[Directive, ...]]:
+    """Every location under CHAIN's last level, nested ones too, each as its whole chain."""
+    for location in children(chain[-1], "location"):
+        yield (*chain, location)
+        yield from walk_locations((*chain, location))
+
+
+def server_chains(config: NginxConfig) -> list[tuple[Directive, ...]]:
+    return [(config.root, http, server)
+            for http in children(config.root, "http") for server in children(http, "server")]
+
+
+def passes_of(location: Directive) -> list[Directive]:
+    """A location's *_pass lines, those inside its `if` blocks included."""
+    own = [*(location.block or ()), *(d for block in children(location, "if") for d in block.block or ())]
+    return [d for d in own if d.name in PASSES and d.args]
+
+
+def backend(address: str) -> str:
+    """The server part of a *_pass address: `ezauth` of http://ezauth/x, unix:/run/a.sock of
+    http://unix:/run/a.sock:/x."""
+    rest = re.sub(r"^[A-Za-z]+://", "", address)
+    if rest.startswith("unix:"):
+        return "unix:" + rest[5:].split(":", 1)[0]
+    return rest.split("/", 1)[0].lower()
+
+
+def location_label(location: Directive) -> str:
+    return f"location {' '.join(location.args)} ({location.where})"
+
+
+def server_label(server: tuple[Directive, ...]) -> str:
+    names = " ".join(name for line in children(server[-1], "server_name") for name in line.args) or "_"
+    return f"server {names} ({server[-1].where})"
+
+
+def find_location(chain: tuple[Directive, ...], uri: str) -> tuple[Directive, ...] | None:
+    """The location nginx picks for URI under CHAIN's last level: an exact match, else the longest
+    prefix if it says ^~, else the first matching regex, else the longest prefix (nested ones too)."""
+    exact = regex = longest = None
+    for location in children(chain[-1], "location"):
+        mod, path = location.args if len(location.args) == 2 else ("", "".join(location.args))
+        if mod == "=" and path == uri:
+            exact = exact or location
+        elif mod in ("", "^~") and uri.startswith(path) and len(path) > len(longest.args[-1] if longest else ""):
+            longest = location
+        elif mod in ("~", "~*") and regex is None:
+            with contextlib.suppress(re.error):
+                regex = location if re.search(path, uri, re.I if mod == "~*" else 0) else None
+    if exact is not None:
+        return (*chain, exact)
+    picked = longest if longest is not None and longest.args[0] == "^~" else regex or longest
+    if picked is None:
+        return None
+    return find_location((*chain, picked), uri) or (*chain, picked)
+
+
+def auth_uris(server: tuple[Directive, ...]) -> list[str]:
+    """The URIs auth_request asks in a server (an http-level line included), `off` left out."""
+    levels = [*server[1:], *(chain[-1] for chain in walk_locations(server))]
+    return list(dict.fromkeys(line.args[0] for level in levels for line in children(level, "auth_request")
+                              if line.args and line.args[0] != "off"))
+
+
+def auth_targets(config: NginxConfig) -> list[tuple[str, tuple[Directive, ...]]]:
+    """Each auth_request URI with the server it is asked in."""
+    return [(uri, server) for server in server_chains(config) for uri in auth_uris(server)]
+
+
+def ezauth_backends(config: NginxConfig) -> set[str]:
+    """Where ezauth is: the upstream named ezauth, and what the locations named /ezauth... and
+    /_ezauth... pass to. Every other *_pass is an app. (Not whatever auth_request asks: pointed at
+    the app by mistake, that would make the app look like ezauth and hide it from every check.)"""
+    found = {"ezauth"} if any(u.args == ("ezauth",) for h in children(config.root, "http")
+                              for u in children(h, "upstream")) else set()
+    for server in server_chains(config):
+        for chain in walk_locations(server):
+            if chain[-1].args and chain[-1].args[-1].startswith((PREFIX, "/_ezauth")):
+                found.update(backend(p.args[0]) for p in passes_of(chain[-1]))
+    return found
+
+
+def serves_app(location: Directive, backends: set[str]) -> bool:
+    """Whether a location answers with something of its own: a proxied app, or files from disk.
+    ezauth's own pages (under /ezauth/) are public by design, however they are served."""
+    if location.args and location.args[-1].startswith(f"{PREFIX}/"):
+        return False
+    passes = passes_of(location)
+    if passes:
+        return any(backend(p.args[0]) not in backends for p in passes)
+    return not children(location, "return")
+
+
+def check_auth_request(chain: tuple[Directive, ...]) -> list[Finding]:
+    """A location that serves the app must ask ezauth first."""
+    label, found = location_label(chain[-1]), []
+    lines = innermost(chain, "auth_request")
+    if not lines:
+        found.append((FAIL, f"nginx: {label} has no auth_request: everything it serves is public. Add "
+                            "`auth_request /_ezauth_verify;` and the lines around it from nginx.conf.example"))
+    elif lines[-1].args == ("off",):
+        found.append((FAIL, f"nginx: {label} has `auth_request off` ({lines[-1].where}): everything it "
+                            "serves is public"))
+    else:
+        found.append((OK, f"nginx: {label} asks ezauth first (auth_request {' '.join(lines[-1].args)})"))
+    satisfy = innermost(chain, "satisfy")
+    if satisfy and satisfy[-1].args == ("any",):
+        found.append((WARN, f"nginx: {label} has `satisfy any` ({satisfy[-1].where}): a client that an "
+                            "allow line admits skips the login"))
+    return found
+
+
+def check_user_headers(chain: tuple[Directive, ...], backends: set[str]) -> list[Finding]:
+    """The app gets the user name from nginx only, never from the client."""
+    label, location = location_label(chain[-1]), chain[-1]
+    if not any(p.name == "proxy_pass" and backend(p.args[0]) not in backends for p in passes_of(location)):
+        return [(WARN, f"nginx: {label} does not use proxy_pass: the doctor cannot check which user "
+                       "headers it passes on; make sure it sets them itself")]
+    sets = {d.args[0].lower(): d for d in innermost(chain, "proxy_set_header") if len(d.args) == 2}
+    outer = {d.args[0].lower() for level in chain[:-1] for d in children(level, "proxy_set_header") if d.args}
+    found: list[Finding] = []
+    for header in USER_HEADERS:
+        line = sets.get(header.lower())
+        if line is None:
+            why = (" (an outer level sets it, but a level with proxy_set_header lines of its own inherits "
+                   "none)") if header.lower() in outer else ""
+            found.append((FAIL, f"nginx: {label} passes a client's own {header} on to the app{why}: add "
+                                f"`proxy_set_header {header} $ezauth_user;`"))
+        elif "$http_" in line.args[1]:
+            found.append((FAIL, f"nginx: {label} copies a client's own header into {header} ({line.where})"))
+    return found or [(OK, f"nginx: {label} sets {' and '.join(USER_HEADERS)} itself")]
+
+
+def check_cookie_kept(chain: tuple[Directive, ...]) -> Finding:
+    """The app should not get ezauth's session cookie: an app that logs headers would leak sessions."""
+    label = location_label(chain[-1])
+    cookie = next((d for d in innermost(chain, "proxy_set_header") if "".join(d.args[:1]).lower() == "cookie"), None)
+    if cookie is None or "$http_cookie" in " ".join(cookie.args[1:]):
+        return WARN, (f"nginx: {label} passes the ezauth session cookie to the app: add "
+                      "`proxy_set_header Cookie $ezauth_app_cookie;` and its two maps from nginx.conf.example")
+    return OK, f"nginx: {label} keeps the ezauth session cookie from the app ({cookie.where})"
+
+
+def check_auth_target(uri: str, server: tuple[Directive, ...], backends: set[str]) -> Finding:
+    """What auth_request asks must be internal, and must be ezauth."""
+    target = find_location(server, uri)
+    if target is None:
+        return FAIL, f"nginx: auth_request {uri} matches no location in {server_label(server)}"
+    label = location_label(target[-1])
+    if not any(backend(p.args[0]) in backends for p in passes_of(target[-1])):
+        return FAIL, f"nginx: {label}, which auth_request asks, does not pass to ezauth"
+    if not children(target[-1], "internal"):
+        return FAIL, (f"nginx: {label}, which auth_request asks, is not internal: clients can call it "
+                      "directly. Add `internal;`")
+    return OK, f"nginx: {label}, which auth_request asks, is internal and passes to ezauth"
+
+
+def check_verify_location(server: tuple[Directive, ...], backends: set[str]) -> Finding:
+    """A client asking for /ezauth/verify must not reach ezauth's verify."""
+    where, chain = server_label(server), find_location(server, f"{PREFIX}/verify")
+    if chain is None:
+        return OK, f"nginx: {where}: no location passes {PREFIX}/verify to ezauth"
+    location = chain[-1]
+    if any(backend(p.args[0]) in backends for p in passes_of(location)) and not children(location, "internal"):
+        return FAIL, (f"nginx: {where}: {PREFIX}/verify from outside reaches ezauth through "
+                      f"{location_label(location)}: add `location = {PREFIX}/verify {{ return 404; }}`")
+    return OK, f"nginx: {where}: {PREFIX}/verify from outside goes to {location_label(location)}, not to ezauth"
+
+
+def reachable(location: Directive) -> bool:
+    """Whether a client can ask for it by its path: not a named location, not internal."""
+    named = location.name == "location" and "".join(location.args[-1:]).startswith("@")
+    return not named and not children(location, "internal")
+
+
+def check_server(server: tuple[Directive, ...], backends: set[str]) -> list[Finding]:
+    """Every check of one server block (a block with no location is its own); a block that never
+    asks ezauth is only named."""
+    chains = list(walk_locations(server)) or ([] if children(server[-1], "return") else [server])
+    apps = [chain for chain in chains if serves_app(chain[-1], backends)]
+    if not auth_uris(server) and not any(backend(p.args[0]) in backends for c in chains for p in passes_of(c[-1])):
+        return [(WARN, f"nginx: {server_label(server)} does not use ezauth: whatever it serves is public "
+                       "(fine if that is meant)")] if apps else []
+    found = [check_verify_location(server, backends)]
+    found += [check_auth_target(uri, server, backends) for uri in auth_uris(server)]
+    for chain in apps:
+        if reachable(chain[-1]):
+            found += check_auth_request(chain)
+        if passes_of(chain[-1]):
+            found += [*check_user_headers(chain, backends), check_cookie_kept(chain)]
+    return found
+
+
+def nginx_findings(config: NginxConfig) -> list[Finding]:
+    """Every server block of an `nginx -T` dump, judged."""
+    backends, servers = ezauth_backends(config), server_chains(config)
+    found = [(OK, f"nginx: read {len(config.files)} files of nginx -T, {len(servers)} server "
+                  f"block{'s' * (len(servers) != 1)}")]
+    found += [(WARN, f"nginx: {name} was dumped by nginx -T but the doctor could not place it (an include "
+                     "pattern it does not read): not checked") for name in config.files if name not in config.placed]
+    for server in servers:
+        found += check_server(server, backends)
+    if not any(auth_uris(server) for server in servers):
+        found.append((FAIL, "nginx: no server block has auth_request: nothing is protected"))
+    return found
+
+
+def read_nginx_config(binary: str, dump_file: str | None) -> NginxConfig:
+    """The config as `nginx -T` prints it: run now, or saved in DUMP_FILE (`-`: standard input)."""
+    if dump_file == "-":
+        return NginxConfig(sys.stdin.read())
+    if dump_file:
+        return NginxConfig(Path(dump_file).read_text(encoding="utf-8", errors="replace"))
+    try:  # the admin's own nginx, named on the command line: no shell, no input
+        done = subprocess.run([binary, "-T"], capture_output=True, text=True, timeout=60, check=False)  # noqa: S603  # nosec B603
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise NginxError(f"cannot run {binary} -T: {err}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise NginxError(f"`{binary} -T` failed ({last}); run the doctor as root, or save `sudo nginx -T` "
+                         "to a file and pass it with --nginx-dump FILE")
+    return NginxConfig(done.stdout)
+
+
+# The site from outside.
+
+
+class Unreachable(Exception):
+    """A request that got no HTTP answer at all: refused, timed out, or a certificate not trusted."""
+
+
+def shown(text: str) -> str:
+    """A value from the network, safe to print on one line."""
+    return text[:200].encode("ascii", "backslashreplace").decode().translate({i: "?" for i in (*range(32), 127)})
+
+
+def unreachable(url: str, err: Exception) -> Unreachable:
+    """Why URL got no answer; an untrusted certificate said apart, since it is fixed differently."""
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return Unreachable(f"cannot check {url}: its certificate is not trusted ({reason.verify_message}). "
+                           "Fix the certificate, or name your own CA with --ca FILE")
+    return Unreachable(f"cannot reach {url}: {shown(str(reason))}")
+
+
+class Answer(NamedTuple):
+    url: str
+    status: int
+    headers: Message
+    body: bytes
+
+    @property
+    def location(self) -> str:
+        """Where a redirect points, made absolute ("" when it does not redirect)."""
+        raw = self.headers.get("Location", "") if self.status in REDIRECTS else ""
+        return urllib.parse.urljoin(self.url, raw) if raw else ""
+
+    def said(self) -> str:
+        """The status, and where it redirects, for a message: `302 to https://.../`."""
+        return f"{self.status} to {shown(self.location)}" if self.location else str(self.status)
+
+
+class KeepEveryStatus(urllib.request.HTTPErrorProcessor):
+    """Every answer handed back as it came: no redirect followed, no exception for a 4xx or 5xx."""
+
+    def http_response(self, request: urllib.request.Request, response: Any) -> Any:
+        return response
+
+    https_response = http_response
+
+
+class Probe:
+    """The doctor's HTTP client: a cookie jar, no proxy from the environment, no redirects followed."""
+
+    def __init__(self, tls: ssl.SSLContext, timeout: float) -> None:
+        self.tls, self.timeout = tls, timeout
+        self.opener = urllib.request.build_opener(
+            KeepEveryStatus(), urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls),
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def fresh(self) -> Probe:
+        """Another client with the same TLS settings and an empty cookie jar."""
+        return Probe(self.tls, self.timeout)
+
+    def send(self, url: str, *, browser: bool = True, headers: Mapping[str, str] | None = None,
+             form: Mapping[str, str] | None = None) -> Answer:
+        """GET URL (POST FORM) as a browser opening a page, or as a script."""
+        sent = {"User-Agent": DOCTOR_AGENT, **(AS_BROWSER if browser else AS_SCRIPT), **(headers or {})}
+        data = None
+        if form is not None:
+            data = urllib.parse.urlencode(form).encode()
+            origin = urllib.parse.urlsplit(url)
+            sent.update({"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin",
+                         "Origin": f"{origin.scheme}://{origin.netloc}"})
+        request = urllib.request.Request(url, data, sent)  # noqa: S310  # only http(s) URLs get here
+        try:
+            with self.opener.open(request, timeout=self.timeout) as reply:
+                return Answer(url, reply.status, reply.headers, reply.read(MAX_ANSWER))
+        # URLError is an OSError; a Location that is no URL gives a ValueError (InvalidURL).
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            raise unreachable(url, err) from None
+
+
+def login_target(answer: Answer) -> str | None:
+    """Where ANSWER sends the client to log in, or None when it does not: a redirect to ezauth's
+    login page (on any host: a portal host is fine), or the 401 ezauth gives scripts."""
+    if answer.location and urllib.parse.urlsplit(answer.location).path == f"{PREFIX}/login":
+        return answer.location
+    if answer.status == 401 and (answer.headers.get("X-Ezauth-Login") or b'"login_required"' in answer.body):
+        return urllib.parse.urljoin(answer.url, answer.headers.get("X-Ezauth-Login", f"{PREFIX}/login"))
+    return None
+
+
+def refusal(answer: Answer) -> Finding:
+    """How an anonymous request's ANSWER reads: OK only when it is sent to log in."""
+    target = login_target(answer)
+    if target is not None:
+        host = urllib.parse.urlsplit(target).hostname
+        other = "" if host == urllib.parse.urlsplit(answer.url).hostname else f" on {host}"
+        return OK, f"is sent to the login page{other} ({answer.status})"
+    asked, moved = urllib.parse.urlsplit(answer.url), urllib.parse.urlsplit(answer.location)
+    if (asked.scheme, moved.scheme, moved.hostname) == ("http", "https", asked.hostname):
+        return FAIL, (f"is redirected to https ({answer.said()}), so nothing behind it was checked: give the "
+                      "doctor the https:// address")
+    if answer.status == 503:
+        return FAIL, ("got 503: nginx cannot reach ezauth. Start it (`journalctl -u ezauth` says why it "
+                      "stopped) and check the address in `upstream ezauth`")
+    if answer.status >= 500:
+        return FAIL, f"got {answer.status}: nginx or ezauth is failing; the nginx error log says why"
+    if answer.status < 400 or answer.status == 404:
+        return FAIL, (f"was answered by the app ({answer.said()}): your app is public. Check that the "
+                      "location serving it has auth_request (run the doctor with --nginx on the box)")
+    return WARN, f"got {answer.status} instead of the login page: check what answers it"
+
+
+def check_anonymous(probe: Probe, url: str) -> list[Finding]:
+    """An anonymous GET, as a browser opening the page and as a script, must be sent to log in."""
+    found = []
+    for who, browser in (("browser", True), ("script", False)):
+        level, text = refusal(probe.send(url, browser=browser))
+        found.append((level, f"anonymous GET {url} as a {who} {text}"))
+    return found
+
+
+def check_spoofed(probe: Probe, url: str) -> Finding:
+    """User-name headers sent by the client itself must not let it in."""
+    spoofed = {name: "admin" for name in (*USER_HEADERS, "Remote-User")}
+    level, text = refusal(probe.send(url, headers=spoofed))
+    return level, f"GET {url} with {', '.join(spoofed)}: admin {text}"
+
+
+def forged_sessions(now: float) -> list[tuple[str, str]]:
+    """Session cookies a forger could make: (what it is, the value)."""
+    claims = {"sub": "admin", "iat": int(now), "exp": int(now) + 3600, "fp": "", "rem": 0,
+              "sid": secrets.token_hex(16)}
+    signed = jwt.encode(claims, secrets.token_bytes(32), algorithm="HS256", headers={"kid": secrets.token_hex(4)})
+    none = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    unsigned = f"{none}.{_b64(json.dumps(claims).encode())}."
+    return [("an HS256 JWT signed with a made-up key", signed), ("a JWT with alg none", unsigned),
+            ("garbage", "doctor-" + secrets.token_hex(8))]
+
+
+def session_names(cookie: str) -> tuple[str, ...]:
+    """Every name ezauth's session cookie may have: prefixed (over https) or plain."""
+    return (f"__Host-{cookie}", f"__Secure-{cookie}", cookie)
+
+
+def check_forged(probe: Probe, url: str, cookie: str, now: float) -> list[Finding]:
+    found = []
+    for what, value in forged_sessions(now):
+        sent = "; ".join(f"{name}={value}" for name in session_names(cookie))
+        level, text = refusal(probe.send(url, headers={"Cookie": sent}))
+        found.append((level, f"GET {url} with a forged session cookie ({what}) {text}"))
+    return found
+
+
+def check_verify_hidden(probe: Probe, url: str, path: str) -> Finding:
+    """Verify answers nginx only: from outside, its path must not reach it."""
+    answer = probe.send(urllib.parse.urljoin(url, path))
+    if answer.headers.get("X-Auth-Request-User") or (answer.status == 401 and answer.headers.get("X-Ezauth-Login")):
+        return FAIL, (f"{path} answers from outside as verify does ({answer.status}): clients can ask ezauth "
+                      "directly. Make the auth_request location `internal` and keep "
+                      f"`location = {PREFIX}/verify {{ return 404; }}`, as in nginx.conf.example")
+    if answer.status in (403, 404) or login_target(answer):
+        return OK, f"{path} is not reachable from outside ({answer.status})"
+    return WARN, f"{path} answers {answer.said()} from outside; expected 404"
+
+
+def set_cookies(answer: Answer) -> dict[str, tuple[str, bool]]:
+    """The cookies an answer sets: name -> (value, whether it is Secure)."""
+    found = {}
+    for header in answer.headers.get_all("Set-Cookie") or []:
+        first, *attributes = header.split(";")
+        name, _, value = first.partition("=")
+        found[name.strip()] = (value.strip(), any(a.strip().lower() == "secure" for a in attributes))
+    return found
+
+
+def check_secure_pages(probe: Probe, url: str, cookie: str) -> Finding:
+    """Over https the login page's cookie must be Secure: then ezauth knows the scheme, and marks
+    the session cookie the same way."""
+    target = login_target(probe.send(url))
+    sent = set_cookies(probe.send(target)) if target else {}
+    name = next((n for n in session_names(f"{cookie}_csrf") if n in sent), None)
+    if name is None:
+        return WARN, ("over https: no login page set a CSRF cookie, so the doctor cannot see whether ezauth "
+                      "marks its cookies Secure")
+    if not sent[name][1]:
+        return FAIL, (f"over https the login page's cookie {name} is not Secure: ezauth does not know the request came "
+                      "over https. Keep `proxy_set_header X-Forwarded-Proto $scheme;` in location /ezauth/ "
+                      "(or set EZAUTH_COOKIE_SECURE=1 when TLS ends before nginx)")
+    return OK, f"over https the login page's cookie {name} is Secure"
+
+
+def check_http_redirect(probe: Probe, url: str, http_port: int) -> Finding:
+    """Plain http to the same host must only redirect to https."""
+    parts = urllib.parse.urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    plain = urllib.parse.urlunsplit(("http", host + (f":{http_port}" if http_port != 80 else ""), parts.path,
+                                     parts.query, ""))
+    try:
+        answer = probe.send(plain)
+    except Unreachable:
+        return WARN, (f"nothing answers {plain}: someone typing the bare name gets an error, not your site. "
+                      "Add the plain-http redirect from nginx.conf.example (or name the port with --http-port)")
+    target = urllib.parse.urlsplit(answer.location)
+    if target.scheme == "https" and target.hostname == parts.hostname:
+        return OK, f"{plain} redirects to https ({answer.said()})"
+    return FAIL, (f"{plain} answers {answer.said()} instead of redirecting to https: whatever is typed there crosses "
+                  "the network in clear text. Add `if ($scheme = http) { return 301 https://$host$request_uri; }`")
+
+
+def check_plain_http(host: str, port: int) -> Finding:
+    """Plain http is only fine on addresses that stay on this machine or network."""
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        found = set()
+    addresses = [ipaddress.ip_address(str(a).split("%")[0]) for a in found]
+    if addresses and all(a.is_private or a.is_loopback or a.is_link_local for a in addresses):
+        return OK, f"plain http to {host}: a local address ({', '.join(sorted(map(str, addresses)))})"
+    return WARN, (f"plain http to {host}, which is not a local address: passwords cross the network in clear "
+                  "text. Put https in front (see HTTPS in the README)")
+
+
+# Logged in, with --user.
+
+
+class DoctorStop(Exception):
+    """A finding after which the login walk cannot go on."""
+
+    def __init__(self, level: str, message: str) -> None:
+        super().__init__(message)
+        self.finding = (level, message)
+
+
+class FormReader(HTMLParser):
+    """A page's forms: each as its action and the fields a browser would send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {key: value or "" for key, value in attrs}
+        if tag == "form":
+            self.forms.append((found.get("action", ""), {}))
+        elif tag == "input" and self.forms and found.get("name") and (
+                found.get("type") not in ("checkbox", "radio") or "checked" in found):
+            self.forms[-1][1].setdefault(found["name"], found.get("value", ""))
+
+
+def page_forms(answer: Answer) -> list[tuple[str, dict[str, str]]]:
+    """The forms of an answer's page, actions made absolute."""
+    reader = FormReader()
+    reader.feed(answer.body.decode("utf-8", "replace"))
+    return [(urllib.parse.urljoin(answer.url, action), fields) for action, fields in reader.forms]
+
+
+@dataclass(frozen=True)
+class Login:
+    """--user: who logs in, and the only hosts the password may be sent to (URL's, --login-host)."""
+
+    user: str
+    password: str = field(repr=False)
+    hosts: frozenset[str] = frozenset()
+
+
+def check_destination(action: str, login: Login) -> None:
+    """DoctorStop unless the login form posts where the password may go: a site that redirects the
+    doctor elsewhere must not collect it, nor must anyone on the network."""
+    where = urllib.parse.urlsplit(action)
+    host = where.hostname or ""
+    if host not in login.hosts:
+        raise DoctorStop(FAIL, f"--user: the login form posts to {shown(host)}, and the doctor sends the password "
+                               f"nowhere but {', '.join(sorted(login.hosts))} (--login-host {shown(host)} if it is "
+                               "your login host)")
+    if where.scheme != "https" and check_plain_http(host, where.port or 80)[0] != OK:
+        raise DoctorStop(WARN, f"--user: not sending a password over plain http to {host}, which is not a local "
+                               "address")
+
+
+def log_in(probe: Probe, url: str, login: Login) -> tuple[str, Answer]:
+    """Walk the login as a browser does: URL, the login page it is sent to, the form posted there.
+    Returns the login page's URL and the answer to the form."""
+    target = login_target(probe.send(url))
+    if target is None:
+        raise DoctorStop(FAIL, f"--user: {url} does not send to the login page, so the doctor cannot log in")
+    page = probe.send(target)
+    form = next(((a, f) for a, f in page_forms(page) if "password" in f), None)
+    if form is None:
+        raise DoctorStop(FAIL, f"--user: no login form at {shown(target)} ({page.status})")
+    check_destination(form[0], login)
+    return target, probe.send(form[0], form={**form[1], "username": login.user, "password": login.password})
+
+
+def check_landing(done: Answer, url: str, user: str) -> Finding:
+    """The login form's answer: back to exactly URL, or why not."""
+    if done.status == 401:
+        raise DoctorStop(FAIL, f"--user: the login page refused the password of {user} (401)")
+    if done.status == 429:
+        raise DoctorStop(FAIL, f"--user: {user} is locked out for {done.headers.get('Retry-After', '?')} s")
+    if done.status == 200 and any(f.get("pending") for _, f in page_forms(done)):
+        raise DoctorStop(WARN, f"--user: {user} has two-factor login and the doctor cannot type a code; "
+                               "use a user without it")
+    if not done.location:
+        raise DoctorStop(FAIL, f"--user: the login form answered {done.status}, not a redirect")
+    if done.location != url:
+        return FAIL, (f"logged in as {user}, but the login page sent the browser to {shown(done.location)} "
+                      f"instead of {url}: the return target was lost")
+    return OK, f"logged in as {user}: the login page sent the browser back to exactly {url}"
+
+
+def session_cookie(done: Answer, cookie: str) -> tuple[str, str, bool]:
+    """(name, value, Secure) of the session cookie the login set."""
+    names, sent = session_names(cookie), set_cookies(done)
+    name = next((n for n in names if sent.get(n, ("", False))[0]), None)
+    if name is None:
+        raise DoctorStop(FAIL, f"--user: the login set no session cookie ({', '.join(names)})")
+    return name, *sent[name]
+
+
+def check_inside(probe: Probe, url: str, token: str) -> list[Finding]:
+    """Logged in: the app answers, and what a client claims about itself does not reach it."""
+    answer = probe.send(url)
+    if not 200 <= answer.status < 300:
+        raise DoctorStop(FAIL, f"logged in, GET {url} got {answer.said()} instead of the app")
+    found = [(OK, f"logged in, GET {url} reaches the app ({answer.status})")]
+    markers = {name: f"doctor-{secrets.token_hex(8)}" for name in USER_HEADERS}
+    echoed = probe.send(url, headers=markers).body
+    leaked = [name for name, marker in markers.items() if marker.encode() in echoed]
+    if leaked:
+        found.append((FAIL, f"logged in, the app got the {' and '.join(leaked)} the client sent (its answer shows "
+                            "it): anyone logged in can pose as another user. Set it in nginx: "
+                            f"`proxy_set_header {leaked[0]} $ezauth_user;`"))
+    else:
+        found.append((OK, f"logged in, the app's answer does not show a spoofed {' or '.join(USER_HEADERS)} (an app "
+                          "that echoes headers would)"))
+    if token.encode() in echoed:
+        found.append((WARN, "logged in, the app got the ezauth session cookie (its answer shows it): add "
+                            "`proxy_set_header Cookie $ezauth_app_cookie;` and its maps from nginx.conf.example"))
+    return found
+
+
+def log_out(probe: Probe, login_page: str) -> Answer | None:
+    """Press the logout button: on the account page, or on ezauth's logout page (which logs out
+    at once on versions where logout is a GET). None when there is no button to press."""
+    account = probe.send(urllib.parse.urljoin(login_page, f"{PREFIX}/account"))
+    forms = page_forms(account)
+    button = next(((a, f) for a, f in forms if urllib.parse.urlsplit(a).path == f"{PREFIX}/logout"), None)
+    if button is None:
+        page = probe.send(urllib.parse.urljoin(login_page, f"{PREFIX}/logout"))
+        if page.location:
+            return page
+        forms = page_forms(page)
+        button = next(((a, f) for a, f in forms if urllib.parse.urlsplit(a).path == f"{PREFIX}/logout"), None)
+    if button is None:
+        return None
+    csrf = next((f["csrf"] for _, f in forms if f.get("csrf")), "")
+    return probe.send(button[0], form={"csrf": csrf, **button[1]})
+
+
+def check_logout(probe: Probe, url: str, login_page: str, session: str) -> Finding:
+    """Logging out must end the session: its cookie (SESSION, `name=value`) no longer gets in."""
+    left = log_out(probe, login_page)
+    if left is None or not left.location:
+        return FAIL, f"could not log out: no logout button took ({left.said() if left else 'none found'})"
+    started = time.monotonic()
+    while login_target(after := probe.fresh().send(url, browser=False, headers={"Cookie": session})) is None:
+        if time.monotonic() - started > LOGOUT_LAG:
+            return FAIL, (f"logged out, but the old session cookie still gets in ({after.said()}): logout "
+                          "does not end the session")
+        time.sleep(0.5)
+    waited = time.monotonic() - started
+    lag = f" (after {waited:.0f} s: the auth cache)" if waited > 0.5 else ""
+    return OK, f"logged out ({left.status}); the old session cookie no longer gets in{lag}"
+
+
+def check_with_user(probe: Probe, url: str, login: Login, cookie: str) -> Iterator[Finding]:
+    """Log in through the real pages, land on exactly URL, reach the app, log out again."""
+    try:
+        login_page, done = log_in(probe, url, login)
+        yield check_landing(done, url, login.user)
+        name, token, secure = session_cookie(done, cookie)
+    except DoctorStop as stop:
+        yield stop.finding
+        return
+    if url.startswith("https:"):
+        yield (OK, f"over https the session cookie {name} is Secure") if secure else (
+            FAIL, f"over https the session cookie {name} is not Secure: browsers would send it over plain http")
+    try:
+        yield from check_inside(probe, url, token)
+    except DoctorStop as stop:
+        yield stop.finding
+        log_out(probe, login_page)  # not judged: the session never got in, so its end proves nothing
+        return
+    yield check_logout(probe, url, login_page, f"{name}={token}")
+
+
+def check_site(probe: Probe, url: str, cookie: str, probes: Iterable[str], http_port: int,
+               now: float) -> Iterator[Finding]:
+    """Everything a stranger can try, one finding at a time (Unreachable when the site is not there)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "http":
+        yield check_plain_http(parts.hostname or "", parts.port or 80)
+    first = check_anonymous(probe, url)
+    yield from first
+    yield from check_anonymous(probe, urllib.parse.urljoin(url, "ezauth-doctor/deep/path?x=1&y=2"))
+    if all(level == OK for level, _ in first):  # else a spoofed or forged request shows nothing more
+        yield check_spoofed(probe, url)
+        yield from check_forged(probe, url, cookie, now)
+    for path in dict.fromkeys(probes):
+        yield check_verify_hidden(probe, url, path)
+    if parts.scheme == "https":
+        yield check_secure_pages(probe.fresh(), url, cookie)
+        yield check_http_redirect(probe, url, http_port)
+
+
 # -- CLI ------------------------------------------------------------------------------------
 
 
 class CliError(Exception):
     """A failed command; the message is its one-line reason."""
+
+
+class UsageError(CliError):
+    """A command given arguments it cannot use (exit code 2, like argparse's own)."""
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -4886,10 +5668,100 @@ def cmd_nginx_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def doctor_url(raw: str) -> str:
+    """The doctor's URL argument: http(s), a host, no user info, not one of ezauth's own pages."""
+    parts = urllib.parse.urlsplit(raw)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if (parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or "@" in parts.netloc
+            or re.search(r"[\x00-\x20\x7f]", raw)):
+        raise argparse.ArgumentTypeError(f"{raw!r}: give the protected site as http://HOST/... or https://HOST/...")
+    if parts.path.startswith(f"{PREFIX}/"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is one of ezauth's own pages; give your app's address")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
+
+
+def seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (up to 3600)")
+    return value
+
+
+def port_number(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port number")
+    return int(raw)
+
+
+def doctor_tls(ca: str | None, insecure: bool) -> ssl.SSLContext:
+    """Certificates checked against the system's CAs, or CA; with --insecure (said as a WARN) not at all."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except OSError as err:
+        raise UsageError(f"--ca {ca}: {err}") from None
+    if insecure:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def read_doctor_password(user: str) -> str:
+    """The password of --user: asked on a terminal, else one line of standard input."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"Password of {user}: ")
+    password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise UsageError("--user reads the password from one line of standard input, and there was none")
+    return password
+
+
+def doctor_findings(args: argparse.Namespace, cookie: str, probe: Probe, login: Login | None,
+                    now: float) -> Iterator[Finding]:
+    """Every finding of one doctor run, in the order they are printed."""
+    if args.insecure:
+        yield WARN, "--insecure: the certificate was not checked; --ca FILE checks it against your own CA"
+    config, probes = None, list(VERIFY_PROBES)
+    if args.nginx or args.nginx_dump:
+        try:
+            config = read_nginx_config(args.nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx", args.nginx_dump)
+        except (NginxError, OSError) as err:
+            yield FAIL, f"nginx: {err}"
+        else:
+            probes += [uri for uri, _ in auth_targets(config) if "$" not in uri]
+    try:
+        yield from check_site(probe, args.url, cookie, probes, args.http_port, now)
+        if login is not None:
+            yield from check_with_user(probe.fresh(), args.url, login, cookie)
+    except Unreachable as err:
+        yield FAIL, str(err)
+    if config is not None:
+        yield from nginx_findings(config)
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    """Try a protected site as a stranger would (and read its nginx config with --nginx); 1 on any FAIL."""
+    if args.user and args.nginx_dump == "-":
+        raise UsageError("--nginx-dump - and --user both read standard input; save the dump to a file")
+    hosts = frozenset({urllib.parse.urlsplit(args.url).hostname or "", *(h.lower() for h in args.login_host or ())})
+    login = Login(args.user, read_doctor_password(args.user), hosts) if args.user else None
+    probe = Probe(doctor_tls(args.ca, args.insecure), args.timeout)
+    counts = dict.fromkeys((OK, WARN, FAIL), 0)
+    for level, message in doctor_findings(args, settings.cookie_name, probe, login, time.time()):
+        counts[level] += 1
+        print(f"{level:<6}{message}", flush=True)
+    print(f"doctor: {counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL for {args.url}")
+    return 1 if counts[FAIL] else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "serve": serve, "passwd": cmd_passwd, "deluser": cmd_deluser, "users": cmd_users,
     "rotate": cmd_rotate, "nginx-config": cmd_nginx_config, "totp": cmd_totp, "sessions": cmd_sessions,
-    "token": cmd_token,
+    "token": cmd_token, "doctor": cmd_doctor,
 }
 
 
@@ -4973,6 +5845,29 @@ def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
                          "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
 
 
+def add_doctor_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    doctor_p = sub.add_parser("doctor", parents=[common], help="check that a protected site lets nobody in unasked")
+    doctor_p.add_argument("url", type=doctor_url, metavar="URL", help="the protected site, e.g. https://sd.example.com/")
+    doctor_p.add_argument("--user", metavar="NAME", help="also log in as NAME (the password: one line on standard "
+                          "input), land on URL, log out")
+    doctor_p.add_argument("--login-host", action="append", metavar="HOST",
+                          help="a host of its own that serves the login page (a portal): the only host besides "
+                               "URL's that --user sends the password to (repeatable)")
+    tls = doctor_p.add_mutually_exclusive_group()
+    tls.add_argument("--ca", metavar="FILE", help="trust the CA certificate(s) in FILE, e.g. a self-signed one")
+    tls.add_argument("--insecure", action="store_true", help="do not check the certificate (printed as a WARN)")
+    doctor_p.add_argument("--http-port", type=port_number, default=80, metavar="PORT",
+                          help="where plain http answers, for the redirect check of an https URL (default 80)")
+    doctor_p.add_argument("--nginx", action="store_true",
+                          help="also read the config with `nginx -T` (on the box, as root)")
+    doctor_p.add_argument("--nginx-bin", metavar="PATH",
+                          help="the nginx to run (default: nginx on PATH, else /usr/sbin/nginx)")
+    doctor_p.add_argument("--nginx-dump", metavar="FILE", help="read a saved `nginx -T` (- for standard input) instead "
+                          "of running nginx; implies --nginx")
+    doctor_p.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS", help="per request (default 10)")
+    add_setting_flags(doctor_p, ["cookie_name"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ezauth.py", description="Login page and session check for nginx auth_request.",
@@ -4987,6 +5882,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_commands(sub, common)
     sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
     add_nginx_config_command(sub, common)
+    add_doctor_command(sub, common)
     return parser
 
 
@@ -5001,7 +5897,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(flags=setting_flags(args))
         return COMMANDS[args.command](args, settings)
-    except SettingsError as err:
+    except (SettingsError, UsageError) as err:
         print(f"ezauth: {err}", file=sys.stderr)
         return 2
     except CliError as err:

@@ -33,9 +33,11 @@ from tests.support.nginx import (
     Browser,
     Stack,
     echo_header,
+    enable_https,
     encode_frame,
     login_target,
     login_through_nginx,
+    make_certificate,
     nginx_command,
     read_frame,
     render_example,
@@ -390,36 +392,6 @@ def test_protected_urls_fail_closed_while_ezauth_is_down_and_recover(make_stack)
 
 
 # -- the documented HTTPS variant -------------------------------------------------------------------
-
-def documented_https_lines() -> list[str]:
-    """The indented config lines of the HTTPS paragraph in the example's header comment."""
-    lines = EXAMPLE.read_text().split("# HTTPS", 1)[1].splitlines()
-    found: list[str] = []
-    for line in lines:
-        if line.startswith("#     "):
-            found.append(line[1:].strip())
-        elif found:
-            break
-    assert any(line.startswith("listen 443 ssl") for line in found), found
-    return found
-
-
-def enable_https(site: str, cert: Path, key: Path, port: int) -> str:
-    """Follow the example's HTTPS instructions, with a test certificate and port."""
-    lines = [re.sub(r"^listen 443 ", f"listen 127.0.0.1:{port} ", line) for line in documented_https_lines()]
-    lines = [re.sub(r"^(ssl_certificate)\s+\S+;", rf"\1 {cert};", line) for line in lines]
-    lines = [re.sub(r"^(ssl_certificate_key)\s+\S+;", rf"\1 {key};", line) for line in lines]
-    listen = re.search(r"^\s*listen 127\.0\.0\.1:\d+;\n", site, re.M)
-    return site[:listen.end()] + "".join(f"    {line}\n" for line in lines) + site[listen.end():]
-
-
-def make_certificate(openssl: str, where: Path) -> tuple[Path, Path]:
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
-    return cert, key
-
 
 def test_https_variant_redirects_http_and_marks_the_cookie_secure(make_stack, tmp_path):
     openssl = require_tool("openssl", "EZAUTH_REQUIRE_NGINX", "openssl")

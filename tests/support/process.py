@@ -201,3 +201,32 @@ def real_login(port: int, username: str = "alice", password: str = PASSWORD, *, 
 def real_verify(port: int, token: str) -> int:
     """The status a running server's verify gives this session token."""
     return http_call(port, "GET", VERIFY, headers={"Cookie": f"ezauth={token}"}).status
+
+
+# -- The doctor --------------------------------------------------------------------------------------
+
+DOCTOR_LINE_RE = re.compile(r"^(OK|WARN|FAIL) {2,4}(\S.*)$")
+DOCTOR_SUMMARY_RE = re.compile(r"^doctor: (\d+) OK, (\d+) WARN, (\d+) FAIL for (\S+)$")
+
+
+def run_doctor(url: str, *args: str, data_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python ezauth.py doctor URL ARGS` and check the shape of what it printed: one finding a
+    line, then the summary, whose counts match the lines and whose verdict matches the exit code."""
+    done = run_cli("doctor", url, *args, data_dir=data_dir, stdin=stdin, timeout=120)
+    if done.returncode == 2:
+        return done
+    *lines, summary = done.stdout.splitlines()
+    assert all(DOCTOR_LINE_RE.match(line) for line in lines), done.stdout
+    counts = DOCTOR_SUMMARY_RE.fullmatch(summary)
+    assert counts is not None, done.stdout
+    found = [DOCTOR_LINE_RE.match(line)[1] for line in lines]
+    assert [int(n) for n in counts.groups()[:3]] == [found.count(level) for level in ("OK", "WARN", "FAIL")]
+    assert done.returncode == (1 if "FAIL" in found else 0), done.stdout
+    return done
+
+
+def findings(done: subprocess.CompletedProcess, level: str | None = None) -> list[str]:
+    """The finding lines printed (of one LEVEL), without the summary."""
+    found = done.stdout.splitlines()[:-1]
+    return [line for line in found if level is None or line.startswith(f"{level} ")]
+
