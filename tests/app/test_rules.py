@@ -40,7 +40,7 @@ allow dave *.example.com /public/
     ("erin", "sd.example.com", "/", False),  # no rule matches: denied
 ])
 def test_first_matching_rule_decides(user, host, path, allowed):
-    assert ezauth.parse_rules(RULES).allows(user, host, path) is allowed
+    assert ezauth.parse_rules(RULES).allows(user, ezauth.Target(host, "80", ""), path) is allowed
 
 
 @pytest.mark.parametrize("text, line", [

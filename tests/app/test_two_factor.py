@@ -88,7 +88,8 @@ def test_pending_login_and_session_tokens_cannot_stand_in_for_each_other(tmp_pat
     assert ezauth.read_pending(pending, keys, T0 + 299) == ("alice", "fp", True)
     with pytest.raises(ezauth.InvalidSession):
         ezauth.read_token(pending, keys, T0)
-    session = ezauth.Session("alice", "fp", keys.signer(T0).kid, int(T0), int(T0) + 600, False, "test-session-id-00001")
+    session = ezauth.Session("alice", "fp", keys.signer(T0).kid, int(T0), int(T0) + 600, False, "test-session-id-00001",
+                             int(T0))
     with pytest.raises(ezauth.InvalidSession):
         ezauth.read_pending(ezauth.issue_token(session, keys.signer(T0)), keys, T0)
     with pytest.raises(ezauth.InvalidSession):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from dataclasses import replace
@@ -16,6 +17,7 @@ from tests.support.basics import (
     FORWARDED,
     HEALTHZ,
     LOGIN,
+    LOGOUT,
     PASSWORD,
     TRUSTED_PEER,
     VERIFY,
@@ -60,10 +62,11 @@ def login(client: webtest.TestApp, username: str = "alice", password: str = PASS
         page = client.get(f"{base}{LOGIN}{query}", headers=headers, extra_environ=extra_environ, status=200)
         form = {"csrf": form_field(page.text, "csrf"), "rd": form_field(page.text, "rd")}
         if send_csrf_cookie:  # the cookie jar keeps a Secure cookie away from http:// URLs
-            headers["Cookie"] = f"ezauth_csrf={form['csrf']}"
-    else:
+            name = next(v for k, v in page.headerlist if k == "Set-Cookie").partition("=")[0]
+            headers["Cookie"] = f"{name}={form['csrf']}"
+    else:  # both names: ezauth reads the one of the request's scheme
         form = {"csrf": csrf, "rd": "/" if rd is None else rd}
-        headers = {"Cookie": f"ezauth_csrf={csrf}", **headers}
+        headers = {"Cookie": f"ezauth_csrf={csrf}; __Host-ezauth_csrf={csrf}", **headers}
     form.update(username=username, password=password)
     if remember:
         form["remember"] = "1"
@@ -72,11 +75,26 @@ def login(client: webtest.TestApp, username: str = "alice", password: str = PASS
     return reply
 
 
-def cookie_header(response: webtest.TestResponse, name: str = "ezauth") -> str | None:
-    """The Set-Cookie header value for cookie NAME, or None."""
-    found = [v for k, v in response.headerlist if k == "Set-Cookie" and v.startswith(f"{name}=")]
-    assert len(found) <= 1
+SESSION_NAMES = ("ezauth", "__Host-ezauth", "__Secure-ezauth")  # plain http, https, https with a cookie domain
+
+
+def cookie_header(response: webtest.TestResponse, name: str | None = None) -> str | None:
+    """The Set-Cookie header value for cookie NAME (the session cookie under any of its names), or None."""
+    names = SESSION_NAMES if name is None else (name,)
+    found = [v for k, v in response.headerlist if k == "Set-Cookie" and v.partition("=")[0] in names]
+    assert len(found) <= 1, found
     return found[0] if found else None
+
+
+def logout(client: webtest.TestApp, base: str = "http://localhost", status: int = 303,
+           **headers: str) -> webtest.TestResponse:
+    """Log out as a browser does: open the logout page, press its button (a POST with its CSRF token)."""
+    page = client.get(f"{base}{LOGOUT}", headers=headers, status=200)
+    csrf = form_field(page.text, "csrf")
+    if "Cookie" in headers:  # a Cookie header of the test's own replaces the jar: add the page's CSRF cookie
+        name = next((v.partition("=")[0] for k, v in page.headerlist if k == "Set-Cookie"), "ezauth_csrf")
+        headers = {**headers, "Cookie": f"{headers['Cookie']}; {name}={csrf}"}
+    return client.post(f"{base}{LOGOUT}", {"csrf": csrf}, headers=headers, status=status)
 
 
 def session_token(client: webtest.TestApp, username: str = "alice", password: str = PASSWORD, **how) -> str:
@@ -88,16 +106,19 @@ def verify(client: webtest.TestApp, status: int | str, token: str | None = None,
            host: str | None = None, **headers: str) -> webtest.TestResponse:
     """GET /ezauth/verify as nginx's auth_request sends it and check STATUS ("*": any).
 
-    TOKEN goes in as the session cookie, URI and HOST as X-Original-URI and X-Original-Host; the
-    other HEADERS as given, `_` in a name read as `-` (X_Forwarded_For=...).
+    TOKEN goes in as the session cookie, URI and HOST as X-Original-URI and X-Original-Host (and HOST
+    as Host too, unless given); the other HEADERS as given, `_` in a name read as `-` (X_Forwarded_For=...).
     """
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
+    if host is not None and token is None and "Cookie" not in sent:
+        token = client.cookies.get("ezauth")  # the jar keeps it for its own host, not for HOST
     if token is not None:
         sent["Cookie"] = f"ezauth={token}"
     if uri is not None:
         sent["X-Original-URI"] = uri
-    if host is not None:
+    if host is not None:  # nginx sends the request line's host and, as Host, the header's: the same host
         sent["X-Original-Host"] = host
+        sent.setdefault("Host", host)
     return client.get(VERIFY, headers=sent, status=status)
 
 
@@ -133,3 +154,21 @@ def new_token_on(page: str) -> str:
              if tag == "input" and attrs.get("id") == "new-token"]
     assert len(shown) == 1, "no new token on the page"
     return shown[0]
+
+
+def notice_text(page: str) -> str:
+    found = re.search(r'<p class="notice" id="account-notice" role="status">(.*?)</p>', page, re.DOTALL)
+    return html.unescape(found.group(1)).strip() if found else ""
+
+
+def enrollment_on(page: str) -> tuple[bytes, str, str]:
+    """(secret, otpauth URI, enrollment field) of the two-factor set-up the page shows."""
+    secret = re.search(r'<code id="totp-secret">([A-Z2-7]+)</code>', page)
+    uri = re.search(r'<code id="totp-uri">([^<]*)</code>', page)
+    assert secret and uri, "no two-factor set-up on the page"
+    text = secret.group(1)
+    return base64.b32decode(text + "=" * (-len(text) % 8)), html.unescape(uri.group(1)), form_field(page, "enrollment")
+
+
+def other_code(code: str) -> str:
+    return "000000" if code != "000000" else "111111"
