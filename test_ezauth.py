@@ -343,7 +343,8 @@ def test_rotation_keeps_a_key_until_every_token_it_signed_has_expired(tmp_path):
     second = ring.rotate(T0 + 100)
     last_use = second.signs_from - 0.5
     assert ring.signer(last_use) == first
-    token = issue_token(Session("alice", "fp", first.kid, int(last_use), int(last_use) + ttl, True, SID, int(last_use)), first)
+    token = issue_token(Session("alice", "fp", first.kid, int(last_use), int(last_use) + ttl, True, SID,
+                                 int(last_use)), first)
     for step in range(2, 12):  # keep rotating until just before that token expires
         ring.rotate(T0 + 100 * step)
         assert read_token(token, ring, T0 + 100 * step).user == "alice"
