@@ -473,7 +473,7 @@ def test_an_unknown_user_name_reaches_logs_and_the_lockout_only_as_a_keyed_hash(
         keys = {row[0] for row in db.execute("SELECT key FROM attempts")}
     assert f"user:{hashed[1]}" in keys and "user:alice" in keys
     assert (data_dir / "names.key").stat().st_mode & 0o777 == 0o600
-    other_app, other = build(data_dir.parent / "elsewhere", clock)
+    _, other = build(data_dir.parent / "elsewhere", clock)
     caplog.clear()
     login(other, typed, "whatever", status=401)
     assert hashed[1] not in events(caplog, "login_failed")[0]  # keyed per data dir, not a plain digest
