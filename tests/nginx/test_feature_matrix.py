@@ -326,7 +326,7 @@ def replay_after_logout(m: Matrix) -> tuple[Timing, Timing]:
     used = m.mark("/replay/used")
     reply, reached = m.send(used, cookie)
     assert reached, f"the fresh session did not get in: {show(reply)}"
-    out = browser.get("/ezauth/logout")
+    out = browser.logout()
     start = time.monotonic()
     assert out.status == 303, show(out)
     fresh = watch_until_refused("replay on fresh URLs", lambda: m.send(m.mark("/replay/fresh"), cookie),

@@ -304,7 +304,7 @@ def test_logout_then_the_protected_url_redirects_to_login(stack):
     browser = stack.browser()
     login_through_nginx(browser)
     assert browser.get(TARGET).status == 200
-    out = browser.get("/ezauth/logout")
+    out = browser.logout()
     assert out.status == 303
     assert urlsplit(out.location).path == "/ezauth/login"
     assert browser.cookie() is None, out.set_cookies
@@ -486,7 +486,7 @@ def test_reloading_nginx_ends_a_websocket_opened_before_logout(make_stack):
         stream = sock.makefile("rb")
         sock.sendall(encode_frame(b"before logout", masked=True))
         assert read_frame(stream) == (1, b"before logout")
-        browser.get("/ezauth/logout")
+        browser.logout()
         sock.sendall(encode_frame(b"after logout", masked=True))
         assert read_frame(stream) == (1, b"after logout"), "the open socket outlives logout (documented)"
         stack.nginx.reload()

@@ -71,7 +71,11 @@ def test_one_login_covers_two_subdomains_through_nginx(make_stack):
         assert host_get(browser, sd, "/s", cookie).echo()["path"] == "/s"
         assert post_login_on(browser, sd, page, rd="http://evil.example/n").location == "/"
         assert post_login_on(browser, sd, page, rd=f"http://{DOMAIN}.evil.example/").location == "/"
-        out = host_get(browser, notes, "/ezauth/logout", cookie)
+        page = host_get(browser, notes, "/ezauth/logout", cookie)  # the logout page, then its button
+        csrf_cookie = next(c.split(";")[0] for c in page.set_cookies if c.startswith("ezauth_csrf="))
+        fields = urlencode({"csrf": parse_page(page.text).hidden["csrf"]}).encode()
+        out = browser.request("POST", "/ezauth/logout", fields, {
+            "Host": notes, "Cookie": f"{cookie}; {csrf_cookie}", "Content-Type": "application/x-www-form-urlencoded"})
         cleared = [c for c in out.set_cookies if c.startswith("ezauth=;")]
         assert len(cleared) == 2 and any(f"Domain={DOMAIN}" in c for c in cleared)
     finally:

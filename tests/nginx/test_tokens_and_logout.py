@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.basics import LAG, LOGIN, LOGOUT, basic, bearer, wait_until
+from tests.support.basics import LAG, LOGIN, basic, bearer, wait_until
 from tests.support.nginx import TARGET, Browser, echo_header, login_target, login_through_nginx
 from tests.support.process import cli_token, http_call
 
@@ -15,7 +15,7 @@ def test_logout_through_nginx_ends_the_session_for_a_replayed_cookie(stack):
     login_through_nginx(browser)
     old = browser.cookie()
     assert browser.get(TARGET).echo()["path"] == TARGET
-    out = browser.get(LOGOUT)
+    out = browser.logout()
     assert (out.status, out.location) == (303, LOGIN)
     assert browser.cookie() is None
 

@@ -20,6 +20,7 @@ from tests.support.basics import (
     HEALTHZ,
     IPHONE,
     NEW_PASSWORD,
+    PASSWORD,
     FakeClock,
     bearer,
     shown_time,
@@ -110,7 +111,7 @@ def test_token_store_keeps_only_a_digest_in_a_private_file(data_dir):
     from_cli, _ = cli_token(data_dir)
     _, client = build(data_dir)  # a running app keeps the registry open, its write-ahead log beside it
     login(client)
-    from_page = new_token_on(change(client, "token_create", 200, label="page").text)
+    from_page = new_token_on(change(client, "token_create", 200, label="page", current=PASSWORD).text)
     db = data_dir / "sessions.sqlite3"
     everything = b"".join(p.read_bytes() for p in data_dir.iterdir() if p.is_file())
     for secret in (from_cli, from_page):
@@ -190,7 +191,7 @@ def test_cli_passwd_ends_the_users_sessions(data_dir):
     bob = session_token(new_client(app), "bob")
     changed = run_cli("passwd", "alice", "--password-stdin", data_dir=data_dir, stdin=NEW_PASSWORD + "\n")
     assert changed.returncode == 0, changed.stderr
-    assert "their sessions have ended" in changed.stdout
+    assert changed.stdout == "changed the password of alice; 1 session(s) ended, 0 API token(s) revoked\n"
     tick(clock, nginx)
     verify(nginx, 401, token)
     verify(nginx, 200, bob)
@@ -223,3 +224,63 @@ def test_totp_cli_enrolls_prints_the_uri_and_removes(tmp_path):
     assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 0
     assert (data / "totp").read_text() == ""
     assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 1
+
+
+# -- Tokens die with the password; deluser removes everything (issue 16) ---------------------
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["revoked", "kept"])
+def test_cli_passwd_revokes_the_users_tokens_unless_told_to_keep_them(data_dir, clock, keep):
+    _, nginx = build(data_dir, clock)
+    alices = [cli_token(data_dir, "alice", label)[0] for label in ("one", "two")]
+    bobs = cli_token(data_dir, "bob")[0]
+    changed = run_cli("passwd", "alice", "--password-stdin", *(["--keep-tokens"] if keep else []), data_dir=data_dir,
+                      stdin=NEW_PASSWORD + "\n")
+    assert changed.returncode == 0, changed.stderr
+    told = "API tokens kept (--keep-tokens)" if keep else "2 API token(s) revoked"
+    assert changed.stdout == f"changed the password of alice; 0 session(s) ended, {told}\n"
+    tick(clock, nginx)
+    for secret in alices:
+        verify(nginx, 200 if keep else 401, Authorization=f"Bearer {secret}")
+    verify(nginx, 200, Authorization=f"Bearer {bobs}")
+
+
+def test_cli_sessions_end_user_with_revoke_tokens_ends_everything_of_the_user(data_dir, clock):
+    app, nginx = build(data_dir, clock)
+    sessions = [session_token(new_client(app)) for _ in range(2)]
+    secret = cli_token(data_dir)[0]
+    bob = session_token(new_client(app), "bob")
+    ended = run_cli("sessions", "--end-user", "alice", "--revoke-tokens", data_dir=data_dir)
+    assert (ended.returncode, ended.stdout) == (0, "ended 2 sessions of alice; 1 API token(s) revoked\n")
+    tick(clock, nginx)
+    for token in sessions:
+        verify(nginx, 401, token)
+    verify(nginx, 401, Authorization=f"Bearer {secret}")
+    verify(nginx, 200, bob)
+    alone = run_cli("sessions", "--revoke-tokens", data_dir=data_dir)
+    assert alone.returncode == 1 and "--revoke-tokens goes with --end-user NAME" in alone.stderr
+
+
+def test_cli_deluser_removes_everything_of_the_user_and_points_at_the_rules(data_dir, clock):
+    app, nginx = build(data_dir, clock)
+    (data_dir / "rules").write_text("group family: carol alice\nallow @family * /\nallow alice * /admin\n"
+                                    "allow bob * /\n")
+    token = session_token(new_client(app))
+    secret = cli_token(data_dir)[0]
+    app.stores.totp.enroll("alice")
+    gone = run_cli("deluser", "alice", data_dir=data_dir)
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout == "deleted user alice: 1 session(s) ended, 1 API token(s) revoked, second factor removed\n"
+    assert gone.stderr == (f"ezauth: warning: {data_dir / 'rules'} still names alice (line 1, line 3): a new user "
+                           "called alice would get those rules\n")
+    assert "alice:" not in (data_dir / "totp").read_text()
+    # A new alice starts clean: no second factor, no tokens, no sessions of the old one.
+    add_user(data_dir, "alice")
+    tick(clock, nginx)
+    verify(nginx, 401, token)
+    verify(nginx, 401, Authorization=f"Bearer {secret}")
+    fresh = login(new_client(app))
+    assert fresh.status_int == 303  # the password alone: no code step from the old second factor
+    assert run_cli("token", "list", "alice", data_dir=data_dir).stdout.splitlines()[1:] == []
+    assert run_cli("deluser", "bob", data_dir=data_dir).stderr.count("still names bob (line 4)") == 1
+

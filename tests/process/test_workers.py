@@ -21,6 +21,7 @@ import pytest
 
 from ezauth import PUBLISH_DELAY, REFRESH_EVERY
 from tests.support.basics import (
+    CSRF,
     EZAUTH,
     HERE,
     LAG,
@@ -207,7 +208,9 @@ def test_gunicorn_workers_refuse_a_logged_out_cookie_within_a_second(gunicorn):
     cookie = real_login(gunicorn.port).cookie()
     headers = {"Cookie": f"ezauth={cookie}"}
     warm_up(gunicorn, headers, "warm")
-    out = http_call(gunicorn.port, "POST", LOGOUT, headers=headers)
+    out = http_call(gunicorn.port, "POST", LOGOUT, f"csrf={CSRF}",  # the logout page's button
+                    headers={"Cookie": f"ezauth={cookie}; ezauth_csrf={CSRF}",
+                             "Content-Type": "application/x-www-form-urlencoded"})
     assert out.status == 303
     assert_refused_everywhere_within_a_second(poll_verify(gunicorn, headers, LAG + 1.5, "out"))
 

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from tests.support.basics import (
     EXAMPLE,
     LOGIN,
+    LOGOUT,
     PASSWORD,
     free_port,
     parse_page,
@@ -383,9 +384,16 @@ class Browser:
     def get(self, path: str, **headers: str) -> Reply:
         return self.request("GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
-    def post_form(self, path: str, fields: dict[str, str]) -> Reply:
+    def post_form(self, path: str, fields: dict[str, str], **headers: str) -> Reply:
         return self.request("POST", path, urlencode(fields).encode(),
-                            {"Content-Type": "application/x-www-form-urlencoded"})
+                            {"Content-Type": "application/x-www-form-urlencoded", **headers})
+
+    def logout(self, **headers: str) -> Reply:
+        """Log out as a person does: open the logout page and press its button (a POST with the
+        page's CSRF token); HEADERS go with both, e.g. Host."""
+        page = self.request("GET", LOGOUT, headers=headers)
+        assert page.status == 200, (page.status, page.text[:300])
+        return self.post_form(LOGOUT, {"csrf": parse_page(page.text).hidden["csrf"]}, **headers)
 
 
 def login_target(location: str) -> str:
