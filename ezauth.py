@@ -2637,13 +2637,14 @@ class CookiePolicy:
 
     def read(self, request: Request) -> SessionCookies:
         """REQUEST's session tokens: under the prefixed name, which only a secure response can have set,
-        or else under the plain name where ezauth itself sets plain ones (never over https)."""
+        and under the plain name only where ezauth itself sets plain ones (never over https)."""
         header = request.environ.get("HTTP_COOKIE", "")
         if self.base not in header:
             return NO_COOKIES
         found, rest = split_cookies(header, self.owned)
-        tokens = found.get(self.prefixed.session) or (
-            found.get(self.plain.session, []) if not self.secure(request) else [])
+        tokens = found.get(self.prefixed.session, [])
+        if not self.secure(request):
+            tokens = tokens + found.get(self.plain.session, [])
         return SessionCookies(tokens, rest)
 
     def session(self, request: Request, token: str, max_age: int | None) -> tuple[str, str]:

@@ -194,8 +194,8 @@ def test_over_https_the_cookies_are_secure_and_http_redirects(make_stack, certif
     done = run_doctor(url, "--ca", cert, "--http-port", str(stack.nginx.port), "--user", "alice",
                   data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
     assert done.returncode == 0 and findings(done, "WARN") == [], done.stdout
-    assert "OK    over https the login page's cookie ezauth_csrf is Secure" in findings(done)
-    assert "OK    over https the session cookie ezauth is Secure" in findings(done)
+    assert "OK    over https the login page's cookie __Host-ezauth_csrf is Secure" in findings(done)
+    assert "OK    over https the session cookie __Host-ezauth is Secure" in findings(done)
     plain = f"http://127.0.0.1:{stack.nginx.port}{TARGET}"
     assert f"OK    {plain} redirects to https (301 to https://127.0.0.1{TARGET})" in findings(done)
     assert not any(line.startswith("OK    plain http") for line in findings(done))

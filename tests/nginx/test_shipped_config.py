@@ -197,9 +197,10 @@ def test_identity_headers_sent_by_the_client_are_replaced(alice):
     ("{t}; theme=dark", "theme=dark"),
     ("theme=dark; {t}", "theme=dark"),
     ("a=1; {t}; b=2", "a=1; b=2"),
-    ("a=1;{t};b=2", "a=1;b=2"),
-    ("myezauth=x; {t}; ezauth_csrf=y", "myezauth=x; ezauth_csrf=y"),
+    ("a=1;{t};b=2", "a=1; b=2"),  # verify hands nginx the header rewritten, "; " between cookies
+    ("myezauth=x; {t}; ezauth_csrf=y", "myezauth=x"),  # the CSRF cookie is ezauth's too
     ("{t}; a=1; {t}", "a=1"),
+    ("__Host-ezauth=z; {t}; __Secure-ezauth=w; __Host-ezauth_csrf=v; c=3", "c=3"),  # every name it may use
 ])
 def test_app_gets_every_cookie_but_the_session(alice, cookie, app_sees):
     header = cookie.replace("{t}", f"ezauth={alice.cookie()}")
@@ -405,7 +406,7 @@ def test_https_variant_redirects_http_and_marks_the_cookie_secure(make_stack, tm
     assert (typo.status, typo.location) == (301, f"https://127.0.0.1:{tls_port}{TARGET}")
     browser = Browser(tls_port, tls=ssl.create_default_context(cafile=str(cert)))
     done = login_through_nginx(browser)
-    (cookie,) = [c for c in done.set_cookies if c.startswith("ezauth=")]
+    (cookie,) = [c for c in done.set_cookies if c.startswith("__Host-ezauth=")]  # https: the prefixed name
     assert "secure" in parse_set_cookie(cookie)[2]
     echo = browser.get(done.location).echo()
     assert echo["path"] == TARGET

@@ -90,7 +90,7 @@ def test_rules_show_the_friendly_403_page_through_nginx(make_stack):
     cookie = next(c for c in done.set_cookies if c.startswith("ezauth=")).split(";")[0]
     # ezauth rereads its files at most once a second: ask it directly (never reaching the app) until
     # the new rules decide.
-    asked = {"Cookie": cookie, "X-Original-URI": "/x", "X-Original-Host": f"notes.{DOMAIN}"}
+    asked = {"Cookie": cookie, "X-Original-URI": "/x", "X-Original-Host": f"notes.{DOMAIN}", "Host": f"notes.{DOMAIN}"}
     assert wait_until(lambda: http_call(stack.ezauth.port, "GET", VERIFY, headers=asked).status == 403)
     assert host_get(browser, f"sd.{DOMAIN}", "/x", cookie).echo()["path"] == "/x"
     refused = host_get(browser, f"notes.{DOMAIN}", "/x", cookie)

@@ -142,6 +142,8 @@ def logout_in_other_tab(context: BrowserContext, stack: AppStack) -> None:
     """Log out in a second tab, so the app's own tab stays open with its scripts running."""
     other = context.new_page()
     other.goto(stack.url + "/ezauth/logout")
+    with other.expect_navigation():
+        other.click("#logout")  # logging out is the page's button: a POST with its CSRF token
     assert urlsplit(other.url).path == LOGIN, other.url
     assert not [c for c in context.cookies(stack.url) if c["name"] == "ezauth"]
     other.close()

@@ -19,6 +19,7 @@ from tests.support.basics import (
     LOGIN,
     LOGOUT,
     PASSWORD,
+    SESSION_NAMES,
     TRUSTED_PEER,
     VERIFY,
     FakeClock,
@@ -73,9 +74,6 @@ def login(client: webtest.TestApp, username: str = "alice", password: str = PASS
     reply = client.post(f"{base}{LOGIN}", form, headers=headers, extra_environ=extra_environ, status="*")
     assert status == "*" or reply.status_int == status, f"{reply.status} for {username!r} rd={form['rd']!r}"
     return reply
-
-
-SESSION_NAMES = ("ezauth", "__Host-ezauth", "__Secure-ezauth")  # plain http, https, https with a cookie domain
 
 
 def cookie_header(response: webtest.TestResponse, name: str | None = None) -> str | None:

@@ -36,6 +36,7 @@ VERIFY = "/ezauth/verify"
 ACCOUNT = "/ezauth/account"
 LOGOUT = "/ezauth/logout"
 HEALTHZ = "/ezauth/healthz"
+SESSION_NAMES = ("ezauth", "__Host-ezauth", "__Secure-ezauth")  # plain http, https, https with a cookie domain
 TRUSTED_PEER = {"REMOTE_ADDR": "127.0.0.1"}  # nginx on loopback, the default trusted proxy
 CLIENT_IP = "203.0.113.7"
 FORWARDED = {"X-Forwarded-For": CLIENT_IP}  # what nginx adds for a visitor from CLIENT_IP

@@ -29,6 +29,7 @@ from tests.support.basics import (
     LOGIN,
     LOGOUT,
     PASSWORD,
+    SESSION_NAMES,
     free_port,
     parse_page,
     parse_set_cookie,
@@ -111,8 +112,9 @@ def websocket_handshake(port: int, path: str, cookie: str | None) -> tuple[str, 
 
 
 class StubHandler(BaseHTTPRequestHandler):
-    """The protected app: answers every request with JSON (method, raw path, headers, body length)
-    and echoes websocket frames until the client closes."""
+    """The protected app: answers every request with JSON (method, raw path, headers, body length),
+    or with the HTML page a test put at that path (an app's page and its scripts), and echoes
+    websocket frames until the client closes."""
 
     protocol_version = "HTTP/1.1"
 
@@ -120,6 +122,9 @@ class StubHandler(BaseHTTPRequestHandler):
         self.server.seen.append(self.path)
         if self.headers.get("Upgrade", "").lower() == "websocket":
             self.echo_websocket()
+            return
+        if self.path in self.server.pages:
+            self.send_page(self.server.pages[self.path])
             return
         remaining, body_length = int(self.headers.get("Content-Length") or 0), 0
         while remaining:
@@ -138,6 +143,14 @@ class StubHandler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     do_POST = do_PUT = do_HEAD = do_GET
+
+    def send_page(self, html: str) -> None:
+        body = html.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def echo_websocket(self) -> None:
         accept = websocket_accept(self.headers["Sec-WebSocket-Key"])
@@ -169,6 +182,11 @@ class StubApp:
     def seen(self) -> list[str]:
         return self.server.seen
 
+    @property
+    def pages(self) -> dict[str, str]:
+        """Path -> HTML the app serves there (a test's own page, scripts and all)."""
+        return self.server.pages
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -178,7 +196,7 @@ class StubApp:
 def start_stub_app() -> StubApp:
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
     server.daemon_threads = True
-    server.seen = []
+    server.seen, server.pages = [], {}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     return StubApp(server, thread)
@@ -354,8 +372,10 @@ class Browser:
     tls: ssl.SSLContext | None = None
     jar: dict[tuple[str, str], str] = field(default_factory=dict)  # (name, path) -> value
 
-    def cookie(self, name: str = "ezauth") -> str | None:
-        return next((v for (n, _), v in self.jar.items() if n == name), None)
+    def cookie(self, name: str | None = None) -> str | None:
+        """The value of cookie NAME in the jar (the session cookie under any of its names)."""
+        names = SESSION_NAMES if name is None else (name,)
+        return next((v for (n, _), v in self.jar.items() if n in names), None)
 
     def cookie_header(self, path: str) -> str:
         pairs = sorted(((p, n, v) for (n, p), v in self.jar.items()
@@ -436,16 +456,18 @@ class Stack:
 
 
 def build_stack(nginx_bin: str, root: Path, cleanup: contextlib.ExitStack, users: tuple = ("alice",),
-                cache: bool = False, edit: Callable[[str], str] | None = None, main: str = "",
+                cache: bool = False, edit: Callable[[str], str] | None = None, main: str = "", rules: str = "",
                 **env: str) -> Stack:
-    """Start a stack under ROOT (users with PASSWORD, the auth cache on if asked, the site EDITed);
-    CLEANUP stops it."""
+    """Start a stack under ROOT (users with PASSWORD, access RULES if given, the auth cache on if asked,
+    the site EDITed); CLEANUP stops it."""
     app = start_stub_app()
     cleanup.callback(app.close)
     data_dir = root / "data"
     data_dir.mkdir(parents=True)
     for name in users:
         add_user(data_dir, name)
+    if rules:
+        (data_dir / "rules").write_text(rules)
     ezauth_server = start_server(data_dir, **env)
     cleanup.callback(ezauth_server.stop)
     port = free_port()

@@ -20,6 +20,7 @@ from tests.support.basics import (
     EZAUTH,
     LOGIN,
     PASSWORD,
+    SESSION_NAMES,
     VERIFY,
     clean_env,
     form_field,
@@ -146,9 +147,10 @@ class Reply:
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
 
-    def cookie(self, name: str = "ezauth") -> str | None:
-        """The value this answer sets for cookie NAME, or None."""
-        return next((value for n, value, _ in map(parse_set_cookie, self.set_cookies) if n == name), None)
+    def cookie(self, name: str | None = None) -> str | None:
+        """The value this answer sets for cookie NAME (the session cookie under any of its names), or None."""
+        names = SESSION_NAMES if name is None else (name,)
+        return next((value for n, value, _ in map(parse_set_cookie, self.set_cookies) if n in names), None)
 
     def app_echo(self) -> dict | None:
         """The stub app's echo when this reply came from the app, else None."""
@@ -168,10 +170,13 @@ class Reply:
 
 
 def http_call(port: int, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None,
-              *, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, timeout: float = 30) -> Reply:
-    """One request on a fresh connection (HTTPS with a TLS context), closed afterwards."""
-    conn = (http.client.HTTPSConnection(host, port, timeout=timeout, context=tls) if tls
-            else http.client.HTTPConnection(host, port, timeout=timeout))
+              *, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, timeout: float = 30,
+              source: str | None = None) -> Reply:
+    """One request on a fresh connection (HTTPS with a TLS context; from the loopback address SOURCE
+    when given, e.g. 127.0.0.2 for a second client), closed afterwards."""
+    bind = (source, 0) if source else None
+    conn = (http.client.HTTPSConnection(host, port, timeout=timeout, context=tls, source_address=bind) if tls
+            else http.client.HTTPConnection(host, port, timeout=timeout, source_address=bind))
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
