@@ -1075,9 +1075,13 @@ class SharedDatabase:
     started afresh. One that cannot be read or written (disk full, read-only, locked longer than
     DB_TIMEOUT) raises StoreUnavailable, and the next transaction tries the file again."""
 
-    def __init__(self, path: Path, schema: str, event: str, now: float, wal: bool = False) -> None:
-        self.path, self.schema, self.event, self.wal = path, schema, event, wal
+    def __init__(self, path: Path, schema: str, event: str, now: float, wal: bool = False,
+                 created: Callable[[sqlite3.Connection, float], object] | None = None) -> None:
+        # CREATED runs in every database made anew: the first, and one that replaces a damaged or
+        # deleted file (which forgot what the old one held).
+        self.path, self.schema, self.event, self.wal, self.created = path, schema, event, wal, created
         self._watcher: sqlite3.Connection | None = None
+        self._watched: int | None = None  # the inode the watcher has open
         self._version: int | None = None
         self._lock = threading.Lock()
         try:
@@ -1088,7 +1092,10 @@ class SharedDatabase:
     def _init_file(self, now: float) -> None:
         try:
             with contextlib.closing(self.connect()) as db:
+                fresh = not db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
                 db.executescript(self.schema)
+                if fresh and self.created:
+                    self.created(db, now)
             with contextlib.suppress(OSError):
                 self.path.chmod(0o600)
         except sqlite3.DatabaseError as err:
@@ -1108,23 +1115,31 @@ class SharedDatabase:
             log.error("event=%s_corrupt moved_to=%s action=new_empty_database", self.event, moved)
             with contextlib.closing(self.connect()) as db:
                 db.executescript(self.schema)
+                if self.created:
+                    self.created(db, now)
 
     def read_if_changed(self, read: Callable[[sqlite3.Connection], None]) -> None:
         """Call READ when some connection has committed since the last look. The look is one PRAGMA
-        on a connection kept for it, so the once-a-second refresh stays cheap. StoreUnavailable when
-        the file cannot be read; the next look opens it afresh."""
+        on a connection kept for it, so the once-a-second refresh stays cheap; a file replaced meanwhile
+        (damaged and started afresh, or deleted) is opened anew. StoreUnavailable when the file cannot
+        be read; the next look opens it afresh."""
         try:
-            if self._watcher is None:
-                self._watcher = self.connect()
+            inode = os.stat(self.path).st_ino
+            if self._watcher is None or inode != self._watched:
+                self._close_watcher()
+                self._watcher, self._watched = self.connect(), inode
             version = self._watcher.execute("PRAGMA data_version").fetchone()[0]
             if version != self._version:
                 read(self._watcher)
                 self._version = version
-        except sqlite3.Error as err:
-            watcher, self._watcher, self._version = self._watcher, None, None
-            if watcher is not None:
-                watcher.close()
+        except (sqlite3.Error, OSError) as err:
+            self._close_watcher()
             raise StoreUnavailable(self.path, err) from None
+
+    def _close_watcher(self) -> None:
+        watcher, self._watcher, self._version = self._watcher, None, None
+        if watcher is not None:
+            watcher.close()
 
     def connect(self) -> sqlite3.Connection:
         """A connection of its own for the caller."""
@@ -1227,11 +1242,15 @@ class SessionRegistry:
               " remember INTEGER NOT NULL, expires REAL NOT NULL, ended REAL, reason TEXT NOT NULL DEFAULT '',"
               " ttl REAL NOT NULL DEFAULT 0);"
               "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);"
-              "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);")
+              "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);"
+              # When this database began: a damaged or deleted one was replaced by an empty one that
+              # knows no ended session, so no session that logged in before it may go on.
+              "CREATE TABLE IF NOT EXISTS epoch (started REAL NOT NULL);")
 
     def __init__(self, db: SharedDatabase) -> None:
         self.db = db
         self.ended: frozenset[str] = frozenset()
+        self.epoch = 0.0  # sessions that logged in before it are void
         self._seen: dict[str, tuple[float, str, float]] = {}  # sid -> (when, ip, expires), not yet written
         self._seen_at: dict[str, float] = {}
 
@@ -1295,6 +1314,7 @@ class SessionRegistry:
         """Take in which sessions other workers (or the CLI) have ended."""
         rows = db.execute("SELECT sid FROM sessions WHERE ended IS NOT NULL AND expires > ?", (now,)).fetchall()
         self.ended = frozenset(row[0] for row in rows)
+        self.epoch = float(db.execute("SELECT COALESCE(MAX(started), 0) FROM epoch").fetchone()[0])
 
     def flush(self, now: float) -> None:
         """Write the noted last-seen times, and forget sessions whose tokens have expired anyway."""
@@ -1359,7 +1379,7 @@ class Sessions:
             self._remember(token, session, now)
         if (session.expires <= now or self.keys.get(session.kid) is None or session.sid in self.registry.ended
                 or self.users.fingerprint(session.user) != session.fingerprint
-                or session.auth_time + self.max_age <= now):
+                or session.auth_time + self.max_age <= now or session.auth_time < self.registry.epoch):
             return None
         return session
 
@@ -2181,7 +2201,7 @@ REGISTRY_GRACE = 5.0
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
     """sessions.sqlite3: the session registry and the API tokens, shared by every worker and the CLI."""
     return SharedDatabase(data_dir / "sessions.sqlite3", SessionRegistry.SCHEMA + ApiTokens.SCHEMA, "sessions",
-                          now, wal=True)
+                          now, wal=True, created=lambda db, at: db.execute("INSERT INTO epoch VALUES (?)", (int(at),)))
 
 
 @dataclass

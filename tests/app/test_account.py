@@ -433,12 +433,13 @@ def test_verify_between_refreshes_touches_no_file(client, service, clock):
         verify(nginx, 200, token)
     assert touched == []
 
-    # An unknown token (one the CLI may have just made) looks at the registry early: one PRAGMA on
-    # the connection kept open, no file opened, and not again within LOOK_EVERY.
+    # An unknown token (one the CLI may have just made) looks at the registry early: a stat (is it
+    # still the same file?) and one PRAGMA on the connection kept open, no file opened, and not again
+    # within LOOK_EVERY.
     with noting_file_access(service.stores, touched):
         for _ in range(20):
             verify(nginx, 401, Authorization=bearer("ezt_" + "A" * 43))
-    assert touched == ["sessions.sqlite3 connection.execute"]
+    assert touched == [f"os.stat({service.stores.registry.db.path})", "sessions.sqlite3 connection.execute"]
     touched.clear()
 
     # The same watch sees the refresh a second later: it would have seen any file access above.

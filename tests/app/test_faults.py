@@ -153,9 +153,7 @@ def test_verify_refuses_with_503_once_the_registry_stays_unreadable_past_its_gra
     registry = data / "sessions.sqlite3"
     registry.rename(tmp_path / "aside")
     registry.mkdir()  # cannot be opened: what a disk error or a careless hand looks like to SQLite
-    app.stores.registry.db.read_if_changed(lambda db: None)  # the kept connection still reads the old file
-    app.stores.registry.db._watcher.close()  # as a failing disk would end it
-    clock.advance(1)
+    clock.advance(1)  # the next look sees another file at the path, and cannot open it
     verify(client, 200, token)  # within the grace: a revocation can be this late anyway
     assert "action=verify_refuses_after_5s" in caplog.text
     clock.advance(ezauth.REGISTRY_GRACE)
@@ -237,3 +235,28 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
     login(client, password="wrong password", csrf=CSRF, status=429)
     assert any(p.name.startswith("throttle.sqlite3.corrupt-") for p in data.iterdir())
     assert "event=throttle_corrupt" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["damaged", "deleted"])
+def test_a_replaced_sessions_database_forgets_no_logout(tmp_path, caplog, how):
+    """A damaged (or deleted) sessions.sqlite3 is started afresh, and the fresh one knows no ended
+    session: a logged-out cookie must not come back to life, so every session from before it ends."""
+    caplog.set_level(logging.INFO, logger="ezauth")
+    clock = FakeClock()
+    data = tmp_path / "data"
+    app, client = build(data, clock)
+    logged_out, still_in = session_token(client, csrf=CSRF), session_token(build(data, clock)[1], csrf=CSRF)
+    logout(client, Cookie=f"ezauth={logged_out}")
+    verify(client, 401, logged_out)
+    clock.advance(5)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{data / 'sessions.sqlite3'}{suffix}").unlink(missing_ok=True)
+    if how == "damaged":
+        (data / "sessions.sqlite3").write_bytes(b"definitely not sqlite" * 100)
+    fresh = session_token(client, csrf=CSRF)  # the next write finds the file gone or damaged: a new one
+    clock.advance(1.1)
+    for token in (logged_out, still_in):
+        verify(client, 401, token)
+        verify(build(data, clock)[1], 401, token)  # another worker, started after it
+    verify(client, 200, fresh)
+    assert (how == "damaged") == ("event=sessions_corrupt" in caplog.text)
