@@ -148,7 +148,7 @@ def test_verify_refuses_with_503_once_the_registry_stays_unreadable_past_its_gra
     caplog.set_level(logging.INFO, logger="ezauth")
     clock = FakeClock()
     data = tmp_path / "data"
-    app, client = build(data, clock)
+    _, client = build(data, clock)
     token = session_token(client, csrf=CSRF)
     registry = data / "sessions.sqlite3"
     registry.rename(tmp_path / "aside")
@@ -244,7 +244,7 @@ def test_a_replaced_sessions_database_forgets_no_logout(tmp_path, caplog, how):
     caplog.set_level(logging.INFO, logger="ezauth")
     clock = FakeClock()
     data = tmp_path / "data"
-    app, client = build(data, clock)
+    _, client = build(data, clock)
     logged_out, still_in = session_token(client, csrf=CSRF), session_token(build(data, clock)[1], csrf=CSRF)
     logout(client, Cookie=f"ezauth={logged_out}")
     verify(client, 401, logged_out)
