@@ -297,3 +297,14 @@ def test_nginx_t_accepts_every_shape_nginx_config_writes(nginx_bin, tmp_path):
         checked = subprocess.run(nginx_command(nginx_bin, tmp_path / name, "-t"), capture_output=True, text=True,
                                  timeout=30)
         assert checked.returncode == 0, (name, checked.stderr)
+
+
+def test_an_app_with_big_cookies_still_gets_them_through_verify(stack):
+    """Verify hands the app's Cookie header back to nginx: a 7 KB one (nginx takes lines up to 8 KB)
+    must fit the verify answer's buffer, never turn into the sign-in-unavailable page."""
+    browser = stack.browser()
+    login_through_nginx(browser, "alice", "/big")
+    big = "; ".join(f"app{n}={'x' * 60}" for n in range(100))
+    assert len(big) > 6000
+    echo = browser.get("/big", Cookie=f"{big}; ezauth={browser.cookie()}").echo()
+    assert echo_header(echo, "Cookie") == [big]
