@@ -273,6 +273,9 @@ class Settings:
         shown="unset"))
     lang: str = field(default="", metadata=spec(
         "`en` or `zh-CN` (unset: from the browser)", parse_lang, check_lang, shown="unset"))
+    counter: bool = field(default=True, metadata=spec(
+        "`0` turns the visit counter off: nothing counted, no counter.txt, no line under the login form",
+        parse_bool, check_bool))
     access_log: bool = field(default=False, metadata=spec(
         "`1` logs every request, verify included", parse_bool, check_bool))
     metrics: bool = field(default=False, metadata=spec(
@@ -1387,14 +1390,17 @@ COUNTER_SYNC_EVERY = 60.0  # a power cut loses at most this long of views; a kil
 class VisitCounter:
     """Page views as decimal text in a file, exact across threads and processes. A view rewrites the
     digits in place under the file's own lock: no new file, no fsync per view (the count only grows,
-    so the new digits always cover the old ones); the file reaches the disk once a minute."""
+    so the new digits always cover the old ones); the file reaches the disk once a minute. Turned off
+    (ON false), it counts nothing and never touches the file."""
 
-    def __init__(self, path: Path, clock: Clock) -> None:
-        self.path, self.clock = path, clock
+    def __init__(self, path: Path, clock: Clock, on: bool = True) -> None:
+        self.path, self.clock, self.on = path, clock, on
         self._synced = clock()
 
     def increment(self) -> int | None:
-        """Count one visit and return the new total; None (logged) when the file cannot be used."""
+        """Count one visit and return the new total; None when off, or (logged) when the file cannot be used."""
+        if not self.on:
+            return None
         try:
             for _ in range(3):  # None: the file was moved aside under us; count in the new one
                 count = self._increment()
@@ -1406,7 +1412,9 @@ class VisitCounter:
             return None
 
     def current(self) -> int | None:
-        """The count without adding a visit; None when it cannot be read."""
+        """The count without adding a visit; None when off or when it cannot be read."""
+        if not self.on:
+            return None
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -2217,7 +2225,8 @@ class Stores:
         registry = SessionRegistry(shared)
         sessions = Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl,
                             settings.session_max_age)
-        stores = cls(users, keys, registry, sessions, ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
+        counter = VisitCounter(data / "counter.txt", clock, settings.counter)
+        stores = cls(users, keys, registry, sessions, ApiTokens(shared), counter,
                      Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
                               settings.lockout_time, now),
                      TotpStore(data / "totp"), AccessRules(data / "rules"), private_secret(data / "names.key", now))

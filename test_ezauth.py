@@ -1832,6 +1832,19 @@ def test_counter_is_shown_in_the_footer_and_counts_each_page_view_once(client, s
     assert visits(3) in client.get(LOGIN, status=200).text
 
 
+def test_counter_off_counts_nothing_writes_nothing_and_shows_no_line(make_client, settings):
+    """EZAUTH_COUNTER=0: no footer line, no counter.txt (not even an empty one), no metric."""
+    footer = text("msg_visits", count="\x00").split("\x00")[0]
+    _, client = make_client(counter=False, metrics=True)
+    for _ in range(3):
+        page = client.get(LOGIN, status=200)
+        assert footer not in page.text and form_field(page.text, "csrf")
+    assert footer not in client.post(LOGIN, {"username": "alice"}, status=403).text
+    assert "ezauth_visits" not in client.get("/ezauth/metrics", status=200).text
+    assert not (settings.data_dir / "counter.txt").exists()
+    assert Settings.from_env(environ={"EZAUTH_COUNTER": "0"}, env_file=settings.data_dir / "none").counter is False
+
+
 def test_unusable_counter_never_breaks_the_page(client, service, caplog):
     (service.settings.data_dir / "counter.txt").mkdir()
     page = client.get(LOGIN, status=200)
