@@ -87,6 +87,7 @@ def warn_once(key: str, message: str, *args: object) -> None:
 # the settings list in --help (and a test holds the README's table to it).
 
 ENV_FILE = ".env"
+DATA_DIR_NAME = "ezauth-data"
 LEGACY_IGNORED = ("SECRET_KEY", "LAST_UPDATED")  # from the original blog post's .env
 COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN_RE = re.compile(r"\.?([a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
@@ -235,8 +236,9 @@ class Settings:
         "address to listen on (`::` for IPv6 and IPv4)", parse_word))
     port: int = field(default=2424, metadata=spec(
         "port to listen on", parse_int, check_port))
-    data_dir: Path = field(default=Path("ezauth-data"), metadata=spec(
-        "where all state lives", parse_path, shown="./ezauth-data"))
+    data_dir: Path = field(default=HERE / DATA_DIR_NAME, metadata=spec(
+        "where all state lives: by default the folder ezauth-data beside ezauth.py, wherever a command runs",
+        parse_path, shown=DATA_DIR_NAME))
     session_ttl: int = field(default=1800, metadata=spec(
         "a session ends after this many seconds without use (renewed while in use)", parse_int, check_positive))
     remember_ttl: int = field(default=2592000, metadata=spec(
@@ -291,6 +293,9 @@ class Settings:
         "the login pages' own address, e.g. `https://auth.example.com` (with EZAUTH_COOKIE_DOMAIN): every "
         "ezauth page on an app's host sends the visitor there", parse_portal, shown="unset"))
     legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
+    # Whether EZAUTH_DATA_DIR or --data-dir named the data dir (not a setting): only then is a
+    # ./ezauth-data elsewhere no question (the CLI's check_data_dir).
+    data_dir_named: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for item, spec in setting_specs():
@@ -311,9 +316,10 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None,
                  env_file: Path | None = None) -> Settings:
-        """Flags override environment variables, which override a .env file in the working directory."""
+        """Flags override environment variables, which override the .env files (read_env_files);
+        ENV_FILE names the one .env file to read instead."""
         environ = os.environ if environ is None else environ
-        dotenv = read_env_file(env_file or Path(ENV_FILE))
+        dotenv = read_env_file(env_file) if env_file else read_env_files()
         merged = {**dotenv, **{k: v for k, v in environ.items() if k.startswith("EZAUTH_")}}
         values: dict[str, Any] = {}
         for item, spec in setting_specs():
@@ -321,6 +327,7 @@ class Settings:
                 values[item.name] = spec.parse(variable(item), merged[variable(item)])
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         values["legacy_users"] = legacy_users(dotenv)
+        values["data_dir_named"] = "data_dir" in values
         known = {variable(item) for item, _ in setting_specs()}
         for name in sorted(k for k in merged if k.startswith("EZAUTH_") and k not in known):
             log.warning("event=setting_unknown name=%s note=ignored_see_python_ezauth.py_--help", logval(name))
@@ -376,6 +383,26 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         values[key.strip()] = value
     return values
+
+
+def read_env_files() -> dict[str, str]:
+    """The .env beside ezauth.py, overridden variable by variable by the working directory's when that
+    is another file. One beside ezauth.py that cannot be read stops (SettingsError): it is the install's
+    own. The working directory's only warns: a command run from a folder it cannot read (`sudo -u
+    ezauth ...` from your home) still knows its settings."""
+    values = read_env_file(HERE / ENV_FILE)
+    try:
+        here = Path.cwd() / ENV_FILE
+    except OSError:  # the working directory was removed
+        return values
+    with contextlib.suppress(OSError):
+        if here.samefile(HERE / ENV_FILE):
+            return values
+    try:
+        return {**values, **read_env_file(here)}
+    except SettingsError as err:
+        log.warning("event=env_file_unreadable error=%s action=ignored", logval(str(err), limit=None))
+        return values
 
 
 def legacy_users(dotenv: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -5250,16 +5277,64 @@ def check_site(probe: Probe, url: str, cookie: str, probes: Iterable[str], http_
 
 
 class CliError(Exception):
-    """A failed command; the message is its one-line reason."""
+    """A failed command; the message is its one-line reason, CODE its exit code."""
+
+    code = 1
 
 
 class UsageError(CliError):
-    """A command given arguments it cannot use (exit code 2, like argparse's own)."""
+    """A command given arguments it cannot use, or two data dirs to choose from (exit code 2, like
+    argparse's own and a bad setting's)."""
+
+    code = 2
+
+
+class DataDirUnusable(CliError):
+    """A server that cannot use its data dir at start (exit code 3): starting it again changes nothing
+    until someone fixes the disk or the permissions, so the README's systemd unit does not."""
+
+    code = 3
+
+
+NO_DATA_DIR = ("nginx-config", "doctor")  # they read no data dir and make none
+MAKES_DATA_DIR = ("serve", "passwd")  # the others refuse one that does not exist
+
+
+def same_dir(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
+def check_data_dir(settings: Settings, make: bool) -> None:
+    """Refuse to guess which data dir is meant. A ./ezauth-data here that is not the default beside
+    ezauth.py was the data dir before the default moved there: switching silently would look like a
+    lost one (or make a new, empty one). A command that only reads or changes one refuses a data dir
+    that does not exist, rather than make an empty one under a mistyped name."""
+    here = Path(DATA_DIR_NAME)
+    if not settings.data_dir_named and os.path.isdir(here) and not same_dir(here, settings.data_dir):
+        raise UsageError(f"two data dirs: {here.absolute()} here and {settings.data_dir} beside ezauth.py, the "
+                         "default; say which with --data-dir DIR or EZAUTH_DATA_DIR=DIR")
+    if not make and not settings.data_dir.is_dir():
+        raise CliError(f"no data dir at {settings.data_dir}; name the one ezauth serves from with --data-dir DIR "
+                       "or EZAUTH_DATA_DIR=DIR (`serve` and `passwd` make a new one)")
+
+
+def start_service(settings: Settings) -> EzauthApp:
+    """make_app for a server about to start (the built-in one, a gunicorn worker): a data dir it cannot
+    use stops it with DataDirUnusable, naming the file."""
+    try:
+        return make_app(settings)
+    except StoreUnavailable as err:
+        raise DataDirUnusable(f"cannot use {err.path}: {err.error}") from None
+    except OSError as err:
+        raise DataDirUnusable(f"{err.filename or ''}: {err.strerror or err}") from None
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the built-in server until SIGTERM or Ctrl-C."""
-    service = make_app(settings)
+    service = start_service(settings)
     announce_first_admin(service.stores.users, sys.stdout.isatty())
     try:
         sock = listening_socket(settings.host, settings.port)
@@ -5324,12 +5399,10 @@ def read_new_password(args: argparse.Namespace) -> str:
 
 
 def open_users(settings: Settings) -> Users:
-    prepare_data_dir(settings.data_dir)
     return Users(settings.data_dir / "users")
 
 
 def open_registry(settings: Settings) -> tuple[SessionRegistry, ApiTokens]:
-    prepare_data_dir(settings.data_dir)
     db = open_sessions_database(settings.data_dir, time.time())
     return SessionRegistry(db), ApiTokens(db)
 
@@ -5340,6 +5413,7 @@ def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
     if not NAME_RE.fullmatch(args.name):
         raise CliError(f"{args.name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
     password = read_new_password(args)
+    prepare_data_dir(settings.data_dir)
     users = open_users(settings)
     existed = users.fingerprint(args.name) is not None
     users.set_password(args.name, password)
@@ -5452,7 +5526,6 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     """Make a new signing key now; running servers start using it within a few seconds."""
-    prepare_data_dir(settings.data_dir)
     now = time.time()
     key = KeyRing(settings.data_dir / "keys.json", settings.rotate_every, settings.longest_ttl, now).rotate(now)
     if key is None:
@@ -5833,11 +5906,11 @@ def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     token_sub.add_parser("revoke", parents=[common], help="revoke a token by its id").add_argument("id")
 
 
-def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_nginx_config_command(sub: Any) -> None:
     """nginx-config: --listen, --server-name, --tls-cert and --tls-key after an --app are that app's;
     before the first --app they are every app's."""
     nginx_p = sub.add_parser(
-        "nginx-config", parents=[common], help="print nginx.conf.example filled in, for one app or several",
+        "nginx-config", help="print nginx.conf.example filled in, for one app or several",
         epilog="e.g. nginx-config --app http://127.0.0.1:7860 --listen 8080 --app http://127.0.0.1:8888 --listen 8081")
     nginx_p.add_argument("--app", action=InOrder, help="a protected app, e.g. http://127.0.0.1:7860 (repeatable)")
     nginx_p.add_argument("--listen", action=InOrder, help="where nginx listens for it: a port (80), ADDR:PORT "
@@ -5855,8 +5928,8 @@ def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
                          "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
 
 
-def add_doctor_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    doctor_p = sub.add_parser("doctor", parents=[common], help="check that a protected site lets nobody in unasked")
+def add_doctor_command(sub: Any) -> None:
+    doctor_p = sub.add_parser("doctor", help="check that a protected site lets nobody in unasked")
     doctor_p.add_argument("url", type=doctor_url, metavar="URL", help="the protected site, e.g. https://sd.example.com/")
     doctor_p.add_argument("--user", metavar="NAME", help="also log in as NAME (the password: one line on standard "
                           "input), land on URL, log out")
@@ -5891,13 +5964,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_commands(sub, common)
     add_token_commands(sub, common)
     sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
-    add_nginx_config_command(sub, common)
-    add_doctor_command(sub, common)
+    add_nginx_config_command(sub)
+    add_doctor_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes: 0 ok, 1 failure, 2 usage error."""
+    """The command line; exit codes: 0 ok, 1 failure, 2 usage error or bad setting, 3 a server that
+    cannot use its data dir."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]
@@ -5906,13 +5980,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s ezauth %(levelname)s %(message)s")
     try:
         settings = Settings.from_env(flags=setting_flags(args))
+        if args.command not in NO_DATA_DIR:
+            check_data_dir(settings, make=args.command in MAKES_DATA_DIR)
+        if args.command not in (*NO_DATA_DIR, "serve"):  # serve's start line names it
+            print(f"ezauth: data dir {settings.data_dir.resolve()}", file=sys.stderr, flush=True)
         return COMMANDS[args.command](args, settings)
-    except (SettingsError, UsageError) as err:
+    except SettingsError as err:
         print(f"ezauth: {err}", file=sys.stderr)
         return 2
     except CliError as err:
         print(f"ezauth: {err}", file=sys.stderr)
-        return 1
+        return err.code
     except StoreUnavailable as err:
         print(f"ezauth: cannot use {err.path}: {err.error}; this command did not finish, run it again once "
               "that is fixed", file=sys.stderr)
@@ -5926,22 +6004,33 @@ GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts inst
 _service_lock = threading.Lock()
 
 
+def load_service() -> EzauthApp:
+    """The app as gunicorn's worker loads it, from the environment and the .env files, checked as
+    `serve` checks its own; its start line names the data dir."""
+    settings = Settings.from_env()
+    check_data_dir(settings, make=True)
+    service = start_service(settings)
+    announce_first_admin(service.stores.users, sys.stdout.isatty())
+    log.info("event=start server=gunicorn pid=%d data_dir=%s version=%s", os.getpid(), settings.data_dir.resolve(),
+             __version__)
+    return service
+
+
 def __getattr__(name: str) -> EzauthApp:
-    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then, from
-    the environment. A data dir that cannot be written stops the worker from booting with one line
-    naming it, and gunicorn halts rather than start workers that could not record a login."""
+    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then. A bad
+    setting, two data dirs to choose from or a data dir that cannot be used stops the worker from
+    booting with the one line `serve` would print, and gunicorn halts rather than start workers that
+    would answer every request with a 500, or could not record a login."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _service_lock:
         if "app" not in globals():
             logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
             try:
-                service = make_app(Settings.from_env())
-            except StoreUnavailable as err:
-                print(f"ezauth: cannot use {err.path}: {err.error}", file=sys.stderr, flush=True)
+                globals()["app"] = load_service()
+            except (SettingsError, CliError) as err:
+                print(f"ezauth: {err}", file=sys.stderr, flush=True)
                 raise SystemExit(GUNICORN_APP_LOAD_ERROR) from None
-            announce_first_admin(service.stores.users, sys.stdout.isatty())
-            globals()["app"] = service
     return cast(EzauthApp, globals()["app"])
 
 

@@ -271,7 +271,8 @@ def test_cli_deluser_removes_everything_of_the_user_and_points_at_the_rules(data
     gone = run_cli("deluser", "alice", data_dir=data_dir)
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout == "deleted user alice: 1 session(s) ended, 1 API token(s) revoked, second factor removed\n"
-    assert gone.stderr == (f"ezauth: warning: {data_dir / 'rules'} still names alice (line 1, line 3): a new user "
+    assert gone.stderr == (f"ezauth: data dir {data_dir}\n"
+                           f"ezauth: warning: {data_dir / 'rules'} still names alice (line 1, line 3): a new user "
                            "called alice would get those rules\n")
     assert "alice:" not in (data_dir / "totp").read_text()
     # A new alice starts clean: no second factor, no tokens, no sessions of the old one.

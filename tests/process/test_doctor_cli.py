@@ -24,14 +24,14 @@ from tests.support.process import findings, run_cli, run_doctor
     ["http://example.com/", "--nginx-dump", "-", "--user", "alice"],
     ["http://example.com/", "--user", "alice"],  # and no password on standard input
 ])
-def test_usage_errors_exit_2_and_check_nothing(tmp_path, args):
-    done = run_cli("doctor", *args, data_dir=tmp_path / "data", stdin="")
+def test_usage_errors_exit_2_and_check_nothing(args):
+    done = run_cli("doctor", *args, stdin="")
     assert done.returncode == 2 and done.stdout == "" and done.stderr.strip(), done
 
 
-def test_nothing_listening_is_one_fail(tmp_path):
+def test_nothing_listening_is_one_fail():
     url = f"http://127.0.0.1:{free_port()}/"
-    done = run_doctor(url, data_dir=tmp_path / "data")
+    done = run_doctor(url)
     assert findings(done) == ["OK    plain http to 127.0.0.1: a local address (127.0.0.1)",
                            f"FAIL  cannot reach {url}: [Errno 111] Connection refused"]
 

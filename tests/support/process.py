@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import pty
 import re
+import select
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -18,6 +25,7 @@ from urllib.parse import urlencode
 
 from tests.support.basics import (
     EZAUTH,
+    HERE,
     LOGIN,
     PASSWORD,
     SESSION_NAMES,
@@ -32,14 +40,60 @@ from tests.support.basics import (
 # -- The command line -----------------------------------------------------------------------
 
 
-def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
-            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run `python ezauth.py ARGS --data-dir DATA_DIR` and return the finished process."""
+def run_cli(*args: str, data_dir: Path | None = None, stdin: str | None = None, env: dict | None = None,
+            cwd: Path | None = None, timeout: float = 30, script: Path = EZAUTH) -> subprocess.CompletedProcess:
+    """Run `python ezauth.py ARGS --data-dir DATA_DIR` (SCRIPT: another copy of ezauth.py) and return
+    the finished process. Without DATA_DIR (nginx-config and doctor take none) it runs in the checkout."""
+    data_flag = [] if data_dir is None else ["--data-dir", str(data_dir)]
     return subprocess.run(
-        [sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)],
+        [sys.executable, str(script), *args, *data_flag],
         input=stdin, capture_output=True, text=True, timeout=timeout,
-        env=env or clean_env(), cwd=cwd or data_dir.parent,
+        env=env or clean_env(), cwd=cwd or (HERE if data_dir is None else data_dir.parent),
     )
+
+
+@contextlib.contextmanager
+def cli_on_a_terminal(*args: str, data_dir: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`python ezauth.py ARGS --data-dir DATA_DIR` on a pseudo-terminal (its standard input, output and
+    error), as when typed by hand: (the process, the terminal's reading end); both end afterwards."""
+    reader, writer = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)], stdin=writer,
+                            stdout=writer, stderr=writer, env=clean_env(), cwd=data_dir.parent, start_new_session=True)
+    os.close(writer)
+    try:
+        yield proc, reader
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(reader)
+
+
+def terminal_output_until(reader: int, marker: str, timeout: float = 15) -> str:
+    """What the terminal showed, up to MARKER (bounded by TIMEOUT)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([reader], [], [], 0.2)
+        if ready:
+            seen += os.read(reader, 65536).decode(errors="replace")
+    assert marker in seen, seen
+    return seen
+
+
+def copy_ezauth(where: Path) -> Path:
+    """ezauth.py with its pages and static files copied into WHERE, as a new install would have them
+    (the data dir defaults to WHERE/ezauth-data, never the checkout's): the copy's ezauth.py."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name in ("ezauth.py", "login.html", "account.html", "nginx.conf.example"):
+        shutil.copy2(HERE / name, where / name)
+    shutil.copytree(HERE / "static", where / "static")
+    return where / "ezauth.py"
+
+
+def data_dir_line(done: subprocess.CompletedProcess) -> str:
+    """The data dir a command said on stderr that it used (its first line), or "" when it named none."""
+    first = done.stderr.partition("\n")[0]
+    return first.removeprefix("ezauth: data dir ") if first.startswith("ezauth: data dir ") else ""
 
 
 def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
@@ -214,10 +268,10 @@ DOCTOR_LINE_RE = re.compile(r"^(OK|WARN|FAIL) {2,4}(\S.*)$")
 DOCTOR_SUMMARY_RE = re.compile(r"^doctor: (\d+) OK, (\d+) WARN, (\d+) FAIL for (\S+)$")
 
 
-def run_doctor(url: str, *args: str, data_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_doctor(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run `python ezauth.py doctor URL ARGS` and check the shape of what it printed: one finding a
     line, then the summary, whose counts match the lines and whose verdict matches the exit code."""
-    done = run_cli("doctor", url, *args, data_dir=data_dir, stdin=stdin, timeout=120)
+    done = run_cli("doctor", url, *args, stdin=stdin, timeout=120)
     if done.returncode == 2:
         return done
     *lines, summary = done.stdout.splitlines()
