@@ -5534,9 +5534,35 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def show_secret(name: str, secret: bytes) -> None:
+    """A new two-factor secret as an authenticator app takes it: the secret to type (in groups of four),
+    the otpauth:// URI, and a QR code when segno is installed."""
+    text = base64.b32encode(secret).decode().rstrip("=")
+    uri = totp_uri(name, secret)
+    print(f"Add this to an authenticator app for {name}: scan the QR code, or type the secret.\n"
+          f"  secret: {' '.join(text[i:i + 4] for i in range(0, len(text), 4))}\n  {uri}")
+    try:
+        import segno
+    except ImportError:
+        print("(pip install segno to get a QR code here)")
+    else:
+        segno.make(uri, error="m").terminal(compact=True)
+    sys.stdout.flush()  # a script reading the secret writes the code only once it has seen it
+
+
+def read_code(args: argparse.Namespace) -> str:
+    """The code the app shows now: asked on the terminal, or one line of standard input (--code-stdin)."""
+    if args.code_stdin:
+        return sys.stdin.readline().strip()
+    try:
+        return input("The 6-digit code the app shows now: ").strip()
+    except EOFError:
+        raise CliError("no code given; nothing changed") from None
+
+
 def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
-    """Enroll a user in two-factor login (a new secret each time), or --remove it."""
-    prepare_data_dir(settings.data_dir)
+    """Turn on two-factor login once a code from the new secret shows the user's app holds it (a new
+    secret each time, replacing an old one only then), or --remove it."""
     store = TotpStore(settings.data_dir / "totp")
     if args.remove:
         if not store.remove(args.name):
@@ -5545,14 +5571,18 @@ def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if open_users(settings).fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}; create it first with: python ezauth.py passwd {args.name}")
-    uri = totp_uri(args.name, store.enroll(args.name))
-    print(f"{args.name} now needs a 6-digit code after the password. Add this to an authenticator app:\n{uri}")
-    try:
-        import segno
-    except ImportError:
-        print("(pip install segno to get a QR code here)")
-    else:
-        segno.make(uri, error="m").terminal(compact=True)
+    if not args.code_stdin and not sys.stdin.isatty():
+        raise CliError("no terminal to ask for a code on; pipe it in with --code-stdin once the secret is printed")
+    secret = secrets.token_bytes(20)
+    show_secret(args.name, secret)
+    if store.enrolled(args.name):
+        print(f"{args.name} has a second factor already; a right code from this new secret replaces it.", flush=True)
+    code = read_code(args).replace(" ", "")
+    step = matching_step(secret, code, time.time(), -1) if CODE_RE.fullmatch(code) else None
+    if step is None:
+        raise CliError("that is not this secret's code now (is the phone's clock right?); nothing changed")
+    store.enroll(args.name, secret, used_step=step)  # the code just typed cannot log anyone in
+    print(f"two-factor login is on for {args.name}: after the password, the login page asks for a code")
     return 0
 
 
@@ -5883,7 +5913,10 @@ def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("users", parents=[common], help="list users")
     totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
     totp_p.add_argument("name")
-    totp_p.add_argument("--remove", action="store_true", help="log in with the password alone again")
+    totp_how = totp_p.add_mutually_exclusive_group()
+    totp_how.add_argument("--code-stdin", action="store_true",
+                          help="read the code from one line of standard input, written once the secret is printed")
+    totp_how.add_argument("--remove", action="store_true", help="log in with the password alone again")
     sessions_p = sub.add_parser("sessions", parents=[common], help="list live sessions (of NAME), or end them")
     sessions_p.add_argument("name", nargs="?")
     ending = sessions_p.add_mutually_exclusive_group()
