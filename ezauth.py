@@ -3007,17 +3007,22 @@ LOGOUT_PAGE = string.Template("""<!doctype html>
 
 
 # Pieces of the account page, each rendered through `render` (so escaped there) and then
-# placed into the page as Markup.
+# placed into the page as Markup. A cell's data-label names its column on a phone, where each row
+# stands alone (login.css); a <time> shows UTC until login.js puts it in the browser's own zone.
 SESSION_ROW = string.Template(
-    '<tr$current><td>$agent$here</td><td>$ip</td><td><time datetime="$last_seen_iso">$last_seen</time></td>'
-    '<td><time datetime="$created_iso">$created</time></td><td>$end</td></tr>')
+    '<tr$current><td data-label="$t_device">$agent$here</td><td data-label="$t_ip">$ip</td>'
+    '<td data-label="$t_last_seen">$last_seen</td><td data-label="$t_created">$created</td>'
+    '<td class="end">$end</td></tr>')
+TIME = string.Template('<time datetime="$iso">$shown</time>')
 THIS_DEVICE = string.Template(' <strong class="here">$t_this_device</strong>')
 POST_BUTTON = string.Template(
     '<form method="post" action="$action" class="inline"><input type="hidden" name="csrf" value="$csrf">'
     '<input type="hidden" name="action" value="$what"><input type="hidden" name="$name" value="$value">'
     '<button type="submit" class="button quiet small">$label</button></form>')
 TOKEN_ROW = string.Template(
-    "<tr><td>$label</td><td>$created</td><td>$last_used</td><td>$expires</td><td>$scope</td><td>$revoke</td></tr>")
+    '<tr><td data-label="$t_label">$label</td><td data-label="$t_created">$created</td>'
+    '<td data-label="$t_last_used">$last_used</td><td data-label="$t_expires">$expires</td>'
+    '<td data-label="$t_scope">$scope</td><td class="end">$revoke</td></tr>')
 EMPTY_ROW = string.Template('<tr><td colspan="$columns" class="muted">$text</td></tr>')
 NEW_TOKEN = string.Template(
     '<div class="new-token"><p>$t_token_once</p><input id="new-token" type="text" readonly value="$secret" '
@@ -3093,6 +3098,14 @@ def format_time(when: float | None, lang: str) -> str:
     if when is None:
         return PAGE_TEXT[lang]["word_never"]
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
+def time_element(when: float | None, lang: str) -> Markup | str:
+    """A moment on the account page: a <time> the browser can show in its own zone, or "never"."""
+    if when is None:
+        return PAGE_TEXT[lang]["word_never"]
+    return render(TIME, lang, {"iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+                               "shown": format_time(when, lang)})
 
 
 def qr_data_uri(text: str) -> tuple[str, int] | None:
@@ -3217,15 +3230,14 @@ class Pages:
         return render(SESSION_ROW, lang, {
             "current": Markup(' class="current"') if here else Markup(), "agent": record.agent,
             "here": render(THIS_DEVICE, lang, {}) if here else Markup(), "ip": record.ip,
-            "last_seen": format_time(record.last_seen, lang), "created": format_time(record.created, lang),
-            "last_seen_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.last_seen)),
-            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)), "end": end})
+            "last_seen": time_element(record.last_seen, lang), "created": time_element(record.created, lang),
+            "end": end})
 
     @staticmethod
     def token_row(lang: str, form: Mapping[str, str], token: ApiToken) -> Markup:
         return render(TOKEN_ROW, lang, {
-            "label": token.label, "created": format_time(token.created, lang),
-            "last_used": format_time(token.last_used, lang), "expires": format_time(token.expires, lang),
+            "label": token.label, "created": time_element(token.created, lang),
+            "last_used": time_element(token.last_used, lang), "expires": time_element(token.expires, lang),
             "scope": " ".join(token.paths) or PAGE_TEXT[lang]["word_everywhere"],
             "revoke": render(POST_BUTTON, lang, {**form, "what": "token_revoke", "name": "id", "value": token.id,
                                                  "label": PAGE_TEXT[lang]["t_revoke"]})})
