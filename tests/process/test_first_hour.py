@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +16,15 @@ import pytest
 
 import ezauth
 from tests.support.basics import PASSWORD, clean_env, free_port, wait_until
-from tests.support.process import TOKEN_RE, add_user, copy_ezauth, data_dir_line, run_cli
+from tests.support.process import (
+    TOKEN_RE,
+    add_user,
+    copy_ezauth,
+    data_dir_line,
+    readme_units,
+    run_cli,
+    verify_units,
+)
 
 
 def two_data_dirs(stray: Path, default: Path) -> str:
@@ -205,3 +214,25 @@ def test_gunicorn_logs_the_start_line_as_each_worker_loads_the_app(tmp_path, gun
         proc.wait(timeout=15)
     assert proc.returncode == 0, log_path.read_text()
     assert os.path.isdir(data) and not (script.parent / "ezauth-data").exists()
+
+
+# -- The README's systemd unit --------------------------------------------------------------------------
+
+
+def test_the_readmes_systemd_unit_is_hardened_stops_for_good_on_what_a_restart_cannot_fix_and_verifies(tmp_path):
+    units = readme_units("Running it for good")
+    assert sorted(units) == ["ezauth.service"]
+    unit = units["ezauth.service"]
+    keys = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
+    data_dir = keys["Environment"].removeprefix("EZAUTH_DATA_DIR=")
+    assert data_dir == f"/var/lib/{keys['StateDirectory']}" == "/var/lib/ezauth"  # writable under strict
+    assert {k: keys[k] for k in ("ProtectSystem", "NoNewPrivileges", "PrivateTmp", "Restart")} == {
+        "ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes", "Restart": "on-failure"}
+    # What a restart cannot fix: a bad setting or two data dirs (2), a data dir it cannot use (3).
+    assert sorted(keys["RestartPreventExitStatus"].split()) == sorted(
+        {str(ezauth.UsageError.code), str(ezauth.DataDirUnusable.code)})
+    command = shlex.split(keys["ExecStart"])
+    assert command[:2] == ["/opt/ezauth/.venv/bin/python", "/opt/ezauth/ezauth.py"]
+    assert ezauth.build_parser().parse_args(command[2:]).command == "serve"
+    done = verify_units(units, tmp_path)
+    assert done.returncode == 0 and "ezauth.service" not in done.stderr, done.stderr

@@ -34,6 +34,7 @@ from tests.support.basics import (
     form_field,
     free_port,
     parse_set_cookie,
+    require_tool,
     wait_until,
 )
 
@@ -289,3 +290,25 @@ def findings(done: subprocess.CompletedProcess, level: str | None = None) -> lis
     found = done.stdout.splitlines()[:-1]
     return [line for line in found if level is None or line.startswith(f"{level} ")]
 
+
+
+# -- The README's systemd units -------------------------------------------------------------------------
+
+
+def readme_units(section: str) -> dict[str, str]:
+    """The systemd units the README's SECTION writes out: file name -> text."""
+    text = (HERE / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^`/etc/systemd/system/([\w.-]+)`:\n\n```ini\n(.*?)```", text, re.M | re.S))
+
+
+def verify_units(units: dict[str, str], where: Path) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` on UNITS with /opt/ezauth's paths filled in for this checkout, as an
+    install would have them. Skips without systemd-analyze, saying how to install it; fails instead
+    under EZAUTH_REQUIRE_NGINX=1, which CI sets."""
+    analyze = require_tool("systemd-analyze", "EZAUTH_REQUIRE_NGINX", "systemd")
+    for name, text in units.items():
+        text = text.replace("/opt/ezauth/.venv/bin/python", sys.executable)
+        text = text.replace("/opt/ezauth/ezauth.py", str(EZAUTH)).replace("/opt/ezauth", str(HERE))
+        (where / name).write_text(text)
+    return subprocess.run([analyze, "verify", *(str(where / name) for name in units)], capture_output=True,
+                          text=True, timeout=60)
