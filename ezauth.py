@@ -237,8 +237,8 @@ class Settings:
     port: int = field(default=2424, metadata=spec(
         "port to listen on", parse_int, check_port))
     data_dir: Path = field(default=HERE / DATA_DIR_NAME, metadata=spec(
-        "where all state lives: by default the folder ezauth-data beside ezauth.py, wherever a command runs",
-        parse_path, shown=DATA_DIR_NAME))
+        "where all state lives: by default the folder ezauth-data beside ezauth.py, wherever a "
+        "command runs", parse_path, shown=DATA_DIR_NAME))
     session_ttl: int = field(default=1800, metadata=spec(
         "a session ends after this many seconds without use (renewed while in use)", parse_int, check_positive))
     remember_ttl: int = field(default=2592000, metadata=spec(
@@ -276,8 +276,8 @@ class Settings:
     lang: str = field(default="", metadata=spec(
         "`en` or `zh-CN` (unset: from the browser)", parse_lang, check_lang, shown="unset"))
     counter: bool = field(default=True, metadata=spec(
-        "`0` turns the visit counter off: nothing counted, no counter.txt, no line under the login form",
-        parse_bool, check_bool))
+        "`0` turns the visit counter off: nothing counted, no counter.txt, no line under the login "
+        "form", parse_bool, check_bool))
     access_log: bool = field(default=False, metadata=spec(
         "`1` logs every request, verify included", parse_bool, check_bool))
     metrics: bool = field(default=False, metadata=spec(
@@ -386,10 +386,10 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def read_env_files() -> dict[str, str]:
-    """The .env beside ezauth.py, overridden variable by variable by the working directory's when that
-    is another file. One beside ezauth.py that cannot be read stops (SettingsError): it is the install's
-    own. The working directory's only warns: a command run from a folder it cannot read (`sudo -u
-    ezauth ...` from your home) still knows its settings."""
+    """The .env beside ezauth.py, overridden variable by variable by the working directory's when
+    that is another file. One beside ezauth.py that cannot be read stops (SettingsError): it is the
+    install's own. The working directory's only warns: a command run from a folder it cannot read
+    (`sudo -u ezauth ...` from your home) still knows its settings."""
     values = read_env_file(HERE / ENV_FILE)
     try:
         here = Path.cwd() / ENV_FILE
@@ -401,7 +401,8 @@ def read_env_files() -> dict[str, str]:
     try:
         return {**values, **read_env_file(here)}
     except SettingsError as err:
-        log.warning("event=env_file_unreadable error=%s action=ignored", logval(str(err), limit=None))
+        log.warning("event=env_file_unreadable error=%s action=ignored",
+                    logval(str(err), limit=None))
         return values
 
 
@@ -1417,15 +1418,16 @@ COUNTER_SYNC_EVERY = 60.0  # a power cut loses at most this long of views; a kil
 class VisitCounter:
     """Page views as decimal text in a file, exact across threads and processes. A view rewrites the
     digits in place under the file's own lock: no new file, no fsync per view (the count only grows,
-    so the new digits always cover the old ones); the file reaches the disk once a minute. Turned off
-    (ON false), it counts nothing and never touches the file."""
+    so the new digits always cover the old ones); the file reaches the disk once a minute. Turned
+    off (ON false), it counts nothing and never touches the file."""
 
     def __init__(self, path: Path, clock: Clock, on: bool = True) -> None:
         self.path, self.clock, self.on = path, clock, on
         self._synced = clock()
 
     def increment(self) -> int | None:
-        """Count one visit and return the new total; None when off, or (logged) when the file cannot be used."""
+        """Count one visit and return the new total; None when off, or (logged) when the file
+        cannot be used."""
         if not self.on:
             return None
         try:
@@ -3230,14 +3232,15 @@ class Pages:
         return render(SESSION_ROW, lang, {
             "current": Markup(' class="current"') if here else Markup(), "agent": record.agent,
             "here": render(THIS_DEVICE, lang, {}) if here else Markup(), "ip": record.ip,
-            "last_seen": time_element(record.last_seen, lang), "created": time_element(record.created, lang),
-            "end": end})
+            "last_seen": time_element(record.last_seen, lang),
+            "created": time_element(record.created, lang), "end": end})
 
     @staticmethod
     def token_row(lang: str, form: Mapping[str, str], token: ApiToken) -> Markup:
         return render(TOKEN_ROW, lang, {
             "label": token.label, "created": time_element(token.created, lang),
-            "last_used": time_element(token.last_used, lang), "expires": time_element(token.expires, lang),
+            "last_used": time_element(token.last_used, lang),
+            "expires": time_element(token.expires, lang),
             "scope": " ".join(token.paths) or PAGE_TEXT[lang]["word_everywhere"],
             "revoke": render(POST_BUTTON, lang, {**form, "what": "token_revoke", "name": "id", "value": token.id,
                                                  "label": PAGE_TEXT[lang]["t_revoke"]})})
@@ -5302,8 +5305,9 @@ class UsageError(CliError):
 
 
 class DataDirUnusable(CliError):
-    """A server that cannot use its data dir at start (exit code 3): starting it again changes nothing
-    until someone fixes the disk or the permissions, so the README's systemd unit does not."""
+    """A server that cannot use its data dir at start (exit code 3): starting it again changes
+    nothing until someone fixes the disk or the permissions, so the README's systemd unit does
+    not."""
 
     code = 3
 
@@ -5324,18 +5328,19 @@ def check_data_dir(settings: Settings, make: bool) -> None:
     ezauth.py was the data dir before the default moved there: switching silently would look like a
     lost one (or make a new, empty one). A command that only reads or changes one refuses a data dir
     that does not exist, rather than make an empty one under a mistyped name."""
-    here = Path(DATA_DIR_NAME)
-    if not settings.data_dir_named and os.path.isdir(here) and not same_dir(here, settings.data_dir):
-        raise UsageError(f"two data dirs: {here.absolute()} here and {settings.data_dir} beside ezauth.py, the "
-                         "default; say which with --data-dir DIR or EZAUTH_DATA_DIR=DIR")
-    if not make and not settings.data_dir.is_dir():
-        raise CliError(f"no data dir at {settings.data_dir}; name the one ezauth serves from with --data-dir DIR "
-                       "or EZAUTH_DATA_DIR=DIR (`serve` and `passwd` make a new one)")
+    here, data_dir = Path(DATA_DIR_NAME), settings.data_dir
+    if not settings.data_dir_named and os.path.isdir(here) and not same_dir(here, data_dir):
+        raise UsageError(f"two data dirs: {here.absolute()} here and {data_dir} beside ezauth.py, "
+                         "the default; say which with --data-dir DIR or EZAUTH_DATA_DIR=DIR")
+    if not make and not data_dir.is_dir():
+        raise CliError(f"no data dir at {data_dir}; name the one ezauth serves from with "
+                       "--data-dir DIR or EZAUTH_DATA_DIR=DIR (`serve` and `passwd` make a new "
+                       "one)")
 
 
 def start_service(settings: Settings) -> EzauthApp:
-    """make_app for a server about to start (the built-in one, a gunicorn worker): a data dir it cannot
-    use stops it with DataDirUnusable, naming the file."""
+    """make_app for a server about to start (the built-in one, a gunicorn worker): a data dir it
+    cannot use stops it with DataDirUnusable, naming the file."""
     try:
         return make_app(settings)
     except StoreUnavailable as err:
@@ -5547,8 +5552,8 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def show_secret(name: str, secret: bytes) -> None:
-    """A new two-factor secret as an authenticator app takes it: the secret to type (in groups of four),
-    the otpauth:// URI, and a QR code when segno is installed."""
+    """A new two-factor secret as an authenticator app takes it: the secret to type (in groups of
+    four), the otpauth:// URI, and a QR code when segno is installed."""
     text = base64.b32encode(secret).decode().rstrip("=")
     uri = totp_uri(name, secret)
     print(f"Add this to an authenticator app for {name}: scan the QR code, or type the secret.\n"
@@ -5563,7 +5568,8 @@ def show_secret(name: str, secret: bytes) -> None:
 
 
 def read_code(args: argparse.Namespace) -> str:
-    """The code the app shows now: asked on the terminal, or one line of standard input (--code-stdin)."""
+    """The code the app shows now: asked on the terminal, or read from standard input
+    (--code-stdin)."""
     if args.code_stdin:
         return sys.stdin.readline().strip()
     try:
@@ -5584,17 +5590,21 @@ def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
     if open_users(settings).fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}; create it first with: python ezauth.py passwd {args.name}")
     if not args.code_stdin and not sys.stdin.isatty():
-        raise CliError("no terminal to ask for a code on; pipe it in with --code-stdin once the secret is printed")
+        raise CliError("no terminal to ask for a code on; pipe it in with --code-stdin once the "
+                       "secret is printed")
     secret = secrets.token_bytes(20)
     show_secret(args.name, secret)
     if store.enrolled(args.name):
-        print(f"{args.name} has a second factor already; a right code from this new secret replaces it.", flush=True)
+        print(f"{args.name} has a second factor already; a right code from this new secret "
+              "replaces it.", flush=True)
     code = read_code(args).replace(" ", "")
     step = matching_step(secret, code, time.time(), -1) if CODE_RE.fullmatch(code) else None
     if step is None:
-        raise CliError("that is not this secret's code now (is the phone's clock right?); nothing changed")
+        raise CliError("that is not this secret's code now (is the phone's clock right?); "
+                       "nothing changed")
     store.enroll(args.name, secret, used_step=step)  # the code just typed cannot log anyone in
-    print(f"two-factor login is on for {args.name}: after the password, the login page asks for a code")
+    print(f"two-factor login is on for {args.name}: after the password, the login page asks for "
+          "a code")
     return 0
 
 
@@ -5926,9 +5936,10 @@ def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
     totp_p.add_argument("name")
     totp_how = totp_p.add_mutually_exclusive_group()
-    totp_how.add_argument("--code-stdin", action="store_true",
-                          help="read the code from one line of standard input, written once the secret is printed")
-    totp_how.add_argument("--remove", action="store_true", help="log in with the password alone again")
+    totp_how.add_argument("--code-stdin", action="store_true", help="read the code from one line "
+                          "of standard input, written once the secret is printed")
+    totp_how.add_argument("--remove", action="store_true",
+                          help="log in with the password alone again")
     sessions_p = sub.add_parser("sessions", parents=[common], help="list live sessions (of NAME), or end them")
     sessions_p.add_argument("name", nargs="?")
     ending = sessions_p.add_mutually_exclusive_group()
@@ -6056,16 +6067,16 @@ def load_service() -> EzauthApp:
     check_data_dir(settings, make=True)
     service = start_service(settings)
     announce_first_admin(service.stores.users, sys.stdout.isatty())
-    log.info("event=start server=gunicorn pid=%d data_dir=%s version=%s", os.getpid(), settings.data_dir.resolve(),
-             __version__)
+    log.info("event=start server=gunicorn pid=%d data_dir=%s version=%s", os.getpid(),
+             settings.data_dir.resolve(), __version__)
     return service
 
 
 def __getattr__(name: str) -> EzauthApp:
-    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then. A bad
-    setting, two data dirs to choose from or a data dir that cannot be used stops the worker from
-    booting with the one line `serve` would print, and gunicorn halts rather than start workers that
-    would answer every request with a 500, or could not record a login."""
+    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then.
+    A bad setting, two data dirs to choose from or a data dir that cannot be used stops the worker
+    from booting with the one line `serve` would print, and gunicorn halts rather than start workers
+    that would answer every request with a 500, or could not record a login."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _service_lock:
