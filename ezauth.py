@@ -357,7 +357,8 @@ def shown_default(item: Field[Any], spec: Spec) -> str:
 
 def settings_help() -> str:
     """Every setting with its variable and default, for --help."""
-    lines = ["settings (flags of `serve` override EZAUTH_* variables, which override a .env file):"]
+    lines = ["settings (flags of `serve` override EZAUTH_* variables, which override the .env beside "
+             "ezauth.py and, over it, the working directory's):"]
     for item, spec in setting_specs():
         lines.append(f"  {variable(item):<24} {shown_default(item, spec):<14} {spec.help}")
     return "\n".join(lines)
