@@ -293,8 +293,8 @@ class Settings:
         "the login pages' own address, e.g. `https://auth.example.com` (with EZAUTH_COOKIE_DOMAIN): every "
         "ezauth page on an app's host sends the visitor there", parse_portal, shown="unset"))
     legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
-    # Whether EZAUTH_DATA_DIR or --data-dir named the data dir (not a setting): only then is a
-    # ./ezauth-data elsewhere no question (the CLI's check_data_dir).
+    # Whether EZAUTH_DATA_DIR or --data-dir named the data dir (not a setting). When neither did, a
+    # ./ezauth-data where a command runs that is not the default stops it (the CLI's check_data_dir).
     data_dir_named: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -5318,6 +5318,7 @@ MAKES_DATA_DIR = ("serve", "passwd")  # the others refuse one that does not exis
 
 
 def same_dir(one: Path, other: Path) -> bool:
+    """Whether ONE and OTHER are the same directory; False when either is missing."""
     try:
         return os.path.samefile(one, other)
     except OSError:
