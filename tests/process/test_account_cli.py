@@ -8,8 +8,6 @@ import hashlib
 import os
 import re
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import ezauth
 from tests.support.app import build, change, login, new_client, new_token_on, other_code, session_token, tick, verify
 from tests.support.basics import (
     CLIENT_IP,
-    EZAUTH,
     FIREFOX,
     FORWARDED,
     HEALTHZ,
@@ -28,11 +25,10 @@ from tests.support.basics import (
     PASSWORD,
     FakeClock,
     bearer,
-    clean_env,
     shown_time,
     sid_of,
 )
-from tests.support.process import add_user, cli_on_a_terminal, cli_token, run_cli, terminal_output_until
+from tests.support.process import add_user, cli_on_a_terminal, cli_token, cli_totp, run_cli, terminal_output_until
 
 
 def test_deleting_a_user_ends_their_sessions_in_every_worker(data_dir, clock):
@@ -258,23 +254,9 @@ def test_totp_cli_on_a_terminal_shows_the_secret_and_turns_on_only_with_a_right_
 def test_totp_cli_with_code_stdin_lets_a_script_read_the_secret_then_write_the_code(tmp_path):
     data = tmp_path / "data"
     add_user(data, "carol")
-    proc = subprocess.Popen([sys.executable, str(EZAUTH), "totp", "carol", "--code-stdin", "--data-dir", str(data)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env(), cwd=tmp_path)
-    try:
-        seen = ""
-        while not SECRET_RE.search(seen):  # the secret comes before the command reads anything
-            line = proc.stdout.readline()
-            assert line, seen
-            seen += line
-        out, err = proc.communicate(f"{ezauth.totp(secret_shown(seen), time.time())}\n", timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.returncode == 0, err
-    assert out.endswith("two-factor login is on for carol: after the password, the login page asks for a code\n")
-    assert totp_line(data, "carol")[0] == secret_shown(seen)
+    secret, printed = cli_totp(data, "carol")  # reads up to the secret before it writes the code
+    assert printed.endswith("two-factor login is on for carol: after the password, the login page asks for a code\n")
+    assert secret_shown(printed) == secret and totp_line(data, "carol")[0] == secret
 
 
 def test_totp_cli_refuses_without_a_terminal_and_a_wrong_code_keeps_the_old_secret(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -23,6 +24,7 @@ from email.message import Message
 from pathlib import Path
 from urllib.parse import urlencode
 
+import ezauth
 from tests.support.basics import (
     EZAUTH,
     HERE,
@@ -79,6 +81,31 @@ def terminal_output_until(reader: int, marker: str, timeout: float = 15) -> str:
             seen += os.read(reader, 65536).decode(errors="replace")
     assert marker in seen, seen
     return seen
+
+
+OTPAUTH_SECRET_RE = re.compile(r"otpauth://totp/\S*\?secret=([A-Z2-7]+)&")
+
+
+def cli_totp(data_dir: Path, user: str = "alice") -> tuple[bytes, str]:
+    """`totp USER --code-stdin` through the real CLI as a script drives it: read the secret it prints,
+    then write the code an app would show now. (The secret, and everything it printed.)"""
+    proc = subprocess.Popen([sys.executable, str(EZAUTH), "totp", user, "--code-stdin", "--data-dir", str(data_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), cwd=data_dir.parent)
+    try:
+        seen = ""
+        while not (found := OTPAUTH_SECRET_RE.search(seen)):  # the secret comes before it reads anything
+            line = proc.stdout.readline()
+            assert line, (seen, proc.stderr.read())
+            seen += line
+        secret = base64.b32decode(found[1] + "=" * (-len(found[1]) % 8))
+        out, err = proc.communicate(f"{ezauth.totp(secret, time.time())}\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    return secret, seen + out
 
 
 def copy_ezauth(where: Path) -> Path:
