@@ -83,7 +83,14 @@ def terminal_output_until(reader: int, marker: str, timeout: float = 15) -> str:
     return seen
 
 
-OTPAUTH_SECRET_RE = re.compile(r"otpauth://totp/\S*\?secret=([A-Z2-7]+)&")
+OTPAUTH_SECRET_RE = re.compile(r"otpauth://totp/\S*\?secret=([A-Z2-7]{32})&")
+
+
+def secret_printed(output: str) -> bytes:
+    """The two-factor secret of the otpauth:// URI the totp command printed."""
+    found = OTPAUTH_SECRET_RE.search(output)
+    assert found, output
+    return base64.b32decode(found[1] + "=" * (-len(found[1]) % 8))
 
 
 def cli_totp(data_dir: Path, user: str = "alice") -> tuple[bytes, str]:
@@ -94,11 +101,11 @@ def cli_totp(data_dir: Path, user: str = "alice") -> tuple[bytes, str]:
                             env=clean_env(), cwd=data_dir.parent)
     try:
         seen = ""
-        while not (found := OTPAUTH_SECRET_RE.search(seen)):  # the secret comes before it reads anything
+        while not OTPAUTH_SECRET_RE.search(seen):  # the secret comes before it reads anything
             line = proc.stdout.readline()
             assert line, (seen, proc.stderr.read())
             seen += line
-        secret = base64.b32decode(found[1] + "=" * (-len(found[1]) % 8))
+        secret = secret_printed(seen)
         out, err = proc.communicate(f"{ezauth.totp(secret, time.time())}\n", timeout=30)
     finally:
         if proc.poll() is None:
