@@ -87,6 +87,7 @@ def warn_once(key: str, message: str, *args: object) -> None:
 # the settings list in --help (and a test holds the README's table to it).
 
 ENV_FILE = ".env"
+DATA_DIR_NAME = "ezauth-data"
 LEGACY_IGNORED = ("SECRET_KEY", "LAST_UPDATED")  # from the original blog post's .env
 COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DOMAIN_RE = re.compile(r"\.?([a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
@@ -235,8 +236,9 @@ class Settings:
         "address to listen on (`::` for IPv6 and IPv4)", parse_word))
     port: int = field(default=2424, metadata=spec(
         "port to listen on", parse_int, check_port))
-    data_dir: Path = field(default=Path("ezauth-data"), metadata=spec(
-        "where all state lives", parse_path, shown="./ezauth-data"))
+    data_dir: Path = field(default=HERE / DATA_DIR_NAME, metadata=spec(
+        "where all state lives: by default the folder ezauth-data beside ezauth.py, wherever a "
+        "command runs", parse_path, shown=DATA_DIR_NAME))
     session_ttl: int = field(default=1800, metadata=spec(
         "a session ends after this many seconds without use (renewed while in use)", parse_int, check_positive))
     remember_ttl: int = field(default=2592000, metadata=spec(
@@ -273,6 +275,9 @@ class Settings:
         shown="unset"))
     lang: str = field(default="", metadata=spec(
         "`en` or `zh-CN` (unset: from the browser)", parse_lang, check_lang, shown="unset"))
+    counter: bool = field(default=True, metadata=spec(
+        "`0` turns the visit counter off: nothing counted, no counter.txt, no line under the login "
+        "form", parse_bool, check_bool))
     access_log: bool = field(default=False, metadata=spec(
         "`1` logs every request, verify included", parse_bool, check_bool))
     metrics: bool = field(default=False, metadata=spec(
@@ -288,6 +293,9 @@ class Settings:
         "the login pages' own address, e.g. `https://auth.example.com` (with EZAUTH_COOKIE_DOMAIN): every "
         "ezauth page on an app's host sends the visitor there", parse_portal, shown="unset"))
     legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
+    # Whether EZAUTH_DATA_DIR or --data-dir named the data dir (not a setting). When neither did, a
+    # ./ezauth-data where a command runs that is not the default stops it (the CLI's check_data_dir).
+    data_dir_named: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for item, spec in setting_specs():
@@ -308,9 +316,10 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None,
                  env_file: Path | None = None) -> Settings:
-        """Flags override environment variables, which override a .env file in the working directory."""
+        """Flags override environment variables, which override the .env files (read_env_files);
+        ENV_FILE names the one .env file to read instead."""
         environ = os.environ if environ is None else environ
-        dotenv = read_env_file(env_file or Path(ENV_FILE))
+        dotenv = read_env_file(env_file) if env_file else read_env_files()
         merged = {**dotenv, **{k: v for k, v in environ.items() if k.startswith("EZAUTH_")}}
         values: dict[str, Any] = {}
         for item, spec in setting_specs():
@@ -318,6 +327,7 @@ class Settings:
                 values[item.name] = spec.parse(variable(item), merged[variable(item)])
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         values["legacy_users"] = legacy_users(dotenv)
+        values["data_dir_named"] = "data_dir" in values
         known = {variable(item) for item, _ in setting_specs()}
         for name in sorted(k for k in merged if k.startswith("EZAUTH_") and k not in known):
             log.warning("event=setting_unknown name=%s note=ignored_see_python_ezauth.py_--help", logval(name))
@@ -347,7 +357,8 @@ def shown_default(item: Field[Any], spec: Spec) -> str:
 
 def settings_help() -> str:
     """Every setting with its variable and default, for --help."""
-    lines = ["settings (flags of `serve` override EZAUTH_* variables, which override a .env file):"]
+    lines = ["settings (flags of `serve` override EZAUTH_* variables, which override the .env beside "
+             "ezauth.py and, over it, the working directory's):"]
     for item, spec in setting_specs():
         lines.append(f"  {variable(item):<24} {shown_default(item, spec):<14} {spec.help}")
     return "\n".join(lines)
@@ -373,6 +384,27 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         values[key.strip()] = value
     return values
+
+
+def read_env_files() -> dict[str, str]:
+    """The .env beside ezauth.py, overridden variable by variable by the working directory's when
+    that is another file. One beside ezauth.py that cannot be read stops (SettingsError): it is the
+    install's own. The working directory's only warns: a command run from a folder it cannot read
+    (`sudo -u ezauth ...` from your home) still knows its settings."""
+    values = read_env_file(HERE / ENV_FILE)
+    try:
+        here = Path.cwd() / ENV_FILE
+    except OSError:  # the working directory was removed
+        return values
+    with contextlib.suppress(OSError):
+        if here.samefile(HERE / ENV_FILE):
+            return values
+    try:
+        return {**values, **read_env_file(here)}
+    except SettingsError as err:
+        log.warning("event=env_file_unreadable error=%s action=ignored",
+                    logval(str(err), limit=None))
+        return values
 
 
 def legacy_users(dotenv: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -1407,14 +1439,18 @@ COUNTER_SYNC_EVERY = 60.0  # a power cut loses at most this long of views; a kil
 class VisitCounter:
     """Page views as decimal text in a file, exact across threads and processes. A view rewrites the
     digits in place under the file's own lock: no new file, no fsync per view (the count only grows,
-    so the new digits always cover the old ones); the file reaches the disk once a minute."""
+    so the new digits always cover the old ones); the file reaches the disk once a minute. Turned
+    off (ON false), it counts nothing and never touches the file."""
 
-    def __init__(self, path: Path, clock: Clock) -> None:
-        self.path, self.clock = path, clock
+    def __init__(self, path: Path, clock: Clock, on: bool = True) -> None:
+        self.path, self.clock, self.on = path, clock, on
         self._synced = clock()
 
     def increment(self) -> int | None:
-        """Count one visit and return the new total; None (logged) when the file cannot be used."""
+        """Count one visit and return the new total; None when off, or (logged) when the file
+        cannot be used."""
+        if not self.on:
+            return None
         try:
             for _ in range(3):  # None: the file was moved aside under us; count in the new one
                 count = self._increment()
@@ -1426,7 +1462,9 @@ class VisitCounter:
             return None
 
     def current(self) -> int | None:
-        """The count without adding a visit; None when it cannot be read."""
+        """The count without adding a visit; None when off or when it cannot be read."""
+        if not self.on:
+            return None
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -2237,7 +2275,8 @@ class Stores:
         registry = SessionRegistry(shared)
         sessions = Sessions(users, keys, registry, settings.session_ttl, settings.remember_ttl,
                             settings.session_max_age)
-        stores = cls(users, keys, registry, sessions, ApiTokens(shared), VisitCounter(data / "counter.txt", clock),
+        counter = VisitCounter(data / "counter.txt", clock, settings.counter)
+        stores = cls(users, keys, registry, sessions, ApiTokens(shared), counter,
                      Throttle(data / "throttle.sqlite3", settings.max_attempts, settings.lockout_window,
                               settings.lockout_time, now),
                      TotpStore(data / "totp"), AccessRules(data / "rules"), private_secret(data / "names.key", now))
@@ -2991,17 +3030,22 @@ LOGOUT_PAGE = string.Template("""<!doctype html>
 
 
 # Pieces of the account page, each rendered through `render` (so escaped there) and then
-# placed into the page as Markup.
+# placed into the page as Markup. A cell's data-label names its column on a phone, where each row
+# stands alone (login.css); a <time> shows UTC until login.js puts it in the browser's own zone.
 SESSION_ROW = string.Template(
-    '<tr$current><td>$agent$here</td><td>$ip</td><td><time datetime="$last_seen_iso">$last_seen</time></td>'
-    '<td><time datetime="$created_iso">$created</time></td><td>$end</td></tr>')
+    '<tr$current><td data-label="$t_device">$agent$here</td><td data-label="$t_ip">$ip</td>'
+    '<td data-label="$t_last_seen">$last_seen</td><td data-label="$t_created">$created</td>'
+    '<td class="end">$end</td></tr>')
+TIME = string.Template('<time datetime="$iso">$shown</time>')
 THIS_DEVICE = string.Template(' <strong class="here">$t_this_device</strong>')
 POST_BUTTON = string.Template(
     '<form method="post" action="$action" class="inline"><input type="hidden" name="csrf" value="$csrf">'
     '<input type="hidden" name="action" value="$what"><input type="hidden" name="$name" value="$value">'
     '<button type="submit" class="button quiet small">$label</button></form>')
 TOKEN_ROW = string.Template(
-    "<tr><td>$label</td><td>$created</td><td>$last_used</td><td>$expires</td><td>$scope</td><td>$revoke</td></tr>")
+    '<tr><td data-label="$t_label">$label</td><td data-label="$t_created">$created</td>'
+    '<td data-label="$t_last_used">$last_used</td><td data-label="$t_expires">$expires</td>'
+    '<td data-label="$t_scope">$scope</td><td class="end">$revoke</td></tr>')
 EMPTY_ROW = string.Template('<tr><td colspan="$columns" class="muted">$text</td></tr>')
 NEW_TOKEN = string.Template(
     '<div class="new-token"><p>$t_token_once</p><input id="new-token" type="text" readonly value="$secret" '
@@ -3077,6 +3121,14 @@ def format_time(when: float | None, lang: str) -> str:
     if when is None:
         return PAGE_TEXT[lang]["word_never"]
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
+def time_element(when: float | None, lang: str) -> Markup | str:
+    """A moment on the account page: a <time> the browser can show in its own zone, or "never"."""
+    if when is None:
+        return PAGE_TEXT[lang]["word_never"]
+    return render(TIME, lang, {"iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+                               "shown": format_time(when, lang)})
 
 
 def qr_data_uri(text: str) -> tuple[str, int] | None:
@@ -3201,15 +3253,15 @@ class Pages:
         return render(SESSION_ROW, lang, {
             "current": Markup(' class="current"') if here else Markup(), "agent": record.agent,
             "here": render(THIS_DEVICE, lang, {}) if here else Markup(), "ip": record.ip,
-            "last_seen": format_time(record.last_seen, lang), "created": format_time(record.created, lang),
-            "last_seen_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.last_seen)),
-            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)), "end": end})
+            "last_seen": time_element(record.last_seen, lang),
+            "created": time_element(record.created, lang), "end": end})
 
     @staticmethod
     def token_row(lang: str, form: Mapping[str, str], token: ApiToken) -> Markup:
         return render(TOKEN_ROW, lang, {
-            "label": token.label, "created": format_time(token.created, lang),
-            "last_used": format_time(token.last_used, lang), "expires": format_time(token.expires, lang),
+            "label": token.label, "created": time_element(token.created, lang),
+            "last_used": time_element(token.last_used, lang),
+            "expires": time_element(token.expires, lang),
             "scope": " ".join(token.paths) or PAGE_TEXT[lang]["word_everywhere"],
             "revoke": render(POST_BUTTON, lang, {**form, "what": "token_revoke", "name": "id", "value": token.id,
                                                  "label": PAGE_TEXT[lang]["t_revoke"]})})
@@ -5261,16 +5313,67 @@ def check_site(probe: Probe, url: str, cookie: str, probes: Iterable[str], http_
 
 
 class CliError(Exception):
-    """A failed command; the message is its one-line reason."""
+    """A failed command; the message is its one-line reason, CODE its exit code."""
+
+    code = 1
 
 
 class UsageError(CliError):
-    """A command given arguments it cannot use (exit code 2, like argparse's own)."""
+    """A command given arguments it cannot use, or two data dirs to choose from (exit code 2, like
+    argparse's own and a bad setting's)."""
+
+    code = 2
+
+
+class DataDirUnusable(CliError):
+    """A server that cannot use its data dir at start (exit code 3): starting it again changes
+    nothing until someone fixes the disk or the permissions, so the README's systemd unit does
+    not."""
+
+    code = 3
+
+
+NO_DATA_DIR = ("nginx-config", "doctor")  # they read no data dir and make none
+MAKES_DATA_DIR = ("serve", "passwd")  # the others refuse one that does not exist
+
+
+def same_dir(one: Path, other: Path) -> bool:
+    """Whether ONE and OTHER are the same directory; False when either is missing."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
+def check_data_dir(settings: Settings, make: bool) -> None:
+    """Refuse to guess which data dir is meant. A ./ezauth-data here that is not the default beside
+    ezauth.py was the data dir before the default moved there: switching silently would look like a
+    lost one (or make a new, empty one). A command that only reads or changes one refuses a data dir
+    that does not exist, rather than make an empty one under a mistyped name."""
+    here, data_dir = Path(DATA_DIR_NAME), settings.data_dir
+    if not settings.data_dir_named and os.path.isdir(here) and not same_dir(here, data_dir):
+        raise UsageError(f"two data dirs: {here.absolute()} here and {data_dir} beside ezauth.py, "
+                         "the default; say which with --data-dir DIR or EZAUTH_DATA_DIR=DIR")
+    if not make and not data_dir.is_dir():
+        raise CliError(f"no data dir at {data_dir}; name the one ezauth serves from with "
+                       "--data-dir DIR or EZAUTH_DATA_DIR=DIR (`serve` and `passwd` make a new "
+                       "one)")
+
+
+def start_service(settings: Settings) -> EzauthApp:
+    """make_app for a server about to start (the built-in one, a gunicorn worker): a data dir it
+    cannot use stops it with DataDirUnusable, naming the file."""
+    try:
+        return make_app(settings)
+    except StoreUnavailable as err:
+        raise DataDirUnusable(f"cannot use {err.path}: {err.error}") from None
+    except OSError as err:
+        raise DataDirUnusable(f"{err.filename or ''}: {err.strerror or err}") from None
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the built-in server until SIGTERM or Ctrl-C."""
-    service = make_app(settings)
+    service = start_service(settings)
     announce_first_admin(service.stores.users, sys.stdout.isatty())
     try:
         sock = listening_socket(settings.host, settings.port)
@@ -5335,12 +5438,10 @@ def read_new_password(args: argparse.Namespace) -> str:
 
 
 def open_users(settings: Settings) -> Users:
-    prepare_data_dir(settings.data_dir)
     return Users(settings.data_dir / "users")
 
 
 def open_registry(settings: Settings) -> tuple[SessionRegistry, ApiTokens]:
-    prepare_data_dir(settings.data_dir)
     db = open_sessions_database(settings.data_dir, time.time())
     return SessionRegistry(db), ApiTokens(db)
 
@@ -5351,6 +5452,7 @@ def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
     if not NAME_RE.fullmatch(args.name):
         raise CliError(f"{args.name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
     password = read_new_password(args)
+    prepare_data_dir(settings.data_dir)
     users = open_users(settings)
     existed = users.fingerprint(args.name) is not None
     users.set_password(args.name, password)
@@ -5463,7 +5565,6 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     """Make a new signing key now; running servers start using it within a few seconds."""
-    prepare_data_dir(settings.data_dir)
     now = time.time()
     key = KeyRing(settings.data_dir / "keys.json", settings.rotate_every, settings.longest_ttl, now).rotate(now)
     if key is None:
@@ -5472,9 +5573,36 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def show_secret(name: str, secret: bytes) -> None:
+    """A new two-factor secret as an authenticator app takes it: the secret to type (in groups of
+    four), the otpauth:// URI, and a QR code when segno is installed."""
+    text = base64.b32encode(secret).decode().rstrip("=")
+    uri = totp_uri(name, secret)
+    print(f"Add this to an authenticator app for {name}: scan the QR code, or type the secret.\n"
+          f"  secret: {' '.join(text[i:i + 4] for i in range(0, len(text), 4))}\n  {uri}")
+    try:
+        import segno
+    except ImportError:
+        print("(pip install segno to get a QR code here)")
+    else:
+        segno.make(uri, error="m").terminal(compact=True)
+    sys.stdout.flush()  # a script reading the secret writes the code only once it has seen it
+
+
+def read_code(args: argparse.Namespace) -> str:
+    """The code the app shows now: asked on the terminal, or read from standard input
+    (--code-stdin)."""
+    if args.code_stdin:
+        return sys.stdin.readline().strip()
+    try:
+        return input("The 6-digit code the app shows now: ").strip()
+    except EOFError:
+        raise CliError("no code given; nothing changed") from None
+
+
 def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
-    """Enroll a user in two-factor login (a new secret each time), or --remove it."""
-    prepare_data_dir(settings.data_dir)
+    """Turn on two-factor login once a code from the new secret shows the user's app holds it (a new
+    secret each time, replacing an old one only then), or --remove it."""
     store = TotpStore(settings.data_dir / "totp")
     if args.remove:
         if not store.remove(args.name):
@@ -5483,14 +5611,22 @@ def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if open_users(settings).fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}; create it first with: python ezauth.py passwd {args.name}")
-    uri = totp_uri(args.name, store.enroll(args.name))
-    print(f"{args.name} now needs a 6-digit code after the password. Add this to an authenticator app:\n{uri}")
-    try:
-        import segno
-    except ImportError:
-        print("(pip install segno to get a QR code here)")
-    else:
-        segno.make(uri, error="m").terminal(compact=True)
+    if not args.code_stdin and not sys.stdin.isatty():
+        raise CliError("no terminal to ask for a code on; pipe it in with --code-stdin once the "
+                       "secret is printed")
+    secret = secrets.token_bytes(20)
+    show_secret(args.name, secret)
+    if store.enrolled(args.name):
+        print(f"{args.name} has a second factor already; a right code from this new secret "
+              "replaces it.", flush=True)
+    code = read_code(args).replace(" ", "")
+    step = matching_step(secret, code, time.time(), -1) if CODE_RE.fullmatch(code) else None
+    if step is None:
+        raise CliError("that is not this secret's code now (is the phone's clock right?); "
+                       "nothing changed")
+    store.enroll(args.name, secret, used_step=step)  # the code just typed cannot log anyone in
+    print(f"two-factor login is on for {args.name}: after the password, the login page asks for "
+          "a code")
     return 0
 
 
@@ -5821,7 +5957,11 @@ def add_user_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("users", parents=[common], help="list users")
     totp_p = sub.add_parser("totp", parents=[common], help="ask NAME for an authenticator code after the password")
     totp_p.add_argument("name")
-    totp_p.add_argument("--remove", action="store_true", help="log in with the password alone again")
+    totp_how = totp_p.add_mutually_exclusive_group()
+    totp_how.add_argument("--code-stdin", action="store_true", help="read the code from one line "
+                          "of standard input, written once the secret is printed")
+    totp_how.add_argument("--remove", action="store_true",
+                          help="log in with the password alone again")
     sessions_p = sub.add_parser("sessions", parents=[common], help="list live sessions (of NAME), or end them")
     sessions_p.add_argument("name", nargs="?")
     ending = sessions_p.add_mutually_exclusive_group()
@@ -5844,11 +5984,11 @@ def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     token_sub.add_parser("revoke", parents=[common], help="revoke a token by its id").add_argument("id")
 
 
-def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_nginx_config_command(sub: Any) -> None:
     """nginx-config: --listen, --server-name, --tls-cert and --tls-key after an --app are that app's;
     before the first --app they are every app's."""
     nginx_p = sub.add_parser(
-        "nginx-config", parents=[common], help="print nginx.conf.example filled in, for one app or several",
+        "nginx-config", help="print nginx.conf.example filled in, for one app or several",
         epilog="e.g. nginx-config --app http://127.0.0.1:7860 --listen 8080 --app http://127.0.0.1:8888 --listen 8081")
     nginx_p.add_argument("--app", action=InOrder, help="a protected app, e.g. http://127.0.0.1:7860 (repeatable)")
     nginx_p.add_argument("--listen", action=InOrder, help="where nginx listens for it: a port (80), ADDR:PORT "
@@ -5866,8 +6006,8 @@ def add_nginx_config_command(sub: Any, common: argparse.ArgumentParser) -> None:
                          "unix:/path (default: EZAUTH_HOST and EZAUTH_PORT)")
 
 
-def add_doctor_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    doctor_p = sub.add_parser("doctor", parents=[common], help="check that a protected site lets nobody in unasked")
+def add_doctor_command(sub: Any) -> None:
+    doctor_p = sub.add_parser("doctor", help="check that a protected site lets nobody in unasked")
     doctor_p.add_argument("url", type=doctor_url, metavar="URL", help="the protected site, e.g. https://sd.example.com/")
     doctor_p.add_argument("--user", metavar="NAME", help="also log in as NAME (the password: one line on standard "
                           "input), land on URL, log out")
@@ -5902,13 +6042,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_commands(sub, common)
     add_token_commands(sub, common)
     sub.add_parser("rotate", parents=[common], help="make a new signing key now (sessions stay valid)")
-    add_nginx_config_command(sub, common)
-    add_doctor_command(sub, common)
+    add_nginx_config_command(sub)
+    add_doctor_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes: 0 ok, 1 failure, 2 usage error."""
+    """The command line; exit codes: 0 ok, 1 failure, 2 usage error or bad setting, 3 a server that
+    cannot use its data dir."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]
@@ -5917,13 +6058,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s ezauth %(levelname)s %(message)s")
     try:
         settings = Settings.from_env(flags=setting_flags(args))
+        if args.command not in NO_DATA_DIR:
+            check_data_dir(settings, make=args.command in MAKES_DATA_DIR)
+        if args.command not in (*NO_DATA_DIR, "serve"):  # serve's start line names it
+            print(f"ezauth: data dir {settings.data_dir.resolve()}", file=sys.stderr, flush=True)
         return COMMANDS[args.command](args, settings)
-    except (SettingsError, UsageError) as err:
+    except SettingsError as err:
         print(f"ezauth: {err}", file=sys.stderr)
         return 2
     except CliError as err:
         print(f"ezauth: {err}", file=sys.stderr)
-        return 1
+        return err.code
     except StoreUnavailable as err:
         print(f"ezauth: cannot use {err.path}: {err.error}; this command did not finish, run it again once "
               "that is fixed", file=sys.stderr)
@@ -5937,22 +6082,33 @@ GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts inst
 _service_lock = threading.Lock()
 
 
+def load_service() -> EzauthApp:
+    """The app as gunicorn's worker loads it, from the environment and the .env files, checked as
+    `serve` checks its own; its start line names the data dir."""
+    settings = Settings.from_env()
+    check_data_dir(settings, make=True)
+    service = start_service(settings)
+    announce_first_admin(service.stores.users, sys.stdout.isatty())
+    log.info("event=start server=gunicorn pid=%d data_dir=%s version=%s", os.getpid(),
+             settings.data_dir.resolve(), __version__)
+    return service
+
+
 def __getattr__(name: str) -> EzauthApp:
-    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then, from
-    the environment. A data dir that cannot be written stops the worker from booting with one line
-    naming it, and gunicorn halts rather than start workers that could not record a login."""
+    """`gunicorn 'ezauth:app'`: gunicorn looks `app` up as each worker boots, and it is built then.
+    A bad setting, two data dirs to choose from or a data dir that cannot be used stops the worker
+    from booting with the one line `serve` would print, and gunicorn halts rather than start workers
+    that would answer every request with a 500, or could not record a login."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _service_lock:
         if "app" not in globals():
             logging.basicConfig(level=logging.INFO, format="%(asctime)s ezauth %(levelname)s %(message)s")
             try:
-                service = make_app(Settings.from_env())
-            except StoreUnavailable as err:
-                print(f"ezauth: cannot use {err.path}: {err.error}", file=sys.stderr, flush=True)
+                globals()["app"] = load_service()
+            except (SettingsError, CliError) as err:
+                print(f"ezauth: {err}", file=sys.stderr, flush=True)
                 raise SystemExit(GUNICORN_APP_LOAD_ERROR) from None
-            announce_first_admin(service.stores.users, sys.stdout.isatty())
-            globals()["app"] = service
     return cast(EzauthApp, globals()["app"])
 
 

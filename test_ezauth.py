@@ -912,7 +912,8 @@ def test_cookie_values(header, expected):
 
 def test_settings_defaults_match_the_documentation(tmp_path):
     s = Settings.from_env(environ={}, env_file=tmp_path / "missing.env")
-    assert (s.host, s.port, s.data_dir) == ("127.0.0.1", 2424, Path("ezauth-data"))
+    assert (s.host, s.port, s.data_dir) == ("127.0.0.1", 2424, ezauth.HERE / "ezauth-data")  # not ./ezauth-data
+    assert (s.data_dir_named, s.counter) == (False, True)
     assert (s.session_ttl, s.remember_ttl, s.rotate_every) == (1800, 2592000, 86400)
     assert (s.max_attempts, s.lockout_window, s.lockout_time) == (5, 300, 300)
     assert set(s.trusted_proxies) == {ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")}
@@ -929,6 +930,60 @@ def test_flags_override_environment_which_overrides_dotenv(tmp_path):
     assert (from_env.port, from_env.title, from_env.slogan) == (2222, "from env", "dotenv slogan")
     flagged = Settings.from_env(environ=environ, flags={"port": 3333, "host": None}, env_file=env_file)
     assert (flagged.port, flagged.host) == (3333, "127.0.0.1")
+
+
+@pytest.mark.parametrize("where", ["environment", "dotenv", "flag"])
+def test_a_data_dir_named_anywhere_counts_as_named(tmp_path, where):
+    env_file = tmp_path / ".env"
+    env_file.write_text("EZAUTH_DATA_DIR=/srv/a\n" if where == "dotenv" else "")
+    s = Settings.from_env(environ={"EZAUTH_DATA_DIR": "/srv/a"} if where == "environment" else {},
+                          flags={"data_dir": Path("/srv/a")} if where == "flag" else None, env_file=env_file)
+    assert (s.data_dir, s.data_dir_named) == (Path("/srv/a"), True)
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """ezauth.py as if it lived in tmp/opt, run from tmp/home: (its folder, the working directory)."""
+    here, cwd = tmp_path / "opt", tmp_path / "home"
+    here.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(ezauth, "HERE", here)
+    monkeypatch.chdir(cwd)
+    return here, cwd
+
+
+def test_the_dotenv_beside_ezauth_py_is_read_and_the_working_directorys_overrides_it(install):
+    here, cwd = install
+    (here / ".env").write_text("EZAUTH_TITLE=beside\nEZAUTH_SLOGAN=beside too\n")
+    assert (Settings.from_env(environ={}).title, Settings.from_env(environ={}).slogan) == ("beside", "beside too")
+    (cwd / ".env").write_text("EZAUTH_TITLE=here\n")
+    s = Settings.from_env(environ={})
+    assert (s.title, s.slogan) == ("here", "beside too")
+
+
+def test_the_dotenv_beside_ezauth_py_is_read_once_when_it_is_the_working_directorys(install, monkeypatch):
+    here, _ = install
+    (here / ".env").write_text("EZAUTH_TITLE=beside\n")
+    monkeypatch.chdir(here)
+    assert ezauth.read_env_files() == {"EZAUTH_TITLE": "beside"}
+
+
+def test_an_unreadable_dotenv_in_the_working_directory_is_a_warning(install, caplog):
+    """As root every file is readable by mode, so a folder named .env stands in for one that is not:
+    reading either fails with the same OSError."""
+    here, cwd = install
+    (here / ".env").write_text("EZAUTH_TITLE=beside\n")
+    (cwd / ".env").mkdir()
+    assert Settings.from_env(environ={}).title == "beside"
+    assert [line.split(" error=")[0] for line in events(caplog, "env_file_unreadable")] == ["event=env_file_unreadable"]
+    assert str(cwd / ".env") in events(caplog, "env_file_unreadable")[0]
+
+
+def test_an_unreadable_dotenv_beside_ezauth_py_stops_with_one_line_naming_it(install):
+    here, _ = install
+    (here / ".env").mkdir()
+    with pytest.raises(SettingsError, match=re.escape(f"{here / '.env'}: cannot read it")):
+        Settings.from_env(environ={})
 
 
 def test_dotenv_allows_comments_quotes_and_export(tmp_path):
@@ -1830,6 +1885,19 @@ def test_counter_is_shown_in_the_footer_and_counts_each_page_view_once(client, s
     assert visits(2) in client.post(LOGIN, {"username": "alice"}, status=403).text  # shown, not counted
     assert (service.settings.data_dir / "counter.txt").read_text().strip() == "2"
     assert visits(3) in client.get(LOGIN, status=200).text
+
+
+def test_counter_off_counts_nothing_writes_nothing_and_shows_no_line(make_client, settings):
+    """EZAUTH_COUNTER=0: no footer line, no counter.txt (not even an empty one), no metric."""
+    footer = text("msg_visits", count="\x00").split("\x00")[0]
+    _, client = make_client(counter=False, metrics=True)
+    for _ in range(3):
+        page = client.get(LOGIN, status=200)
+        assert footer not in page.text and form_field(page.text, "csrf")
+    assert footer not in client.post(LOGIN, {"username": "alice"}, status=403).text
+    assert "ezauth_visits" not in client.get("/ezauth/metrics", status=200).text
+    assert not (settings.data_dir / "counter.txt").exists()
+    assert Settings.from_env(environ={"EZAUTH_COUNTER": "0"}, env_file=settings.data_dir / "none").counter is False
 
 
 def test_unusable_counter_never_breaks_the_page(client, service, caplog):

@@ -58,6 +58,36 @@
     });
   }
 
+  // The account page's times come in UTC, since the server cannot know the visitor's zone: show
+  // them in the browser's own, the UTC kept as the tooltip. Without script they stay UTC, and say so.
+  function pad(number) {
+    return (number < 10 ? "0" : "") + number;
+  }
+
+  function zoneName(when) {
+    try {
+      var parts = new Intl.DateTimeFormat(root.lang || undefined, { timeZoneName: "short" }).formatToParts(when);
+      for (var i = 0; i < parts.length; i += 1) {
+        if (parts[i].type === "timeZoneName") {
+          return " " + parts[i].value;
+        }
+      }
+    } catch (e) {
+      // No Intl, or a language it does not know: the time is still local, only unnamed.
+    }
+    return "";
+  }
+
+  var times = document.querySelectorAll("time[datetime]");
+  for (var t = 0; t < times.length; t += 1) {
+    var when = new Date(times[t].getAttribute("datetime"));
+    if (!isNaN(when.getTime())) {
+      times[t].title = times[t].textContent;
+      times[t].textContent = when.getFullYear() + "-" + pad(when.getMonth() + 1) + "-" + pad(when.getDate()) +
+        " " + pad(when.getHours()) + ":" + pad(when.getMinutes()) + zoneName(when);
+    }
+  }
+
   // After a failed attempt the username is kept: continue with the password.
   var username = document.getElementById("username");
   var password = document.getElementById("password");

@@ -1,18 +1,35 @@
 """The account page in Chromium against the real server: ending another device's session, changing
-the password, turning on two-factor, making and revoking a token, and axe-core in every state."""
+the password, turning on two-factor, making and revoking a token, axe-core in every state, on a
+390-px phone, and times in the browser's own zone."""
 
 from __future__ import annotations
 
 import base64
+import re
 import time
+from datetime import datetime
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 
 import ezauth
 from tests.support.basics import ACCOUNT, IPHONE, LOGIN, NEW_PASSWORD, PASSWORD, TEXT, VERIFY, bearer
 from tests.support.browser import expect, login_url, open_page, require_axe, run_axe, submit
-from tests.support.process import TOKEN_RE, http_call, real_login
+from tests.support.process import TOKEN_RE, http_call, real_login, run_cli
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 3,
+         "user_agent": IPHONE}
+ZONE = "Asia/Kolkata"  # UTC+5:30: a zone that moves the minutes too, not just the hours
+LONG_IP = "2001:db8:1234:5678:9abc:def0:1234:5678"  # as wide as an address gets in the sessions table
+
+# Everything that would make the page wider than the phone, or hide a button behind a scroll: the
+# document's own scroll, and every scrolling box (the tables' wrappers) whose content is wider than it.
+# A text field scrolling its own text (the new token, longer than the phone is wide) hides no button.
+OVERFLOW = """() => [document.documentElement, ...document.querySelectorAll(':not(input)')]
+    .filter((el) => el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'hidden'
+                    && (el === document.documentElement || getComputedStyle(el).overflowX !== 'visible'))
+    .map((el) => `${el.tagName}#${el.id}.${el.className}: ${el.scrollWidth} > ${el.clientWidth}`)"""
 
 
 def account_url(server) -> str:
@@ -118,12 +135,14 @@ def test_chromium_makes_a_token_on_the_page_that_works_until_revoked(chromium, l
         watch.assert_clean()
 
 
+@pytest.mark.parametrize("screen", ["desktop", "phone"])
 @pytest.mark.parametrize("locale", ["en-US", "zh-CN"])
-def test_chromium_account_page_has_no_axe_violations_in_any_state(chromium, live_server, locale):
+def test_chromium_account_page_has_no_axe_violations_in_any_state(chromium, live_server, locale, screen):
     require_axe()
     found: dict[str, list] = {}
     # bypass_csp only so that axe itself can be injected; the page is unchanged.
-    with open_page(chromium, live_server, locale=locale, bypass_csp=True) as (page, watch):
+    size = PHONE if screen == "phone" else {}
+    with open_page(chromium, live_server, locale=locale, bypass_csp=True, **size) as (page, watch):
         log_in(page, live_server)
         found["sessions"] = run_axe(page)
         click_and_wait(page, "#totp-form button[type=submit]")
@@ -147,3 +166,89 @@ def test_chromium_account_page_has_no_axe_violations_in_any_state(chromium, live
         watch.assert_clean()
     assert {state: [(v["id"], [n["target"] for n in v["nodes"]]) for v in violations]
             for state, violations in found.items()} == {state: [] for state in found}
+
+
+# -- On a phone, and in the browser's own time zone -------------------------------------------------
+
+def busy_account(server) -> None:
+    """alice with another device's session from a long IPv6 address and a token with a long label
+    and paths: the widest rows the page shows."""
+    real_login(server.port, ip=LONG_IP)
+    made = run_cli("token", "add", "alice", "--label", "the nightly image batch on the other machine",
+                   "--path", "/sdapi/v1/txt2img", "--path", "/sdapi/v1/img2img", data_dir=server.data_dir)
+    assert made.returncode == 0, made.stderr
+
+
+def assert_fits_the_phone(page, state: str) -> None:
+    """No horizontal scroll anywhere, and every button on the page inside the 390 px and clickable."""
+    assert page.evaluate(OVERFLOW) == [], state
+    buttons = page.locator("button:visible, a.button:visible")
+    assert buttons.count() >= 3, state
+    for i in range(buttons.count()):
+        button = buttons.nth(i)
+        button.click(trial=True, timeout=5_000)  # visible, enabled, not covered: what a tap needs
+        box = button.bounding_box()
+        name = button.inner_text().strip()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (state, name, box)
+
+
+def test_account_page_fits_a_390_px_phone_with_every_button_visible_in_every_state(chromium, live_server):
+    busy_account(live_server)
+    options = {**PHONE, "permissions": ["clipboard-read", "clipboard-write"]}
+    with open_page(chromium, live_server, **options) as (page, watch):
+        log_in(page, live_server)
+        expect(page.locator("#sessions tbody tr")).to_have_count(2)
+        expect(page.locator("#sessions")).to_contain_text(LONG_IP)
+        end = page.locator("#sessions tbody tr:not(.current)").get_by_role("button", name=TEXT["t_end"])
+        expect(end).to_be_visible()
+        assert_fits_the_phone(page, "sessions and tokens")
+
+        page.fill("#token-label", "phone")
+        page.fill("#token-password", PASSWORD)
+        click_and_wait(page, "#token-form button[type=submit]")
+        expect(page.locator("button[data-copy]")).to_be_visible()
+        assert_fits_the_phone(page, "a new token with its copy button")
+
+        page.goto(account_url(live_server))
+        click_and_wait(page, "#totp-form button[type=submit]")
+        expect(page.locator("#totp-uri")).to_be_visible()
+        assert_fits_the_phone(page, "two-factor set-up")
+
+        click_and_wait(page, end)  # the button that used to be cut off works
+        expect(page.locator("#account-notice")).to_have_text(TEXT["msg_session_ended"])
+        assert_fits_the_phone(page, "after ending the other session")
+        watch.assert_clean()
+
+
+def test_account_page_times_are_in_the_browsers_zone_and_stay_utc_without_javascript(chromium, live_server):
+    """The server cannot know the visitor's zone: its HTML says UTC in every <time>, and login.js
+    shows each in the zone the browser runs in (Playwright's timezone_id), keeping the UTC as the
+    tooltip. Without JavaScript the page shows the server's UTC."""
+    busy_account(live_server)
+    cookie = real_login(live_server.port).cookie()
+    served = http_call(live_server.port, "GET", ACCOUNT, headers={"Cookie": f"ezauth={cookie}"}).text
+    stamps = re.findall(r'<time datetime="([0-9T:-]+Z)">([^<]+)</time>', served)
+    assert len(stamps) == 5, served  # last seen and created of both sessions, created of the token
+    assert all(shown == utc_text(iso) for iso, shown in stamps), stamps
+
+    with open_page(chromium, live_server, timezone_id=ZONE) as (page, watch):
+        log_in(page, live_server)
+        times = page.locator("time[datetime]")
+        expect(times.first).not_to_contain_text("UTC")  # login.js has run
+        seen = [(t.get_attribute("datetime"), t.inner_text(), t.get_attribute("title")) for t in times.all()]
+        assert len(seen) >= 5, seen
+        for iso, text, title in seen:
+            local = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(ZoneInfo(ZONE))
+            assert text == local.strftime("%Y-%m-%d %H:%M GMT+5:30") and title == utc_text(iso), (iso, text, title)
+        watch.assert_clean()
+
+    with open_page(chromium, live_server, timezone_id=ZONE, java_script_enabled=False) as (page, watch):
+        log_in(page, live_server)
+        seen = [(t.get_attribute("datetime"), t.inner_text()) for t in page.locator("time[datetime]").all()]
+        assert len(seen) >= 5 and all(text == utc_text(iso) for iso, text in seen), seen
+        watch.assert_clean()
+
+
+def utc_text(iso: str) -> str:
+    """A <time>'s datetime as the server writes it for people: "2026-12-01 09:30 UTC"."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M UTC")

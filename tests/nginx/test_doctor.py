@@ -59,7 +59,7 @@ def shipped(nginx_bin, tmp_path_factory) -> Iterator[Stack]:
 
 def test_the_shipped_config_is_all_ok_and_the_app_never_hears_from_the_doctor(shipped):
     url, seen = site_url(shipped), len(shipped.app.seen)
-    done = run_doctor(url, data_dir=shipped.ezauth.data_dir)
+    done = run_doctor(url)
     assert done.returncode == 0 and findings(done, "WARN") == findings(done, "FAIL") == [], done.stdout
     deep, to_login = site_url(shipped, "/app/ezauth-doctor/deep/path?x=1&y=2"), "is sent to the login page (302)"
     assert findings(done) == [
@@ -81,7 +81,7 @@ def test_the_shipped_config_is_all_ok_and_the_app_never_hears_from_the_doctor(sh
 
 def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
     url, log_before = site_url(shipped), shipped.ezauth.log()
-    done = run_doctor(url, "--user", "alice", data_dir=shipped.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    done = run_doctor(url, "--user", "alice", stdin=f"{PASSWORD}\n")
     assert done.returncode == 0, done.stdout
     assert findings(done)[-4:] == [
         f"OK    logged in as alice: the login page sent the browser back to exactly {url}",
@@ -99,7 +99,7 @@ def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
 def test_with_the_auth_cache_on_it_is_all_ok_and_logout_is_waited_for(make_stack):
     """The cache says yes to a just-ended session for up to 6 s (documented): the doctor waits that out."""
     stack = make_stack(cache=True)
-    done = run_doctor(site_url(stack), "--user", "alice", data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    done = run_doctor(site_url(stack), "--user", "alice", stdin=f"{PASSWORD}\n")
     assert done.returncode == 0 and findings(done, "WARN") == [], done.stdout
     assert re.fullmatch(r"OK    logged out \(303\); the old session cookie no longer gets in "
                         r"\(after [1-7] s: the auth cache\)", findings(done)[-1]), done.stdout
@@ -108,13 +108,13 @@ def test_with_the_auth_cache_on_it_is_all_ok_and_logout_is_waited_for(make_stack
 def test_an_auth_cache_that_outlives_a_logout_is_a_fail(make_stack):
     longer = breaking("        proxy_cache_valid 200 5s;", "        proxy_cache_valid 200 1m;")
     stack = make_stack(cache=True, edit=longer)
-    done = run_doctor(site_url(stack), "--user", "alice", data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    done = run_doctor(site_url(stack), "--user", "alice", stdin=f"{PASSWORD}\n")
     assert findings(done, "FAIL") == ["FAIL  logged out, but the old session cookie still gets in (200): logout does "
                                    "not end the session"]
 
 
 def test_a_wrong_password_is_a_fail_that_says_so(shipped):
-    done = run_doctor(site_url(shipped), "--user", "alice", data_dir=shipped.ezauth.data_dir, stdin="wrong password\n")
+    done = run_doctor(site_url(shipped), "--user", "alice", stdin="wrong password\n")
     assert findings(done, "FAIL") == ["FAIL  --user: the login page refused the password of alice (401)"]
     assert "wrong password" not in done.stdout + done.stderr
 
@@ -124,14 +124,14 @@ def test_the_password_goes_to_no_other_host_than_the_urls_unless_named(make_stac
     doctor posts the password there only when --login-host names it."""
     stack = make_stack(edit=breaking("        return 302 $ezauth_login;\n",
                                      "        return 302 http://localhost:$server_port$ezauth_login;\n"))
-    url, data_dir = site_url(stack), stack.ezauth.data_dir
-    refused = run_doctor(url, "--user", "alice", data_dir=data_dir, stdin=f"{PASSWORD}\n")
+    url = site_url(stack)
+    refused = run_doctor(url, "--user", "alice", stdin=f"{PASSWORD}\n")
     assert f"OK    anonymous GET {url} as a browser is sent to the login page on localhost (302)" in findings(refused)
     assert findings(refused, "FAIL") == ["FAIL  --user: the login form posts to localhost, and the doctor sends the "
                                       "password nowhere but 127.0.0.1 (--login-host localhost if it is your "
                                       "login host)"]
     assert "event=login" not in stack.ezauth.log()
-    named = run_doctor(url, "--user", "alice", "--login-host", "LocalHost", data_dir=data_dir, stdin=f"{PASSWORD}\n")
+    named = run_doctor(url, "--user", "alice", "--login-host", "LocalHost", stdin=f"{PASSWORD}\n")
     assert "event=login_ok user=alice" in stack.ezauth.log()
     assert f"FAIL  logged in as alice, but the login page sent the browser to http://localhost:{stack.nginx.port}" \
            f"{TARGET} instead of {url}: the return target was lost" in findings(named)
@@ -139,7 +139,7 @@ def test_the_password_goes_to_no_other_host_than_the_urls_unless_named(make_stac
 
 def test_the_nginx_dump_of_the_shipped_stack_is_all_ok_and_names_each_location(nginx_bin, shipped, tmp_path):
     dump = nginx_dump(nginx_bin, shipped, tmp_path / "nginx-T.txt")
-    done = run_doctor(site_url(shipped), "--nginx-dump", str(dump), data_dir=shipped.ezauth.data_dir)
+    done = run_doctor(site_url(shipped), "--nginx-dump", str(dump))
     assert done.returncode == 0 and findings(done, "WARN") == [], done.stdout
     root, verify = conf_line(shipped, "location / {"), conf_line(shipped, "location = /_ezauth_verify {")
     server = conf_line(shipped, "server {")
@@ -161,9 +161,9 @@ def test_with_nginx_it_runs_nginx_T_itself_and_a_failing_nginx_is_a_fail(nginx_b
     prefix = shipped.nginx.prefix
     wrapper.write_text(f'#!/bin/sh\nexec {" ".join(nginx_command(nginx_bin, prefix))} "$@"\n')
     wrapper.chmod(0o755)
-    done = run_doctor(site_url(shipped), "--nginx", "--nginx-bin", str(wrapper), data_dir=shipped.ezauth.data_dir)
+    done = run_doctor(site_url(shipped), "--nginx", "--nginx-bin", str(wrapper))
     assert done.returncode == 0 and "OK    nginx: read 2 files of nginx -T, 1 server block" in findings(done)
-    failing = run_doctor(site_url(shipped), "--nginx", "--nginx-bin", "/bin/false", data_dir=shipped.ezauth.data_dir)
+    failing = run_doctor(site_url(shipped), "--nginx", "--nginx-bin", "/bin/false")
     assert findings(failing, "FAIL") == ["FAIL  nginx: `/bin/false -T` failed (no message); run the doctor as root, "
                                       "or save `sudo nginx -T` to a file and pass it with --nginx-dump FILE"]
 
@@ -191,15 +191,14 @@ def https_stack(make_stack, certificate: tuple[Path, Path], *edits: Callable[[st
 def test_over_https_the_cookies_are_secure_and_http_redirects(make_stack, certificate):
     stack, tls_port = https_stack(make_stack, certificate)
     url, cert = f"https://127.0.0.1:{tls_port}{TARGET}", str(certificate[0])
-    done = run_doctor(url, "--ca", cert, "--http-port", str(stack.nginx.port), "--user", "alice",
-                  data_dir=stack.ezauth.data_dir, stdin=f"{PASSWORD}\n")
+    done = run_doctor(url, "--ca", cert, "--http-port", str(stack.nginx.port), "--user", "alice", stdin=f"{PASSWORD}\n")
     assert done.returncode == 0 and findings(done, "WARN") == [], done.stdout
     assert "OK    over https the login page's cookie __Host-ezauth_csrf is Secure" in findings(done)
     assert "OK    over https the session cookie __Host-ezauth is Secure" in findings(done)
     plain = f"http://127.0.0.1:{stack.nginx.port}{TARGET}"
     assert f"OK    {plain} redirects to https (301 to https://127.0.0.1{TARGET})" in findings(done)
     assert not any(line.startswith("OK    plain http") for line in findings(done))
-    wrong = run_doctor(plain, data_dir=stack.ezauth.data_dir)  # the http:// address of an https site
+    wrong = run_doctor(plain)  # the http:// address of an https site
     assert findings(wrong, "FAIL") and all("is redirected to https (301 to https://127.0.0.1" in line
                                         for line in findings(wrong, "FAIL")) and "public" not in wrong.stdout
 
@@ -207,15 +206,14 @@ def test_over_https_the_cookies_are_secure_and_http_redirects(make_stack, certif
 def test_over_https_an_untrusted_certificate_is_a_fail_and_insecure_a_warn(make_stack, certificate):
     stack, tls_port = https_stack(make_stack, certificate)
     url, http_port = f"https://127.0.0.1:{tls_port}/", str(stack.nginx.port)
-    untrusted = run_doctor(url, "--http-port", http_port, data_dir=stack.ezauth.data_dir)
+    untrusted = run_doctor(url, "--http-port", http_port)
     assert findings(untrusted) == [
         f"FAIL  cannot check {url}: its certificate is not trusted (self-signed certificate). "
         "Fix the certificate, or name your own CA with --ca FILE"]
-    insecure = run_doctor(url, "--insecure", "--http-port", http_port, data_dir=stack.ezauth.data_dir)
+    insecure = run_doctor(url, "--insecure", "--http-port", http_port)
     assert insecure.returncode == 0 and findings(insecure, "WARN") == [
         "WARN  --insecure: the certificate was not checked; --ca FILE checks it against your own CA"]
-    nothing = run_doctor(url, "--ca", str(certificate[0]), "--http-port", str(free_port()),
-                         data_dir=stack.ezauth.data_dir)
+    nothing = run_doctor(url, "--ca", str(certificate[0]), "--http-port", str(free_port()))
     assert nothing.returncode == 0 and len(findings(nothing, "WARN")) == 1
     assert findings(nothing, "WARN")[0].startswith("WARN  nothing answers http://127.0.0.1:")
 
@@ -230,7 +228,7 @@ def test_over_https_an_untrusted_certificate_is_a_fail_and_insecure_a_warn(make_
 def test_a_broken_https_copy_is_a_fail(make_stack, certificate, edit, failure):
     stack, tls_port = https_stack(make_stack, certificate, edit)
     done = run_doctor(f"https://127.0.0.1:{tls_port}/", "--ca", str(certificate[0]), "--http-port",
-                      str(stack.nginx.port), data_dir=stack.ezauth.data_dir)
+                      str(stack.nginx.port))
     assert len(findings(done, "FAIL")) == 1 and failure in findings(done, "FAIL")[0], done.stdout
 
 
@@ -241,7 +239,7 @@ def test_no_auth_request_in_location_root_is_public_from_outside_and_in_the_conf
     url, deep, root = site_url(stack), site_url(stack, "/app/ezauth-doctor/deep/path?x=1&y=2"), conf_line(
         stack, "location / {")
     dump = nginx_dump(nginx_bin, stack, tmp_path / "nginx-T.txt")
-    done = run_doctor(url, "--nginx-dump", str(dump), "--user", "alice", data_dir=stack.ezauth.data_dir,
+    done = run_doctor(url, "--nginx-dump", str(dump), "--user", "alice",
                   stdin=f"{PASSWORD}\n")
     public = ("was answered by the app (200): your app is public. Check that the location serving it has "
               "auth_request (run the doctor with --nginx on the box)")
@@ -272,7 +270,7 @@ def test_verify_reachable_from_outside_is_a_fail_outside_and_in_the_config(nginx
                                                                            outside, config):
     stack = make_stack(edit=edit)
     dump = nginx_dump(nginx_bin, stack, tmp_path / "nginx-T.txt")
-    done = run_doctor(site_url(stack), "--nginx-dump", str(dump), data_dir=stack.ezauth.data_dir)
+    done = run_doctor(site_url(stack), "--nginx-dump", str(dump))
     expected = re.sub(r"\{([^{}]+ \{)\}", lambda m: conf_line(stack, m[1]), config)
     failures = findings(done, "FAIL")
     assert len(failures) == 2 and failures[0].startswith(outside) and failures[1] == expected, done.stdout
@@ -281,7 +279,7 @@ def test_verify_reachable_from_outside_is_a_fail_outside_and_in_the_config(nginx
 def test_a_user_header_not_cleared_is_a_fail_logged_in_and_in_the_config(nginx_bin, make_stack, tmp_path):
     stack = make_stack(edit=breaking("        proxy_set_header X-Forwarded-User $ezauth_user;\n"))
     dump = nginx_dump(nginx_bin, stack, tmp_path / "nginx-T.txt")
-    done = run_doctor(site_url(stack), "--nginx-dump", str(dump), "--user", "alice", data_dir=stack.ezauth.data_dir,
+    done = run_doctor(site_url(stack), "--nginx-dump", str(dump), "--user", "alice",
                   stdin=f"{PASSWORD}\n")
     assert findings(done, "FAIL") == [
         "FAIL  logged in, the app got the X-Forwarded-User the client sent (its answer shows it): anyone logged in "
@@ -296,7 +294,7 @@ def test_a_user_header_not_cleared_is_a_fail_logged_in_and_in_the_config(nginx_b
 def test_ezauth_down_is_a_fail_of_its_own_not_a_public_app(make_stack):
     stack = make_stack()
     stack.ezauth.stop()
-    done = run_doctor(site_url(stack), data_dir=stack.ezauth.data_dir)
+    done = run_doctor(site_url(stack))
     failures = findings(done, "FAIL")
     assert len(failures) == 4 and all("got 503: nginx cannot reach ezauth" in line for line in failures)
     assert "public" not in done.stdout and stack.app.seen == []

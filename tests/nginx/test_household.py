@@ -71,7 +71,7 @@ def nginx_with(nginx_bin, tmp_path) -> Iterator[Callable[[str, int], Nginx]]:
 
 def rendered(ezauth: Server, *flags: str) -> str:
     """`python ezauth.py nginx-config FLAGS` for this ezauth: the config a user would paste."""
-    done = run_cli("nginx-config", *flags, "--ezauth", f"127.0.0.1:{ezauth.port}", data_dir=ezauth.data_dir)
+    done = run_cli("nginx-config", *flags, "--ezauth", f"127.0.0.1:{ezauth.port}")
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -147,8 +147,8 @@ def test_https_from_nginx_config_with_a_certificate_made_here(box, apps, nginx_w
     assert replay.get(TARGET, Cookie=f"ezauth={browser.cookie()}").status == 302
 
 
-def test_listen_443_without_a_certificate_is_refused_saying_what_to_add(tmp_path):
-    done = run_cli("nginx-config", "--app", "http://127.0.0.1:7860", "--listen", "443", data_dir=tmp_path)
+def test_listen_443_without_a_certificate_is_refused_saying_what_to_add():
+    done = run_cli("nginx-config", "--app", "http://127.0.0.1:7860", "--listen", "443")
     assert done.returncode == 1 and done.stdout == ""
     assert "port 443 is for https; add --tls-cert FILE --tls-key FILE" in done.stderr
 
@@ -291,7 +291,7 @@ def test_nginx_t_accepts_every_shape_nginx_config_writes(nginx_bin, tmp_path):
                        "nb.example.test", "--listen", "8443", "--portal", "auth.example.test"],
     }
     for name, flags in shapes.items():
-        done = run_cli("nginx-config", *flags, data_dir=tmp_path / "data")
+        done = run_cli("nginx-config", *flags)
         assert done.returncode == 0, done.stderr
         write_prefix(tmp_path / name, done.stdout)
         checked = subprocess.run(nginx_command(nginx_bin, tmp_path / name, "-t"), capture_output=True, text=True,

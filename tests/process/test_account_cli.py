@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import re
+import os
 import stat
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import ezauth
-from tests.support.app import build, change, login, new_client, new_token_on, session_token, tick, verify
+from tests.support.app import build, change, login, new_client, new_token_on, other_code, session_token, tick, verify
 from tests.support.basics import (
     CLIENT_IP,
     FIREFOX,
@@ -26,7 +27,15 @@ from tests.support.basics import (
     shown_time,
     sid_of,
 )
-from tests.support.process import add_user, cli_token, run_cli
+from tests.support.process import (
+    add_user,
+    cli_on_a_terminal,
+    cli_token,
+    cli_totp,
+    run_cli,
+    secret_printed,
+    terminal_output_until,
+)
 
 
 def test_deleting_a_user_ends_their_sessions_in_every_worker(data_dir, clock):
@@ -213,14 +222,55 @@ def stored_tokens(data_dir: Path) -> list[ezauth.ApiToken]:
     return ezauth.open_registry(ezauth.Settings(data_dir=data_dir))[1].list(time.time())
 
 
-def test_totp_cli_enrolls_prints_the_uri_and_removes(tmp_path):
+def totp_line(data: Path, name: str) -> tuple[bytes, int] | None:
+    return ezauth.parse_totp((data / "totp").read_bytes() if (data / "totp").exists() else b"").get(name)
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["right-code", "wrong-code"])
+def test_totp_cli_on_a_terminal_shows_the_secret_and_turns_on_only_with_a_right_code(tmp_path, right):
     data = tmp_path / "data"
     add_user(data, "carol")
-    done = run_cli("totp", "carol", data_dir=data)
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"otpauth://totp/ezauth%3Acarol\?secret=[A-Z2-7]{32}&", done.stdout)
+    with cli_on_a_terminal("totp", "carol", data_dir=data) as (proc, reader):
+        shown = terminal_output_until(reader, "The 6-digit code the app shows now:")
+        secret = secret_printed(shown)
+        assert "otpauth://totp/ezauth%3Acarol?secret=" in shown  # the URI, to paste
+        grouped = base64.b32encode(secret).decode()
+        assert f"secret: {' '.join(grouped[i:i + 4] for i in range(0, 32, 4))}" in shown  # to type by hand
+        assert "\u2588" in shown or "\u2580" in shown  # the QR code, drawn by segno in block characters
+        code = ezauth.totp(secret, time.time())
+        os.write(reader, f"{code if right else other_code(code)}\n".encode())
+        said = terminal_output_until(reader, "two-factor login is on for carol" if right else "nothing changed")
+        assert proc.wait(timeout=30) == (0 if right else 1), said
+    if not right:
+        assert totp_line(data, "carol") is None
+        return
+    stored, used = totp_line(data, "carol")
+    assert stored == secret and abs(used - int(time.time() // ezauth.TOTP_STEP)) <= 1  # the typed code is spent
     assert stat.S_IMODE((data / "totp").stat().st_mode) == 0o600
-    assert run_cli("totp", "nobody", data_dir=data).returncode == 1
+
+
+def test_totp_cli_with_code_stdin_lets_a_script_read_the_secret_then_write_the_code(tmp_path):
+    data = tmp_path / "data"
+    add_user(data, "carol")
+    secret, printed = cli_totp(data, "carol")  # reads up to the secret before it writes the code
+    assert printed.endswith("two-factor login is on for carol: after the password, the login page asks for a code\n")
+    assert secret_printed(printed) == secret and totp_line(data, "carol")[0] == secret
+
+
+def test_totp_cli_refuses_without_a_terminal_and_a_wrong_code_keeps_the_old_secret(tmp_path):
+    data = tmp_path / "data"
+    add_user(data, "carol")
+    piped = run_cli("totp", "carol", data_dir=data, stdin="123456\n")  # like passwd: no terminal, no flag
+    assert (piped.returncode, piped.stdout) == (1, "")
+    assert piped.stderr.splitlines()[-1] == ("ezauth: no terminal to ask for a code on; pipe it in with --code-stdin "
+                                             "once the secret is printed")
+    assert totp_line(data, "carol") is None
+    old = ezauth.TotpStore(data / "totp").enroll("carol")
+    again = run_cli("totp", "carol", "--code-stdin", data_dir=data, stdin=f"{ezauth.totp(old, time.time())}\n")
+    assert again.returncode == 1 and "carol has a second factor already" in again.stdout
+    assert again.stderr.splitlines()[-1].endswith("nothing changed")
+    assert totp_line(data, "carol")[0] == old  # a code of the old secret does not confirm the new one
+    assert run_cli("totp", "nobody", "--code-stdin", data_dir=data, stdin="123456\n").returncode == 1
     assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 0
     assert (data / "totp").read_text() == ""
     assert run_cli("totp", "carol", "--remove", data_dir=data).returncode == 1
@@ -271,7 +321,8 @@ def test_cli_deluser_removes_everything_of_the_user_and_points_at_the_rules(data
     gone = run_cli("deluser", "alice", data_dir=data_dir)
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout == "deleted user alice: 1 session(s) ended, 1 API token(s) revoked, second factor removed\n"
-    assert gone.stderr == (f"ezauth: warning: {data_dir / 'rules'} still names alice (line 1, line 3): a new user "
+    assert gone.stderr == (f"ezauth: data dir {data_dir}\n"
+                           f"ezauth: warning: {data_dir / 'rules'} still names alice (line 1, line 3): a new user "
                            "called alice would get those rules\n")
     assert "alice:" not in (data_dir / "totp").read_text()
     # A new alice starts clean: no second factor, no tokens, no sessions of the old one.

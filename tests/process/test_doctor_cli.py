@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
 import ezauth
-from tests.support.basics import EZAUTH, HERE, free_port, require_tool
-from tests.support.process import findings, run_cli, run_doctor
+from tests.support.basics import free_port
+from tests.support.process import findings, readme_units, run_cli, run_doctor, verify_units
 
 
 @pytest.mark.parametrize("args", [
@@ -24,27 +22,21 @@ from tests.support.process import findings, run_cli, run_doctor
     ["http://example.com/", "--nginx-dump", "-", "--user", "alice"],
     ["http://example.com/", "--user", "alice"],  # and no password on standard input
 ])
-def test_usage_errors_exit_2_and_check_nothing(tmp_path, args):
-    done = run_cli("doctor", *args, data_dir=tmp_path / "data", stdin="")
+def test_usage_errors_exit_2_and_check_nothing(args):
+    done = run_cli("doctor", *args, stdin="")
     assert done.returncode == 2 and done.stdout == "" and done.stderr.strip(), done
 
 
-def test_nothing_listening_is_one_fail(tmp_path):
+def test_nothing_listening_is_one_fail():
     url = f"http://127.0.0.1:{free_port()}/"
-    done = run_doctor(url, data_dir=tmp_path / "data")
+    done = run_doctor(url)
     assert findings(done) == ["OK    plain http to 127.0.0.1: a local address (127.0.0.1)",
                            f"FAIL  cannot reach {url}: [Errno 111] Connection refused"]
 
 
 
-def readme_doctor_units() -> dict[str, str]:
-    """The doctor's systemd units as the README writes them: file name -> text."""
-    section = (HERE / "README.md").read_text().split("## Check your setup: doctor", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^`/etc/systemd/system/(ezauth-doctor\.\w+)`:\n\n```ini\n(.*?)```", section, re.M | re.S))
-
-
 def test_the_readme_runs_the_doctor_daily_with_units_systemd_accepts(tmp_path):
-    units = readme_doctor_units()
+    units = readme_units("Check your setup: doctor")
     assert sorted(units) == ["ezauth-doctor.service", "ezauth-doctor.timer"]
     service = units["ezauth-doctor.service"]
     dump = re.search(r"^ExecStartPre=\+/bin/sh -c 'exec /usr/sbin/nginx -T > (\S+)'$", service, re.M)
@@ -52,12 +44,5 @@ def test_the_readme_runs_the_doctor_daily_with_units_systemd_accepts(tmp_path):
     assert dump and command[:3] == ["/opt/ezauth/.venv/bin/python", "/opt/ezauth/ezauth.py", "doctor"]
     args = ezauth.build_parser().parse_args(command[2:])  # the command line as the README writes it
     assert (args.command, args.nginx_dump) == ("doctor", dump[1])
-    analyze = require_tool("systemd-analyze", "EZAUTH_REQUIRE_NGINX", "systemd")
-    for name, text in units.items():  # paths filled in for this checkout, as an install would have them
-        text = text.replace("/opt/ezauth/.venv/bin/python", sys.executable)
-        text = text.replace("/opt/ezauth/ezauth.py", str(EZAUTH)).replace("/opt/ezauth", str(HERE))
-        (tmp_path / name).write_text(text)
-    done = subprocess.run([analyze, "verify", *(str(tmp_path / name) for name in units)], capture_output=True,
-                          text=True, timeout=60)
+    done = verify_units(units, tmp_path)
     assert done.returncode == 0 and "ezauth-doctor" not in done.stderr, done.stderr
-

@@ -25,15 +25,18 @@ import pytest
 
 from tests.support.basics import LOGIN, PASSWORD, basic, wait_until
 from tests.support.browser import expect, launch_chromium, open_page, submit
-from tests.support.process import cli_token, http_call
+from tests.support.process import http_call
 from tests.support.realapps import (
     REQUIRE,
     AppProcess,
     AppStack,
     build_app_stack,
     offline_env,
+    readme_gradio_paths,
+    readme_jupyter_flags,
     require_modules,
     start_app,
+    token_for,
 )
 
 if TYPE_CHECKING:
@@ -110,16 +113,13 @@ demo.queue().launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), theme
                     ssr_mode=False, quiet=True, show_error=True)
 '''
 
-# jupyter_server's own token auth off (ezauth is the gate); allow_origin left at its default, so
-# every REST call and websocket goes through Jupyter's Origin-against-Host check.
+# What the test needs beyond the README's `jupyter lab` flags (which turn Jupyter's own token off:
+# ezauth is the gate): a base URL, a folder of its own, no news or update checks. allow_origin is
+# left at its default, so every REST call and websocket goes through Jupyter's Origin-against-Host check.
 JUPYTER_CONFIG = '''
-c.ServerApp.ip = "127.0.0.1"
-c.ServerApp.port = {port}
 c.ServerApp.base_url = "/jupyter/"
-c.ServerApp.open_browser = False
 c.ServerApp.allow_root = True
 c.ServerApp.root_dir = {root!r}
-c.IdentityProvider.token = ""
 c.LabApp.news_url = None
 c.LabApp.check_for_updates_class = "jupyterlab.NeverCheckForUpdate"
 c.LabApp.extension_manager = "readonly"
@@ -146,6 +146,13 @@ def logout_in_other_tab(context: BrowserContext, stack: AppStack) -> None:
         other.click("#logout")  # logging out is the page's button: a POST with its CSRF token
     assert urlsplit(other.url).path == LOGIN, other.url
     assert not [c for c in context.cookies(stack.url) if c["name"] == "ezauth"]
+    other.close()
+
+
+def login_in_other_tab(context: BrowserContext, stack: AppStack, target: str) -> None:
+    """Log in again in a second tab, as the README says to when an app's page has lost its session."""
+    other = context.new_page()
+    login_in_chromium(other, stack, target)
     other.close()
 
 
@@ -244,9 +251,9 @@ def jupyter_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppStack
 
     def launch(port: int) -> AppProcess:
         config = dirs["config"] / "jupyter_server_config.py"
-        config.write_text(JUPYTER_CONFIG.format(port=port, root=str(dirs["notes"])))
-        return start_app([sys.executable, "-m", "jupyterlab"], port, "/jupyter/api/status",
-                         root / "jupyter.log", env, root)
+        config.write_text(JUPYTER_CONFIG.format(root=str(dirs["notes"])))
+        return start_app([sys.executable, "-m", "jupyterlab", *readme_jupyter_flags(port)], port,
+                         "/jupyter/api/status", root / "jupyter.log", env, root)
 
     with contextlib.ExitStack() as cleanup:
         yield build_app_stack(root, cleanup, launch)
@@ -255,12 +262,7 @@ def jupyter_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppStack
 @pytest.fixture(scope="module")
 def api_token(gradio_stack: AppStack) -> str:
     """An API token for alice, made with the real CLI while the server runs."""
-    token, _ = cli_token(gradio_stack.ezauth.data_dir, USER, "test")
-    # A running server takes in the CLI's changes at most once a second, on a request.
-    port, bearer = gradio_stack.nginx.port, {"Authorization": f"Bearer {token}"}
-    assert wait_until(lambda: http_call(port, "GET", "/config", headers=bearer).status == 200, timeout=3,
-                      interval=0.1), "the new token was not accepted within 3 s"
-    return token
+    return token_for(gradio_stack, USER)
 
 
 # -- Gradio in Chromium -------------------------------------------------------------------------------
@@ -322,31 +324,39 @@ def test_gradio_in_chromium_every_component_then_logout(chromium_realapps: Chrom
                          "body": reply.text()}, reply.url)
         for url in ("/gradio_api/info", "/config", src):
             assert_json_401(page.evaluate(FETCH, url), url)
+        # What the README says the page shows, and that logging in in another tab brings it back.
+        expect(page.locator("#streamed")).to_contain_text("Error")
+        expect(page.get_by_text("login_required").first).to_be_visible()
+        login_in_other_tab(page.context, stack, "/?from=realapps")
+        page.fill("#words textarea", "back again")
+        page.click("#stream")
+        expect(page.locator("#streamed textarea")).to_have_value("back again", timeout=20_000)
+        logout_in_other_tab(page.context, stack)
         assert_lands_on_login(page, stack, "/?from=realapps")
 
 
 # -- gradio_client with HTTP Basic and API tokens ----------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["password", "bearer_token", "token_as_basic_password"])
-def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: pytest.FixtureRequest,
-                                              tmp_path: Path, how: str) -> None:
-    from gradio_client import Client, handle_file
+def gradio_client(stack: AppStack, tmp_path: Path, headers: dict | None = None, auth: tuple | None = None):
+    """gradio_client's Client as the README writes it: credentials in HEADERS, or as HTTP Basic
+    through httpx (AUTH)."""
+    from gradio_client import Client
+
+    return Client(stack.url, headers=headers, verbose=False, download_files=str(tmp_path / "downloads"),
+                  analytics_enabled=False, httpx_kwargs={"timeout": 60, **({"auth": auth} if auth else {})})
+
+
+def predict_both(client, tmp_path: Path) -> None:
+    """A streamed call, and an image up through /gradio_api/upload and down from the file URL Gradio
+    built from the Host header."""
+    from gradio_client import handle_file
     from PIL import Image
 
-    if how == "password":
-        authorization = basic(USER, PASSWORD)
-    else:
-        token = request.getfixturevalue("api_token")
-        authorization = f"Bearer {token}" if how == "bearer_token" else basic(USER, token)
-    client = Client(gradio_stack.url, headers={"Authorization": authorization}, verbose=False,
-                    download_files=str(tmp_path / "downloads"), analytics_enabled=False,
-                    httpx_kwargs={"timeout": 60})
     try:
         assert client.predict("one two three", api_name="/stream") == "one two three"
         picture = tmp_path / "in.png"
         Image.new("RGB", (40, 30), (10, 20, 30)).save(picture)
-        # Up through /gradio_api/upload, down from the file URL Gradio built from the Host header.
         result = client.predict(handle_file(str(picture)), api_name="/mirror")
         with Image.open(result) as image:
             assert image.size == (40, 30)
@@ -355,6 +365,34 @@ def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: p
         assert all(abs(got - want) <= 4 for got, want in zip(pixel, (245, 235, 225), strict=True)), pixel
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("how", ["password", "bearer_token", "token_as_basic_password", "token_as_httpx_auth"])
+def test_gradio_client_predicts_through_nginx(gradio_stack: AppStack, request: pytest.FixtureRequest,
+                                              tmp_path: Path, how: str) -> None:
+    if how == "password":
+        client = gradio_client(gradio_stack, tmp_path, headers={"Authorization": basic(USER, PASSWORD)})
+    else:
+        token = request.getfixturevalue("api_token")
+        client = gradio_client(gradio_stack, tmp_path, **{
+            "bearer_token": {"headers": {"Authorization": f"Bearer {token}"}},
+            "token_as_basic_password": {"headers": {"Authorization": basic(USER, token)}},
+            "token_as_httpx_auth": {"auth": (USER, token)}}[how])
+    predict_both(client, tmp_path)
+
+
+def test_a_token_kept_to_the_readmes_gradio_paths_works_and_one_narrower_does_not(gradio_stack: AppStack,
+                                                                                  tmp_path: Path) -> None:
+    """The README's `token add ... --path /config --path /gradio_api/`: gradio_client needs both."""
+    paths = readme_gradio_paths()
+    assert paths == ["/config", "/gradio_api/"]
+    token = token_for(gradio_stack, USER, *paths)
+    predict_both(gradio_client(gradio_stack, tmp_path, headers={"Authorization": f"Bearer {token}"}), tmp_path)
+    assert http_call(gradio_stack.nginx.port, "GET", "/", headers={"Authorization": f"Bearer {token}"}).status == 403
+    for left_out, fails_at in (("/config", "config"), ("/gradio_api/", "api info")):
+        narrower = token_for(gradio_stack, USER, *(path for path in paths if path != left_out))
+        with pytest.raises(ValueError, match=f"Could not fetch {fails_at}"):
+            gradio_client(gradio_stack, tmp_path, headers={"Authorization": f"Bearer {narrower}"})
 
 
 def test_gradio_api_without_credentials_is_a_json_401(gradio_stack: AppStack) -> None:
@@ -387,6 +425,9 @@ def test_gradio_api_without_credentials_is_a_json_401(gradio_stack: AppStack) ->
 
 def test_jupyterlab_in_chromium_runs_a_cell_then_logout(chromium_realapps: Chromium, jupyter_stack: AppStack) -> None:
     stack = jupyter_stack
+    # The README's flags: Jupyter answers the host name nginx passes on, not only localhost.
+    named = http_call(stack.app.port, "GET", "/jupyter/api/status", headers={"Host": "notebook.example.test"})
+    assert named.status == 200, (named.status, named.text[:300])
     with open_page(chromium_realapps, stack) as (page, watch):
         sockets: list[str] = []
         page.on("websocket", lambda ws: sockets.append(ws.url))
@@ -430,4 +471,24 @@ def test_jupyterlab_in_chromium_runs_a_cell_then_logout(chromium_realapps: Chrom
             setTimeout(() => done("no answer in 10 s"), 10000);
         })""", kernel_socket)
         assert opened == "refused", kernel_socket
+
+        # What the README says the page shows on saving, and that logging in in another tab lets the
+        # same page save what it had.
+        notebook.locator(".jp-Cell .cm-content").last.click()
+        page.keyboard.type("saved_after_a_new_login = True")
+        page.keyboard.press("Control+s")
+        page.locator(".jp-Dialog").get_by_role("button", name="Rename and Save").click()  # an untitled notebook
+        refused = page.locator(".jp-Dialog")
+        expect(refused).to_contain_text("File Save Error for Untitled.ipynb")
+        expect(refused).to_contain_text("Invalid response: 401 Unauthorized")
+        refused.get_by_role("button", name="Close").click()
+        login_in_other_tab(page.context, stack, "/jupyter/lab")
+        page.keyboard.press("Control+s")
+
+        def saved() -> bool:
+            answer = page.evaluate(FETCH, "/jupyter/api/contents/Untitled.ipynb")
+            return answer["status"] == 200 and "saved_after_a_new_login" in answer["body"]
+
+        assert wait_until(saved, timeout=15, interval=0.5), "the page did not save after the new login"
+        logout_in_other_tab(page.context, stack)
         assert_lands_on_login(page, stack, "/jupyter/lab")

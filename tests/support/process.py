@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.client
 import json
+import os
+import pty
 import re
+import select
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from urllib.parse import urlencode
 
+import ezauth
 from tests.support.basics import (
     EZAUTH,
+    HERE,
     LOGIN,
     PASSWORD,
     SESSION_NAMES,
@@ -26,20 +36,99 @@ from tests.support.basics import (
     form_field,
     free_port,
     parse_set_cookie,
+    require_tool,
     wait_until,
 )
 
 # -- The command line -----------------------------------------------------------------------
 
 
-def run_cli(*args: str, data_dir: Path, stdin: str | None = None, env: dict | None = None,
-            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run `python ezauth.py ARGS --data-dir DATA_DIR` and return the finished process."""
+def run_cli(*args: str, data_dir: Path | None = None, stdin: str | None = None, env: dict | None = None,
+            cwd: Path | None = None, timeout: float = 30, script: Path = EZAUTH) -> subprocess.CompletedProcess:
+    """Run `python ezauth.py ARGS --data-dir DATA_DIR` (SCRIPT: another copy of ezauth.py) and return
+    the finished process. Without DATA_DIR (nginx-config and doctor take none) it runs in the checkout."""
+    data_flag = [] if data_dir is None else ["--data-dir", str(data_dir)]
     return subprocess.run(
-        [sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)],
+        [sys.executable, str(script), *args, *data_flag],
         input=stdin, capture_output=True, text=True, timeout=timeout,
-        env=env or clean_env(), cwd=cwd or data_dir.parent,
+        env=env or clean_env(), cwd=cwd or (HERE if data_dir is None else data_dir.parent),
     )
+
+
+@contextlib.contextmanager
+def cli_on_a_terminal(*args: str, data_dir: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`python ezauth.py ARGS --data-dir DATA_DIR` on a pseudo-terminal (its standard input, output and
+    error), as when typed by hand: (the process, the terminal's reading end); both end afterwards."""
+    reader, writer = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(EZAUTH), *args, "--data-dir", str(data_dir)], stdin=writer,
+                            stdout=writer, stderr=writer, env=clean_env(), cwd=data_dir.parent, start_new_session=True)
+    os.close(writer)
+    try:
+        yield proc, reader
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(reader)
+
+
+def terminal_output_until(reader: int, marker: str, timeout: float = 15) -> str:
+    """What the terminal showed, up to MARKER (bounded by TIMEOUT)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([reader], [], [], 0.2)
+        if ready:
+            seen += os.read(reader, 65536).decode(errors="replace")
+    assert marker in seen, seen
+    return seen
+
+
+OTPAUTH_SECRET_RE = re.compile(r"otpauth://totp/\S*\?secret=([A-Z2-7]{32})&")
+
+
+def secret_printed(output: str) -> bytes:
+    """The two-factor secret of the otpauth:// URI the totp command printed."""
+    found = OTPAUTH_SECRET_RE.search(output)
+    assert found, output
+    return base64.b32decode(found[1] + "=" * (-len(found[1]) % 8))
+
+
+def cli_totp(data_dir: Path, user: str = "alice") -> tuple[bytes, str]:
+    """`totp USER --code-stdin` through the real CLI as a script drives it: read the secret it prints,
+    then write the code an app would show now. (The secret, and everything it printed.)"""
+    proc = subprocess.Popen([sys.executable, str(EZAUTH), "totp", user, "--code-stdin", "--data-dir", str(data_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), cwd=data_dir.parent)
+    try:
+        seen = ""
+        while not OTPAUTH_SECRET_RE.search(seen):  # the secret comes before it reads anything
+            line = proc.stdout.readline()
+            assert line, (seen, proc.stderr.read())
+            seen += line
+        secret = secret_printed(seen)
+        out, err = proc.communicate(f"{ezauth.totp(secret, time.time())}\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    return secret, seen + out
+
+
+def copy_ezauth(where: Path) -> Path:
+    """ezauth.py with its pages and static files copied into WHERE, as a new install would have them
+    (the data dir defaults to WHERE/ezauth-data, never the checkout's): the copy's ezauth.py."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name in ("ezauth.py", "login.html", "account.html", "nginx.conf.example"):
+        shutil.copy2(HERE / name, where / name)
+    shutil.copytree(HERE / "static", where / "static")
+    return where / "ezauth.py"
+
+
+def data_dir_line(done: subprocess.CompletedProcess) -> str:
+    """The data dir a command said on stderr that it used (its first line), or "" when it named none."""
+    first = done.stderr.partition("\n")[0]
+    return first.removeprefix("ezauth: data dir ") if first.startswith("ezauth: data dir ") else ""
 
 
 def add_user(data_dir: Path, name: str, password: str = PASSWORD) -> None:
@@ -214,10 +303,10 @@ DOCTOR_LINE_RE = re.compile(r"^(OK|WARN|FAIL) {2,4}(\S.*)$")
 DOCTOR_SUMMARY_RE = re.compile(r"^doctor: (\d+) OK, (\d+) WARN, (\d+) FAIL for (\S+)$")
 
 
-def run_doctor(url: str, *args: str, data_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_doctor(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run `python ezauth.py doctor URL ARGS` and check the shape of what it printed: one finding a
     line, then the summary, whose counts match the lines and whose verdict matches the exit code."""
-    done = run_cli("doctor", url, *args, data_dir=data_dir, stdin=stdin, timeout=120)
+    done = run_cli("doctor", url, *args, stdin=stdin, timeout=120)
     if done.returncode == 2:
         return done
     *lines, summary = done.stdout.splitlines()
@@ -235,3 +324,25 @@ def findings(done: subprocess.CompletedProcess, level: str | None = None) -> lis
     found = done.stdout.splitlines()[:-1]
     return [line for line in found if level is None or line.startswith(f"{level} ")]
 
+
+
+# -- The README's systemd units -------------------------------------------------------------------------
+
+
+def readme_units(section: str) -> dict[str, str]:
+    """The systemd units the README's SECTION writes out: file name -> text."""
+    text = (HERE / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^`/etc/systemd/system/([\w.-]+)`:\n\n```ini\n(.*?)```", text, re.M | re.S))
+
+
+def verify_units(units: dict[str, str], where: Path) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` on UNITS with /opt/ezauth's paths filled in for this checkout, as an
+    install would have them. Skips without systemd-analyze, saying how to install it; fails instead
+    under EZAUTH_REQUIRE_NGINX=1, which CI sets."""
+    analyze = require_tool("systemd-analyze", "EZAUTH_REQUIRE_NGINX", "systemd")
+    for name, text in units.items():
+        text = text.replace("/opt/ezauth/.venv/bin/python", sys.executable)
+        text = text.replace("/opt/ezauth/ezauth.py", str(EZAUTH)).replace("/opt/ezauth", str(HERE))
+        (where / name).write_text(text)
+    return subprocess.run([analyze, "verify", *(str(where / name) for name in units)], capture_output=True,
+                          text=True, timeout=60)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import shlex
 import signal
 import subprocess
 import urllib.error
@@ -15,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.basics import clean_env, free_port, missing, require_tool, wait_until
+from tests.support.basics import HERE, clean_env, free_port, missing, require_tool, wait_until
 from tests.support.nginx import Nginx, render_example, start_nginx
-from tests.support.process import Server, add_user, start_server
+from tests.support.process import Server, add_user, cli_token, http_call, start_server
 
 REQUIRE = "EZAUTH_REQUIRE_REALAPPS"
 INSTALL = ".venv/bin/pip install -r requirements-e2e.txt"
@@ -116,3 +118,38 @@ def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[
     nginx = start_nginx(nginx_bin, root / "nginx", render_example(server.port, app.port, port), port)
     cleanup.callback(nginx.stop)
     return AppStack(server, app, nginx)
+
+
+# -- What the README tells a person to run ------------------------------------------------------------
+
+
+def readme_section(title: str) -> str:
+    return (HERE / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_jupyter_flags(port: int) -> list[str]:
+    """The flags of the README's `jupyter lab` line as a shell passes them, on PORT instead of 8888."""
+    line = re.search(r"^ *\.venv/bin/jupyter lab (.+)$", readme_section("Gradio and JupyterLab"), re.M)
+    assert line, "the README lost its jupyter lab line"
+    flags = shlex.split(line[1])
+    assert "--port=8888" in flags, flags
+    return [f"--port={port}" if flag == "--port=8888" else flag for flag in flags]
+
+
+def readme_gradio_paths() -> list[str]:
+    """The --path values of the README's token for a Gradio app."""
+    line = re.search(r'^python ezauth\.py token add \w+ --label "gradio script"((?: --path \S+)+)$',
+                     readme_section("API tokens (scripts without passwords)"), re.M)
+    assert line, "the README lost its token line for Gradio"
+    return line[1].split()[1::2]
+
+
+def token_for(stack: AppStack, user: str, *paths: str) -> str:
+    """An API token for USER (limited to PATHS, if any) made with the real CLI while the server runs,
+    once ezauth knows it (a running ezauth takes in the CLI's changes within a second): no longer
+    401, but 200 where it may go, or 403 where its paths keep it out."""
+    token, _ = cli_token(stack.ezauth.data_dir, user, "test", *[flag for path in paths for flag in ("--path", path)])
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert wait_until(lambda: http_call(stack.nginx.port, "GET", "/config", headers=bearer).status in (200, 403),
+                      timeout=3, interval=0.1), "the new token was not known within 3 s"
+    return token
