@@ -187,9 +187,10 @@ def test_each_user_is_named_to_the_app(stack):
 
 
 def test_identity_headers_sent_by_the_client_are_replaced(alice):
-    echo = alice.get("/", X_Auth_Request_User="admin", X_Forwarded_User="admin").echo()
+    echo = alice.get("/", X_Auth_Request_User="admin", X_Forwarded_User="admin", Remote_User="admin").echo()
     assert echo_header(echo, "X-Auth-Request-User") == ["alice"]
     assert echo_header(echo, "X-Forwarded-User") == ["alice"]
+    assert echo_header(echo, "Remote-User") == ["alice"]
 
 
 @pytest.mark.parametrize("cookie, app_sees", [
