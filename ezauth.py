@@ -3534,7 +3534,7 @@ class Connection:
 
     def receive(self) -> None:
         """Read what the client sent and answer it (the loop calls this when the socket is readable; the
-        server calls it once on accept, since the request is often there already)."""
+        server calls it once on accept, when the request is there already: see listening_socket)."""
         try:
             size = self.sock.recv_into(self.server.receive_buffer)
         except (BlockingIOError, InterruptedError):
@@ -3853,6 +3853,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Linux hands over a connection once its first bytes are in (nginx's `listen ... deferred`),
+            # so nginx's request is read at once on accept instead of after another trip through the
+            # loop; a silent one is handed over after a second and then gets FIRST_BYTE_TIMEOUT.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
