@@ -3240,6 +3240,11 @@ ACCEPT_BATCH = 64  # connections taken per wake-up of the listening socket, so t
 POOL_THREADS = 8
 SWEEP_EVERY = 0.25  # how often deadlines are looked at: the timeouts are this much late at most
 RECEIVE_SIZE = 64 * 1024
+# The flag for an answer the connection closes after: Linux holds it back until the close, which it
+# then sends in the same packet (one trip through loopback instead of two, for the client as well).
+# Only when nothing the client sent is left unread: closing on unread bytes resets the connection,
+# and an answer held back is then never sent.
+LAST_WRITE = getattr(socket, "MSG_MORE", 0)
 HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
 BARE_CR_RE = re.compile(rb"\r(?!\n)")
 BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one
@@ -3446,7 +3451,7 @@ class Phase(enum.Enum):
 
 
 # A connection is read only in these phases: while an answer is owed nothing more is read, so a client
-# that sends and never reads holds at most one answer and one request's worth of bytes.
+# that sends and never reads holds at most one answer, an unfinished request and one receive's bytes.
 READING = frozenset({Phase.NEW, Phase.HEAD, Phase.BODY, Phase.IDLE})
 # A full pool drops its cheapest connection, in this order: one that only waits to finish closing, then
 # silent ones and half-sent heads (oldest first), then the longest idle, then a body still on its way.
@@ -3551,13 +3556,13 @@ class Connection:
         self.buffer += self.server.receive_buffer[:size]
         self.process()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, flags: int = 0) -> None:
         """Send DATA; what the socket does not take now is kept and sent when it can."""
         if self.out:
             self.out += data
             return
         try:
-            sent = self.sock.send(data)
+            sent = self.sock.send(data, flags)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # reset by the client
@@ -3660,7 +3665,7 @@ class Connection:
         keep_alive = environ["SERVER_PROTOCOL"] == "HTTP/1.1" and "close" not in str(
             environ.get("HTTP_CONNECTION", "")).lower()
         if self.server.inline(environ):
-            self.send(self.server.respond(environ, keep_alive), keep_alive)
+            self.reply(self.server.respond(environ, keep_alive), keep_alive)
             return
         self.enter(Phase.ANSWERING, math.inf)  # the pool's work has no deadline: it is ours, and bounded
         done = self.server.loop.run_in_executor(self.server.pool, self.server.respond, environ, keep_alive)
@@ -3674,12 +3679,16 @@ class Connection:
         except Exception as err:
             self.fail(err)
             return
-        self.send(data, keep_alive)
+        self.reply(data, keep_alive)
         self.process()
 
-    def send(self, data: bytes, keep_alive: bool) -> None:
+    def reply(self, data: bytes, keep_alive: bool) -> None:
+        """Send the answer to a request; the last one goes out with the close when nothing is left unread."""
+        self.send(data, keep_alive, 0 if keep_alive or self.buffer else LAST_WRITE)
+
+    def send(self, data: bytes, keep_alive: bool, flags: int = 0) -> None:
         """Send one answer; until the socket has taken all of it, nothing more is read."""
-        self.write(data)
+        self.write(data, flags)
         if self.phase is Phase.CLOSED:
             return
         if self.out:
