@@ -3226,7 +3226,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 FIRST_BYTE_TIMEOUT = 5.0  # a new connection that says nothing is dropped this soon
 HEAD_TIMEOUT = 10.0  # a whole request head must arrive this fast after its first byte
 BODY_TIMEOUT = 30.0
-WRITE_TIMEOUT = 10.0  # an answer the client has not taken this long after it was ready: the connection is aborted
+WRITE_TIMEOUT = 10.0  # an answer not taken this long after it was ready: the connection is reset
 IDLE_TIMEOUT = 75.0  # between requests; longer than nginx's upstream keepalive_timeout (60 s)
 MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
@@ -3438,34 +3438,35 @@ class Routing:
 
 
 class Phase(enum.Enum):
-    """Where a connection is. Everything the server does with one follows from its phase: whether it
-    is read, which deadline it has, whether a full server may drop it (h11 keeps its state the same way)."""
+    """Where a connection is. Everything the server does with one follows from its phase: whether
+    it is read, which deadline it has, whether a full server may drop it (h11 keeps state so)."""
 
     NEW = "new"  # accepted, not a byte yet
     HEAD = "head"  # part of a request head has come
     BODY = "body"  # a whole head; its body is coming
-    ANSWERING = "answering"  # the app works on a request, or its answer waits for the client to read it
+    ANSWERING = "answering"  # the app works on a request, or its answer waits to be read
     IDLE = "idle"  # between the requests of a kept-alive connection
     CLOSING = "closing"  # the last answer waits for the client to read it; then the socket closes
     CLOSED = "closed"
 
 
-# A connection is read only in these phases: while an answer is owed nothing more is read, so a client
-# that sends and never reads holds at most one answer, an unfinished request and one receive's bytes.
+# A connection is read only in these phases: while an answer is owed nothing more is read, so a
+# client that never reads holds at most one answer, an unfinished request and one receive's bytes.
 READING = frozenset({Phase.NEW, Phase.HEAD, Phase.BODY, Phase.IDLE})
-# A full pool drops its cheapest connection, in this order: one that only waits to finish closing, then
-# silent ones and half-sent heads (oldest first), then the longest idle, then a body still on its way.
+# A full server drops the cheapest connection, in this order: one that only waits to finish closing,
+# then silent ones and half-sent heads (oldest first), the longest idle, a body still on its way.
 EVICTION_ORDER = (Phase.CLOSING, Phase.NEW, Phase.HEAD, Phase.IDLE, Phase.BODY)
 
 
 class Pool:
-    """The connections of one kind of peer (trusted proxies, or everyone else): how many, how many per
-    address, and each phase's connections in the order they entered it, so the cheapest is found in O(1)."""
+    """The connections of one kind of peer (trusted proxies, or everyone else): how many, how many
+    per address, and each phase's connections in the order they entered it, so the cheapest is
+    found in O(1)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.addresses: dict[str, int] = {}
-        self.phases: dict[Phase, OrderedDict[Connection, None]] = {phase: OrderedDict() for phase in Phase}
+        self.phases: dict[Phase, OrderedDict[Connection, None]] = {p: OrderedDict() for p in Phase}
 
     def cheapest(self) -> Connection | None:
         """The connection a full server drops first, if any may be dropped."""
@@ -3507,8 +3508,8 @@ class Connection:
     """One client connection: its phase, the bytes it sent that are not answered yet, and what the
     socket has not taken yet of the answer owed to it."""
 
-    __slots__ = ("address", "buffer", "deadline", "fd", "out", "peer", "phase", "pool", "reading", "request",
-                 "scanned", "server", "sock")
+    __slots__ = ("address", "buffer", "deadline", "fd", "out", "peer", "phase", "pool", "reading",
+                 "request", "scanned", "server", "sock")
 
     def __init__(self, server: HTTPServer, sock: socket.socket, peer: tuple[str, int], pool: Pool,
                  address: str) -> None:
@@ -3516,10 +3517,10 @@ class Connection:
             server, sock, sock.fileno(), peer, pool, address)
         self.phase = Phase.NEW
         self.deadline = server.loop.time() + FIRST_BYTE_TIMEOUT
-        self.reading = False  # whether the loop watches the socket for reading (it does in READING phases)
+        self.reading = False  # whether the loop watches the socket (it does in READING phases)
         self.buffer = bytearray()
-        self.scanned = 0  # how much of the buffer holds no head end: dribbled heads are searched once
-        self.request: tuple[dict[str, Any], int] | None = None  # in BODY: the environ and length of its body
+        self.scanned = 0  # how much of the buffer has no head end: a dribbled head is searched once
+        self.request: tuple[dict[str, Any], int] | None = None  # in BODY: environ, body length
         self.out = b""  # the part of the answers the socket has not taken yet
         pool.add(self)
 
@@ -3538,8 +3539,8 @@ class Connection:
     # the socket --------------------------------------------------------------------------------
 
     def receive(self) -> None:
-        """Read what the client sent and answer it (the loop calls this when the socket is readable; the
-        server calls it once on accept, when the request is there already: see listening_socket)."""
+        """Read what the client sent and answer it (the loop calls this when the socket is readable;
+        the server calls it once on accept, when the request is there already: listening_socket)."""
         try:
             size = self.sock.recv_into(self.server.receive_buffer)
         except (BlockingIOError, InterruptedError):
@@ -3549,8 +3550,8 @@ class Connection:
         except OSError:  # reset by the client
             size = 0
         if not size:
-            # The client is done sending. Everything whole it sent has been answered (nothing is read
-            # while an answer is owed), so what is left is a request it will never finish.
+            # The client is done sending. Everything whole it sent has been answered (nothing is
+            # read while an answer is owed), so what is left is a request it will never finish.
             self.close()
             return
         self.buffer += self.server.receive_buffer[:size]
@@ -3611,7 +3612,7 @@ class Connection:
     # requests ----------------------------------------------------------------------------------
 
     def process(self) -> None:
-        """Answer the whole requests in the buffer, in order, until an answer is owed or none is left."""
+        """Answer the whole requests in the buffer, in order, until an answer is owed or none is."""
         try:
             while self.phase in READING:
                 if self.request is None:
@@ -3644,7 +3645,7 @@ class Connection:
                 raise HTTPError(431)
             self.scanned = max(blank, len(self.buffer) - 2)
             if self.phase is not Phase.HEAD:
-                self.enter(Phase.HEAD, HEAD_TIMEOUT)  # from its first byte (blank lines count), not its last
+                self.enter(Phase.HEAD, HEAD_TIMEOUT)  # from its first byte (blank lines count)
             return None
         if end.start() > MAX_HEAD:
             raise HTTPError(431)
@@ -3667,7 +3668,7 @@ class Connection:
         if self.server.inline(environ):
             self.reply(self.server.respond(environ, keep_alive), keep_alive)
             return
-        self.enter(Phase.ANSWERING, math.inf)  # the pool's work has no deadline: it is ours, and bounded
+        self.enter(Phase.ANSWERING, math.inf)  # the pool's work is ours: no deadline
         done = self.server.loop.run_in_executor(self.server.pool, self.server.respond, environ, keep_alive)
         done.add_done_callback(functools.partial(self.answered_in_pool, keep_alive))
 
@@ -3683,7 +3684,7 @@ class Connection:
         self.process()
 
     def reply(self, data: bytes, keep_alive: bool) -> None:
-        """Send the answer to a request; the last one goes out with the close when nothing is left unread."""
+        """Send a request's answer; the last goes out with the close if nothing is left unread."""
         self.send(data, keep_alive, 0 if keep_alive or self.buffer else LAST_WRITE)
 
     def send(self, data: bytes, keep_alive: bool, flags: int = 0) -> None:
@@ -3699,14 +3700,17 @@ class Connection:
             self.close()
 
     def fail(self, err: Exception) -> None:
-        """Whatever goes wrong with one request ends its connection (400 or 500), never the server."""
+        """Whatever goes wrong with a request ends its connection (400 or 500), never the server."""
         if not isinstance(err, HTTPError):
-            log.error("event=connection_error ip=%s error=%s", logval(self.peer[0]), logval(repr(err)), exc_info=err)
+            log.error("event=connection_error ip=%s error=%s", logval(self.peer[0]),
+                      logval(repr(err)), exc_info=err)
         if self.phase is not Phase.CLOSED:
-            self.send(error_bytes(err.status if isinstance(err, HTTPError) else 500), keep_alive=False)
+            status = err.status if isinstance(err, HTTPError) else 500
+            self.send(error_bytes(status), keep_alive=False)
 
     def expire(self) -> None:
-        """Past its deadline: 408 for a request still arriving, a reset for an answer not taken, else just close."""
+        """Past its deadline: 408 for a request still coming, a reset for an answer not taken, else
+        just close."""
         if self.phase in (Phase.HEAD, Phase.BODY):
             self.send(error_bytes(408), keep_alive=False)
         elif self.phase in (Phase.ANSWERING, Phase.CLOSING):
@@ -3732,7 +3736,7 @@ class HTTPServer:
         self.receive_buffer = memoryview(bytearray(RECEIVE_SIZE))
         self.max_others, self.max_connections = connection_limits()
         self.proxies, self.others = Pool(), Pool()
-        self.peers: dict[str, tuple[Pool, str]] = {}  # peer address -> its pool and the address it counts as
+        self.peers: dict[str, tuple[Pool, str]] = {}  # peer -> its pool, the address it counts as
         host, port = sock.getsockname()[:2]
         self.base_environ: dict[str, Any] = {
             "SERVER_NAME": host, "SERVER_PORT": str(port), "SCRIPT_NAME": "",
@@ -3744,13 +3748,13 @@ class HTTPServer:
         self.loop.call_later(SWEEP_EVERY, self.sweep)
 
     def accept(self) -> None:
-        """Take the connections waiting on the listening socket (the loop calls this when it is readable)."""
+        """Take the connections waiting on the listening socket (the loop calls this when any)."""
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as err:  # out of descriptors, say: pause accepting, keep serving the others
+            except OSError as err:  # out of descriptors, say: pause accepting, serve the others
                 log.warning("event=accept_failed error=%s", logval(err.strerror or repr(err)))
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(1.0, self.loop.add_reader, self.listener.fileno(), self.accept)
@@ -3770,8 +3774,8 @@ class HTTPServer:
         Connection(self, sock, peer, pool, address).receive()
 
     def make_room(self, pool: Pool, address: str) -> str:
-        """"" when one more connection of POOL from ADDRESS fits (a full server first drops its cheapest
-        connection; never a trusted proxy's for someone else), else why it does not."""
+        """"" when one more connection of POOL from ADDRESS fits (a full server first drops its
+        cheapest connection; never a trusted proxy's for someone else), else why it does not."""
         others = self.others
         if pool is others and others.addresses.get(address, 0) >= MAX_PER_ADDRESS:
             return "per_address_limit"
@@ -3785,8 +3789,8 @@ class HTTPServer:
         return ""
 
     def classify(self, peer: str) -> tuple[Pool, str]:
-        """The pool of a peer (trusted proxies have their own) and the address it counts as; remembered,
-        since every verify through nginx without keep-alive is a new connection."""
+        """The pool of a peer (trusted proxies have their own) and the address it counts as;
+        remembered, since every verify through nginx without keep-alive is a new connection."""
         known = self.peers.get(peer)
         if known is None:
             try:
@@ -3800,7 +3804,8 @@ class HTTPServer:
         return known
 
     def sweep(self) -> None:
-        """Act on connections past their deadline: silent, idle too long, a request too slow, an answer not read."""
+        """Act on connections past their deadline: silent, idle too long, a request too slow, an
+        answer not read."""
         now = self.loop.time()
         for pool in (self.proxies, self.others):
             for conn in pool.connections():
@@ -3837,11 +3842,12 @@ class HTTPServer:
 
 
 def connection_limits() -> tuple[int, int]:
-    """How many connections clients other than trusted proxies may hold, and all together: MAX_CONNECTIONS
-    and PROXY_CONNECTIONS more, or less of each when the file-descriptor limit cannot be raised that far
-    (then a quarter of what there is stays for trusted proxies)."""
+    """How many connections clients other than trusted proxies may hold, and all together:
+    MAX_CONNECTIONS and PROXY_CONNECTIONS more, or less of each when the file-descriptor limit
+    cannot be raised that far (then a quarter of what there is stays for trusted proxies)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = PROXY_CONNECTIONS + MAX_CONNECTIONS + 64  # 64: the data dir's files, the pool's SQLite handles, stdio
+    # 64 for the rest: the data dir's files, the pool's SQLite handles, stdio
+    wanted = PROXY_CONNECTIONS + MAX_CONNECTIONS + 64
     if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
@@ -3856,16 +3862,16 @@ def connection_limits() -> tuple[int, int]:
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A bound, listening socket; `::` takes IPv4 too. Linux hands TCP_NODELAY on to every accepted
-    socket: each answer goes out in one send, and a pipelined one must not wait for the client's ACK."""
+    socket: each answer goes out in one send, and a pipelined one must not wait for an ACK."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
-            # Linux hands over a connection once its first bytes are in (nginx's `listen ... deferred`),
-            # so nginx's request is read at once on accept instead of after another trip through the
-            # loop; a silent one is handed over after a second and then gets FIRST_BYTE_TIMEOUT.
+            # Linux hands over a connection once its first bytes are in (nginx's `listen ...
+            # deferred`), so nginx's request is read at once on accept instead of after another
+            # trip through the loop; a silent one comes after a second, then has FIRST_BYTE_TIMEOUT.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
