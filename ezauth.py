@@ -3449,6 +3449,8 @@ class Phase(enum.Enum):
     CLOSING = "closing"  # the last answer waits for the client to read it; then the socket closes
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # Enum's own hashes the name in Python: phases are looked up per request
+
 
 # A connection is read only in these phases: while an answer is owed nothing more is read, so a
 # client that never reads holds at most one answer, an unfinished request and one receive's bytes.
