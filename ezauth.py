@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import enum
 import fcntl
 import functools
 import getpass
@@ -38,7 +39,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, field, fields, replace
@@ -60,7 +61,6 @@ log = logging.getLogger("ezauth")
 
 Clock = Callable[[], float]
 R = TypeVar("R")
-WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 
 
 def logval(value: str, limit: int | None = 80) -> str:
@@ -4036,22 +4036,36 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
 
 
 # -- HTTP server ----------------------------------------------------------------------------
-# Our own because wsgiref serves one request per connection. The parsing and the answers'
-# bytes are ours and strict; the connection machinery (buffers, partial writes, timers,
-# the hand-off to threads, shutdown) is asyncio's.
+# Our own because wsgiref serves one request per connection. The parsing and the answers' bytes
+# are ours and strict, and so is each connection's life: one phase at a time (Phase), at most one
+# answer owed, nothing read while it is owed, and a pool of connections per kind of peer that a
+# full server takes room from in O(1). asyncio's loop runs it: readiness callbacks, the deadline
+# sweep's timer, the hand-off to threads, signals. The section uses nothing above it but `log` and
+# `logval`; the app reaches it through the WSGI callable and `Routing`.
 
+WSGIApp = Callable[[dict[str, Any], Callable[..., object]], Iterable[bytes]]
 FIRST_BYTE_TIMEOUT = 5.0  # a new connection that says nothing is dropped this soon
 HEAD_TIMEOUT = 10.0  # a whole request head must arrive this fast after its first byte
 BODY_TIMEOUT = 30.0
+WRITE_TIMEOUT = 10.0  # an answer not taken this long after it was ready: the connection is reset
 IDLE_TIMEOUT = 75.0  # between requests; longer than nginx's upstream keepalive_timeout (60 s)
 MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 MAX_BLANK_BYTES = 8  # CR/LF before a request line (RFC 9112 2.2 asks to skip "at least one" empty line)
-MAX_CONNECTIONS = 1000
-MAX_PER_ADDRESS = 64  # one address (not a trusted proxy) cannot take every connection
+MAX_CONNECTIONS = 1000  # clients other than trusted proxies, all together ...
+MAX_PER_ADDRESS = 64  # ... and per IPv4 address or IPv6 /64 (one host may hold a whole /64)
+# On top, kept for trusted proxies (nginx's `keepalive 64` on four workers): they may use every
+# connection, but others never take these. Not unlimited: every local process is "trusted" too.
+PROXY_CONNECTIONS = 256
+ACCEPT_BATCH = 64  # connections taken per wake-up of the listening socket, so the others get a turn
 POOL_THREADS = 8
 SWEEP_EVERY = 0.25  # how often deadlines are looked at: the timeouts are this much late at most
 RECEIVE_SIZE = 64 * 1024
+# The flag for an answer the connection closes after: Linux holds it back until the close, which it
+# then sends in the same packet (one trip through loopback instead of two, for the client as well).
+# Only when nothing the client sent is left unread: closing on unread bytes resets the connection,
+# and an answer held back is then never sent.
+LAST_WRITE = getattr(socket, "MSG_MORE", 0)
 HEAD_END_RE = re.compile(rb"\n\r?\n")  # a literal first byte lets re skip ahead; parse_head strips the \r
 BARE_CR_RE = re.compile(rb"\r(?!\n)")
 BLANK_LINES_RE = re.compile(rb"(?:\r?\n)*")  # empty lines before a request line; a lone CR is not one
@@ -4229,104 +4243,214 @@ def serialize_response(status: str, headers: list[tuple[str, str]], body: bytes,
 
 def error_bytes(status: int) -> bytes:
     phrase = HTTPStatus(status).phrase
-    return serialize_response(STATUS_LINES[status], [("Content-Type", "text/plain; charset=utf-8")],
+    return serialize_response(f"{status} {phrase}", [("Content-Type", "text/plain; charset=utf-8")],
                               f"{phrase.lower()}\n".encode(), keep_alive=False, head_only=False)
 
 
 @dataclass(frozen=True)
 class Routing:
-    """What the app tells the server about a request before it is answered, and how to answer it
-    without the detour through WSGI's start_response (ezauth's own app offers that)."""
+    """The one seam between the server and the app. Per request the server calls `inline` (answer
+    on the event loop, or in the thread pool?), `body_limit` (before any of the body is read) and
+    `respond` (the answer without WSGI's start_response detour; without it, the WSGI callable)."""
 
     inline: Callable[[Mapping[str, Any]], bool]  # cheap enough to answer on the event loop
     body_limit: Callable[[Mapping[str, Any]], int]  # the largest body the route accepts
     respond: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] | None = None
 
 
-class Connection(asyncio.BufferedProtocol):
-    """One client connection: its requests in order, each answered before the next is read."""
+class Phase(enum.Enum):
+    """Where a connection is. Everything the server does with one follows from its phase: whether
+    it is read, which deadline it has, whether a full server may drop it (h11 keeps state so)."""
 
-    transport: asyncio.Transport
+    NEW = "new"  # accepted, not a byte yet
+    HEAD = "head"  # part of a request head has come
+    BODY = "body"  # a whole head; its body is coming
+    ANSWERING = "answering"  # the app works on a request, or its answer waits to be read
+    IDLE = "idle"  # between the requests of a kept-alive connection
+    CLOSING = "closing"  # the last answer waits for the client to read it; then the socket closes
+    CLOSED = "closed"
 
-    def __init__(self, server: HTTPServer) -> None:
-        self.server = server
-        self.peer: tuple[str, int] = ("", 0)
+    __hash__ = object.__hash__  # Enum's own hashes the name in Python: phases are looked up per request
+
+
+# A connection is read only in these phases: while an answer is owed nothing more is read, so a
+# client that never reads holds at most one answer, an unfinished request and one receive's bytes.
+READING = frozenset({Phase.NEW, Phase.HEAD, Phase.BODY, Phase.IDLE})
+# A full server drops the cheapest connection, in this order: one that only waits to finish closing,
+# then silent ones and half-sent heads (oldest first), the longest idle, a body still on its way.
+EVICTION_ORDER = (Phase.CLOSING, Phase.NEW, Phase.HEAD, Phase.IDLE, Phase.BODY)
+
+
+class Pool:
+    """The connections of one kind of peer (trusted proxies, or everyone else): how many, how many
+    per address, and each phase's connections in the order they entered it, so the cheapest is
+    found in O(1)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.addresses: dict[str, int] = {}
+        self.phases: dict[Phase, OrderedDict[Connection, None]] = {p: OrderedDict() for p in Phase}
+
+    def cheapest(self) -> Connection | None:
+        """The connection a full server drops first, if any may be dropped."""
+        return next((next(iter(self.phases[p])) for p in EVICTION_ORDER if self.phases[p]), None)
+
+    def add(self, conn: Connection) -> None:
+        self.phases[conn.phase][conn] = None
+        self.count += 1
+        self.addresses[conn.address] = self.addresses.get(conn.address, 0) + 1
+
+    def move(self, conn: Connection, old: Phase, new: Phase) -> None:
+        """CONN leaves phase OLD for NEW (the same phase again: it goes to the back of the line)."""
+        if old is new:
+            self.phases[new].move_to_end(conn)
+            return
+        del self.phases[old][conn]
+        if new is Phase.CLOSED:
+            self.count -= 1
+            left = self.addresses.pop(conn.address) - 1
+            if left:
+                self.addresses[conn.address] = left
+        else:
+            self.phases[new][conn] = None
+
+    def connections(self) -> list[Connection]:
+        return [conn for phase in self.phases.values() for conn in phase]
+
+
+def peer_address(peer: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
+    """A peer's IP (IPv4 also when it came as ::ffff:a.b.c.d to a dual-stack socket) and the address
+    it counts as for the per-address limit: an IPv4 address, or an IPv6 /64."""
+    ip = ipaddress.ip_address(peer.partition("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip, str(ip) if ip.version == 4 else str(ipaddress.ip_network((ip, 64), strict=False))
+
+
+class Connection:
+    """One client connection: its phase, the bytes it sent that are not answered yet, and what the
+    socket has not taken yet of the answer owed to it."""
+
+    __slots__ = ("address", "buffer", "deadline", "fd", "out", "peer", "phase", "pool", "reading",
+                 "request", "scanned", "server", "sock")
+
+    def __init__(self, server: HTTPServer, sock: socket.socket, peer: tuple[str, int], pool: Pool,
+                 address: str) -> None:
+        self.server, self.sock, self.fd, self.peer, self.pool, self.address = (
+            server, sock, sock.fileno(), peer, pool, address)
+        self.phase = Phase.NEW
+        self.deadline = server.loop.time() + FIRST_BYTE_TIMEOUT
+        self.reading = False  # whether the loop watches the socket (it does in READING phases)
         self.buffer = bytearray()
-        self.scanned = 0  # how much of the buffer holds no head end: dribbled heads are searched once
-        self.waiting: tuple[dict[str, Any], int] | None = None  # a head whose body is still arriving
-        self.busy = self.paused = self.eof = self.closed = False
-        self.request_started: float | None = None
-        self.deadline = 0.0
+        self.scanned = 0  # how much of the buffer has no head end: a dribbled head is searched once
+        self.request: tuple[dict[str, Any], int] | None = None  # in BODY: environ, body length
+        self.out = b""  # the part of the answers the socket has not taken yet
+        pool.add(self)
 
-    # asyncio's callbacks -------------------------------------------------------------------
+    def enter(self, phase: Phase, timeout: float) -> None:
+        """Move to PHASE, with TIMEOUT seconds to leave it; reading follows the phase."""
+        self.pool.move(self, self.phase, phase)
+        self.phase = phase
+        self.deadline = self.server.loop.time() + timeout
+        if (phase in READING) is not self.reading:
+            self.reading = not self.reading
+            if self.reading:
+                self.server.loop.add_reader(self.fd, self.receive)
+            else:
+                self.server.loop.remove_reader(self.fd)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        if not self.server.admit(self):
-            self.transport.write(error_bytes(503))
-            self.transport.close()
+    # the socket --------------------------------------------------------------------------------
+
+    def receive(self) -> None:
+        """Read what the client sent and answer it (the loop calls this when the socket is readable;
+        the server calls it once on accept, when the request is there already: listening_socket)."""
+        try:
+            size = self.sock.recv_into(self.server.receive_buffer)
+        except (BlockingIOError, InterruptedError):
+            if not self.reading:
+                self.enter(self.phase, FIRST_BYTE_TIMEOUT)  # nothing yet: wait for the loop to say
             return
-        self.set_deadline(FIRST_BYTE_TIMEOUT)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Received into one buffer shared by every connection (the loop runs one callback at a
-        # time): asyncio's default recv() of 256 KiB costs an mmap per read, 8 us on every verify.
-        return self.server.receive_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.buffer += self.server.receive_buffer[:nbytes]
-        self.process()
-        if self.buffer:
-            self.start_head_timer()
-
-    def eof_received(self) -> bool:
-        """A half-closed client still gets answers to every request it sent, then we close."""
-        self.eof = True
-        self.process()
-        return self.busy
-
-    def pause_writing(self) -> None:
-        self.paused = True  # the client is not reading: stop answering until it catches up
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self.process()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.server.forget(self)
-
-    # requests --------------------------------------------------------------------------------
-
-    def fail(self, err: Exception) -> None:
-        """Whatever goes wrong with one request ends its connection (400 or 500), never the server."""
-        if isinstance(err, HTTPError):
-            self.refuse(err.status)
+        except OSError:  # reset by the client
+            size = 0
+        if not size:
+            # The client is done sending. Everything whole it sent has been answered (nothing is
+            # read while an answer is owed), so what is left is a request it will never finish.
+            self.close()
             return
-        log.error("event=connection_error ip=%s error=%s", logval(self.peer[0]), logval(repr(err)), exc_info=err)
-        self.refuse(500)
+        self.buffer += self.server.receive_buffer[:size]
+        self.process()
+
+    def write(self, data: bytes, flags: int = 0) -> None:
+        """Send DATA; what the socket does not take now is kept and sent when it can."""
+        if self.out:
+            self.out += data
+            return
+        try:
+            sent = self.sock.send(data, flags)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # reset by the client
+            self.close()
+            return
+        if sent < len(data):
+            self.out = data[sent:]
+            self.server.loop.add_writer(self.fd, self.flush)
+
+    def flush(self) -> None:
+        """Send more of what is kept (the loop calls this when the socket is writable)."""
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if self.out:
+            return
+        self.server.loop.remove_writer(self.fd)
+        if self.phase is Phase.CLOSING:
+            self.close()
+        elif self.phase is Phase.ANSWERING:
+            self.enter(Phase.IDLE, IDLE_TIMEOUT)
+            self.process()
+
+    def close(self) -> None:
+        """Close now; from this moment the connection no longer counts."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self.out:
+            self.server.loop.remove_writer(self.fd)
+            self.out = b""
+        self.enter(Phase.CLOSED, 0)
+        self.sock.close()
+
+    def abort(self, reason: str) -> None:
+        """Close with a reset, which drops what the kernel still holds for the client too."""
+        log.warning("event=connection_aborted reason=%s ip=%s", reason, logval(self.peer[0]))
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
+    # requests ----------------------------------------------------------------------------------
 
     def process(self) -> None:
-        """Answer every complete request in the buffer, in order."""
+        """Answer the whole requests in the buffer, in order, until an answer is owed or none is."""
         try:
-            while not (self.busy or self.paused or self.closed):
-                if self.waiting is None:
-                    self.waiting = self.read_head()
-                    if self.waiting is None:
-                        break
-                environ, length = self.waiting
+            while self.phase in READING:
+                if self.request is None:
+                    self.request = self.read_head()
+                    if self.request is None:
+                        return
+                environ, length = self.request
                 if len(self.buffer) < length:
-                    break
-                self.waiting = None
+                    return
+                self.request = None
                 environ["wsgi.input"] = BytesIO(bytes(self.buffer[:length])) if length else BytesIO()
                 del self.buffer[:length]
                 self.answer(environ)
         except Exception as err:
             self.fail(err)
-        if self.eof and not self.busy and not self.closed:
-            self.close()
 
     def read_head(self) -> tuple[dict[str, Any], int] | None:
         """(environ, body length) of the next request head in the buffer, or None until it has arrived."""
@@ -4343,6 +4467,8 @@ class Connection(asyncio.BufferedProtocol):
             if len(self.buffer) > MAX_HEAD:
                 raise HTTPError(431)
             self.scanned = max(blank, len(self.buffer) - 2)
+            if self.phase is not Phase.HEAD:
+                self.enter(Phase.HEAD, HEAD_TIMEOUT)  # from its first byte (blank lines count)
             return None
         if end.start() > MAX_HEAD:
             raise HTTPError(431)
@@ -4354,77 +4480,66 @@ class Connection(asyncio.BufferedProtocol):
         if length and length > self.server.body_limit(environ):
             raise HTTPError(413)  # refused before a byte of it is buffered
         if len(self.buffer) < length:
-            self.set_deadline(BODY_TIMEOUT)
+            self.enter(Phase.BODY, BODY_TIMEOUT)
             if head.version == "HTTP/1.1" and str(environ.get("HTTP_EXPECT", "")).lower() == "100-continue":
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return environ, length
 
     def answer(self, environ: dict[str, Any]) -> None:
         keep_alive = environ["SERVER_PROTOCOL"] == "HTTP/1.1" and "close" not in str(
             environ.get("HTTP_CONNECTION", "")).lower()
         if self.server.inline(environ):
-            self.send(self.server.respond(environ, keep_alive), keep_alive)
+            self.reply(self.server.respond(environ, keep_alive), keep_alive)
             return
-        self.busy = True
-        self.transport.pause_reading()
+        self.enter(Phase.ANSWERING, math.inf)  # the pool's work is ours: no deadline
         done = self.server.loop.run_in_executor(self.server.pool, self.server.respond, environ, keep_alive)
-        done.add_done_callback(lambda future: self.pool_done(future, keep_alive))
+        done.add_done_callback(functools.partial(self.answered_in_pool, keep_alive))
 
-    def pool_done(self, future: asyncio.Future[bytes], keep_alive: bool) -> None:
-        self.busy = False
-        if self.closed:
+    def answered_in_pool(self, keep_alive: bool, done: asyncio.Future[bytes]) -> None:
+        if self.phase is Phase.CLOSED:
             return
         try:
-            data = future.result()
+            data = done.result()
         except Exception as err:
             self.fail(err)
             return
-        self.transport.resume_reading()
-        self.send(data, keep_alive)
+        self.reply(data, keep_alive)
         self.process()
 
-    def send(self, data: bytes, keep_alive: bool) -> None:
-        self.transport.write(data)
-        self.request_started = None
-        if keep_alive and not self.eof:
-            self.deadline = time.monotonic() + IDLE_TIMEOUT  # the loop's clock
-            if self.buffer:
-                self.start_head_timer()  # a pipelined request may already be part-way in
-        else:
-            self.close()
+    def reply(self, data: bytes, keep_alive: bool) -> None:
+        """Send a request's answer; the last goes out with the close if nothing is left unread."""
+        self.send(data, keep_alive, 0 if keep_alive or self.buffer else LAST_WRITE)
 
-    def refuse(self, status: int) -> None:
-        if not self.closed:
-            self.transport.write(error_bytes(status))
-            self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.transport.close()  # after what is buffered has been sent
-
-    # timeouts: a deadline per connection, checked by the server's one sweep (no timer per connection) --
-
-    def start_head_timer(self) -> None:
-        """A request has begun to arrive (blank lines count): from now on it has HEAD_TIMEOUT."""
-        if self.buffer and self.request_started is None and self.waiting is None and not self.closed:
-            self.request_started = self.server.loop.time()
-            self.set_deadline(HEAD_TIMEOUT)
-
-    def set_deadline(self, seconds: float) -> None:
-        self.deadline = self.server.loop.time() + seconds
-
-    def check_deadline(self, now: float) -> None:
-        """Past its deadline: 408 for a request still arriving, else just close."""
-        if self.closed or self.busy or now < self.deadline:
+    def send(self, data: bytes, keep_alive: bool, flags: int = 0) -> None:
+        """Send one answer; until the socket has taken all of it, nothing more is read."""
+        self.write(data, flags)
+        if self.phase is Phase.CLOSED:
             return
-        if (self.buffer or self.waiting) and not self.eof:
-            self.refuse(408)
+        if self.out:
+            self.enter(Phase.ANSWERING if keep_alive else Phase.CLOSING, WRITE_TIMEOUT)
+        elif keep_alive:
+            self.enter(Phase.IDLE, IDLE_TIMEOUT)
         else:
             self.close()
 
-    @property
-    def idle(self) -> bool:
-        return not (self.buffer or self.waiting or self.busy or self.closed)
+    def fail(self, err: Exception) -> None:
+        """Whatever goes wrong with a request ends its connection (400 or 500), never the server."""
+        if not isinstance(err, HTTPError):
+            log.error("event=connection_error ip=%s error=%s", logval(self.peer[0]),
+                      logval(repr(err)), exc_info=err)
+        if self.phase is not Phase.CLOSED:
+            status = err.status if isinstance(err, HTTPError) else 500
+            self.send(error_bytes(status), keep_alive=False)
+
+    def expire(self) -> None:
+        """Past its deadline: 408 for a request still coming, a reset for an answer not taken, else
+        just close."""
+        if self.phase in (Phase.HEAD, Phase.BODY):
+            self.send(error_bytes(408), keep_alive=False)
+        elif self.phase in (Phase.ANSWERING, Phase.CLOSING):
+            self.abort("write_timeout")
+        else:
+            self.close()
 
 
 class HTTPServer:
@@ -4432,18 +4547,19 @@ class HTTPServer:
     (idle or slow clients cost no thread) and answers the requests the app calls cheap itself;
     the rest (password hashing, file writes) go to a small thread pool."""
 
-    def __init__(self, sock: socket.socket, app: WSGIApp, routing: Routing, *, access_log: bool = False,
-                 exempt: Callable[[str], bool] = lambda address: False) -> None:
+    def __init__(self, sock: socket.socket, app: WSGIApp, routing: Routing, *,
+                 trusted: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+                 access_log: bool = False) -> None:
         self.loop = asyncio.new_event_loop()
-        self.access_log, self.exempt = access_log, exempt
+        self.listener, self.access_log, self.trusted = sock, access_log, tuple(trusted)
         self.inline, self.body_limit = routing.inline, routing.body_limit
         self.answer: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] = (
             routing.respond or (lambda environ: run_wsgi(app, environ)))
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ezauth-worker")
         self.receive_buffer = memoryview(bytearray(RECEIVE_SIZE))
-        self.connections: set[Connection] = set()
-        self.per_address: dict[str, int] = {}
-        self.max_connections = max_connections()
+        self.max_others, self.max_connections = connection_limits()
+        self.proxies, self.others = Pool(), Pool()
+        self.peers: dict[str, tuple[Pool, str]] = {}  # peer -> its pool, the address it counts as
         host, port = sock.getsockname()[:2]
         self.base_environ: dict[str, Any] = {
             "SERVER_NAME": host, "SERVER_PORT": str(port), "SCRIPT_NAME": "",
@@ -4451,15 +4567,73 @@ class HTTPServer:
             "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
             "wsgi.run_once": False,
         }
-        self.listener = self.loop.run_until_complete(
-            self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
+        self.loop.add_reader(sock.fileno(), self.accept)
         self.loop.call_later(SWEEP_EVERY, self.sweep)
 
+    def accept(self) -> None:
+        """Take the connections waiting on the listening socket (the loop calls this when any)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as err:  # out of descriptors, say: pause accepting, serve the others
+                log.warning("event=accept_failed error=%s", logval(err.strerror or repr(err)))
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(1.0, self.loop.add_reader, self.listener.fileno(), self.accept)
+                return
+            self.admit(sock, (str(peer[0]), int(peer[1])))
+
+    def admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        pool, address = self.classify(peer[0])
+        refusal = self.make_room(pool, address)
+        if refusal:
+            log.warning("event=connection_refused reason=%s ip=%s", refusal, logval(peer[0]))
+            with contextlib.suppress(OSError):
+                sock.send(error_bytes(503), socket.MSG_DONTWAIT)
+            sock.close()
+            return
+        sock.setblocking(False)
+        Connection(self, sock, peer, pool, address).receive()
+
+    def make_room(self, pool: Pool, address: str) -> str:
+        """"" when one more connection of POOL from ADDRESS fits (a full server first drops its
+        cheapest connection; never a trusted proxy's for someone else), else why it does not."""
+        others = self.others
+        if pool is others and others.addresses.get(address, 0) >= MAX_PER_ADDRESS:
+            return "per_address_limit"
+        if others.count + self.proxies.count < self.max_connections and (
+                pool is self.proxies or others.count < self.max_others):
+            return ""
+        cheapest = others.cheapest() or (self.proxies.cheapest() if pool is self.proxies else None)
+        if cheapest is None:
+            return "server_full"
+        cheapest.close()
+        return ""
+
+    def classify(self, peer: str) -> tuple[Pool, str]:
+        """The pool of a peer (trusted proxies have their own) and the address it counts as;
+        remembered, since every verify through nginx without keep-alive is a new connection."""
+        known = self.peers.get(peer)
+        if known is None:
+            try:
+                ip, address = peer_address(peer)
+                trusted = any(ip in net for net in self.trusted if net.version == ip.version)
+            except ValueError:
+                address, trusted = peer, False
+            if len(self.peers) >= 4096:
+                self.peers.clear()
+            known = self.peers[peer] = (self.proxies if trusted else self.others, address)
+        return known
+
     def sweep(self) -> None:
-        """Close connections past their deadline: silent, idle too long, or a request too slow."""
+        """Act on connections past their deadline: silent, idle too long, a request too slow, an
+        answer not read."""
         now = self.loop.time()
-        for conn in list(self.connections):
-            conn.check_deadline(now)
+        for pool in (self.proxies, self.others):
+            for conn in pool.connections():
+                if now >= conn.deadline:
+                    conn.expire()
         self.loop.call_later(SWEEP_EVERY, self.sweep)
 
     def serve_forever(self) -> None:
@@ -4469,35 +4643,14 @@ class HTTPServer:
         self.loop.run_forever()
 
     def close(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        for conn in list(self.connections):
-            conn.transport.abort()
+        for pool in (self.proxies, self.others):
+            for conn in pool.connections():
+                conn.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.run_until_complete(self.loop.shutdown_default_executor())
         self.loop.close()
-
-    def admit(self, conn: Connection) -> bool:
-        """Room for one more connection? A full server first drops the connection idle the longest."""
-        address = conn.peer[0]
-        if self.per_address.get(address, 0) >= MAX_PER_ADDRESS and not self.exempt(address):
-            log.warning("event=connection_refused reason=per_address_limit ip=%s", logval(address))
-            return False
-        if len(self.connections) >= self.max_connections:
-            idle = [c for c in self.connections if c.idle]
-            if not idle:
-                log.warning("event=connection_refused reason=server_full ip=%s", logval(address))
-                return False
-            min(idle, key=lambda c: c.deadline).close()
-        self.connections.add(conn)
-        self.per_address[address] = self.per_address.get(address, 0) + 1
-        return True
-
-    def forget(self, conn: Connection) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            left = self.per_address.pop(conn.peer[0], 1) - 1
-            if left:
-                self.per_address[conn.peer[0]] = left
 
     def respond(self, environ: dict[str, Any], keep_alive: bool) -> bytes:
         """The whole answer to one request, as bytes (on the loop, or on a pool thread)."""
@@ -4511,23 +4664,38 @@ class HTTPServer:
         return data
 
 
-def max_connections() -> int:
-    """MAX_CONNECTIONS, or fewer when the file-descriptor limit cannot be raised that far."""
+def connection_limits() -> tuple[int, int]:
+    """How many connections clients other than trusted proxies may hold, and all together:
+    MAX_CONNECTIONS and PROXY_CONNECTIONS more, or less of each when the file-descriptor limit
+    cannot be raised that far (then a quarter of what there is stays for trusted proxies)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = MAX_CONNECTIONS + 64  # the data dir's files, the pool's SQLite handles, stdio
+    # 64 for the rest: the data dir's files, the pool's SQLite handles, stdio
+    wanted = PROXY_CONNECTIONS + MAX_CONNECTIONS + 64
     if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
-    return max(16, min(MAX_CONNECTIONS, soft - 64))
+    if soft >= wanted:
+        return MAX_CONNECTIONS, MAX_CONNECTIONS + PROXY_CONNECTIONS
+    room = max(32, soft - 64)
+    limits = room - room // 4, room
+    log.warning("event=connection_limits_lowered nofile=%d others=%d all=%d", soft, *limits)
+    return limits
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A bound, listening socket; `::` takes IPv4 too."""
+    """A bound, listening socket; `::` takes IPv4 too. Linux hands TCP_NODELAY on to every accepted
+    socket: each answer goes out in one send, and a pipelined one must not wait for an ACK."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Linux hands over a connection once its first bytes are in (nginx's `listen ...
+            # deferred`), so nginx's request is read at once on accept instead of after another
+            # trip through the loop; a silent one comes after a second, then has FIRST_BYTE_TIMEOUT.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
@@ -5380,8 +5548,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as err:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
     server = HTTPServer(sock, service, Routing(service.answers_inline, service.body_limit, service.respond),
-                        access_log=settings.access_log,
-                        exempt=lambda address: ip_in(address, settings.trusted_proxies))
+                        trusted=settings.trusted_proxies, access_log=settings.access_log)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("event=start url=http://%s:%d/ezauth/login data_dir=%s version=%s",
              host, sock.getsockname()[1], settings.data_dir.resolve(), __version__)

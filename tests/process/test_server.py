@@ -2,24 +2,33 @@
 
 Sections: the parser (pure: parse_head + build_environ against h11, over a corpus and Hypothesis heads),
 wire helpers, RFC 9112 over the wire, the requests that used to kill the process, a fuzzer, resource
-exhaustion, half-closed clients and pipelining. Untrusted clients bind their sockets to 127.0.0.2 and
+exhaustion, half-closed clients and pipelining, the server section's fence, connection accounting (on the
+server object, then through the real process), flow control against a client that never reads, and nginx
+keeping its room while others fill the server. Untrusted clients bind their sockets to 127.0.0.2 and
 127.0.0.3 (all of 127/8 is loopback on Linux): the default trusted proxies, 127.0.0.1 and ::1, are exempt
 from the per-address cap. RSS and open descriptors are read from /proc, so the wire tests need Linux.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import ipaddress
+import json
+import os
 import re
+import resource
 import select
-import selectors
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -31,10 +40,18 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 import ezauth
-from tests.support.basics import parse_page, wait_until
-from tests.support.process import Server, start_server
+from tests.support.basics import EZAUTH, clean_env, free_port, missing, parse_page, wait_until
+from tests.support.process import (
+    HALF_HEAD,
+    UNTRUSTED,
+    Crowd,
+    Server,
+    connect,
+    refusals,
+    start_server,
+    wait_healthy,
+)
 
-UNTRUSTED = "127.0.0.2"  # a client that is not a trusted proxy: the per-address cap applies to it
 OTHER = "127.0.0.3"  # a second untrusted client, unaffected by whatever 127.0.0.2 does
 HOST = b"Host: ezauth.test"
 REFUSALS = {400, 411, 413, 431, 505}  # what parse_head and build_environ may refuse with
@@ -383,11 +400,6 @@ def parse_answers(data: bytes) -> tuple[list[Answer], bytes]:
     return answers, data
 
 
-def connect(port: int, source: str = UNTRUSTED, timeout: float = 10.0) -> socket.socket:
-    """A TCP connection to the server on 127.0.0.1 from the loopback address SOURCE."""
-    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
-
-
 def read_until_close(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
     """What the server sends within TIMEOUT seconds, and whether it closed the connection by then."""
     deadline = time.monotonic() + timeout
@@ -461,47 +473,6 @@ def rss_kib(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
-@dataclass
-class Crowd:
-    """Many client connections read together: what each received, and when the server closed it."""
-
-    socks: list[socket.socket]
-    received: dict[socket.socket, bytes] = field(default_factory=dict)
-    closed_at: dict[socket.socket, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
-        for sock in self.socks:
-            self.received[sock] = b""
-            self.selector.register(sock, selectors.EVENT_READ)
-
-    @property
-    def still_open(self) -> list[socket.socket]:
-        return [sock for sock in self.socks if sock not in self.closed_at]
-
-    def read_until(self, done: Callable[[], bool], timeout: float) -> bool:
-        """Read every connection until DONE() holds or TIMEOUT passes; DONE()'s last value."""
-        deadline = time.monotonic() + timeout
-        while not done() and (left := deadline - time.monotonic()) > 0 and self.still_open:
-            for key, _ in self.selector.select(left):
-                sock = key.fileobj
-                try:
-                    chunk = sock.recv(65536)
-                except (ConnectionResetError, TimeoutError):
-                    chunk = b""
-                if chunk:
-                    self.received[sock] += chunk
-                else:
-                    self.closed_at[sock] = time.monotonic()
-                    self.selector.unregister(sock)
-        return done()
-
-    def close(self) -> None:
-        self.selector.close()
-        for sock in self.socks:
-            sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -747,10 +718,13 @@ def test_fuzzed_connections_leave_the_server_healthy_and_its_memory_flat(server_
 # -- Resource exhaustion -------------------------------------------------------------------------
 
 
+HANDED_OVER = 1.0  # listening_socket's TCP_DEFER_ACCEPT: Linux hands a silent connection over this late
+
+
 @pytest.mark.slow
 def test_one_address_cannot_hold_every_connection(server_factory):
     """1,000 silent connections from one address: at most MAX_PER_ADDRESS are kept, another address is
-    answered at once, and the kept ones are dropped FIRST_BYTE_TIMEOUT after they came in."""
+    answered at once, and the kept ones are dropped FIRST_BYTE_TIMEOUT after the server got them."""
     server = server_factory(users={})
     crowd = Crowd([connect(server.port, UNTRUSTED) for _ in range(1000)])
     connected = time.monotonic()
@@ -764,7 +738,8 @@ def test_one_address_cannot_hold_every_connection(server_factory):
         assert healthz(server.port, OTHER) == 200
         assert time.monotonic() - started < 1.0, "another address had to wait"
         slack = 2.0  # timer rounding and a loaded 2-CPU machine
-        crowd.read_until(lambda: not crowd.still_open, connected + ezauth.FIRST_BYTE_TIMEOUT + slack - time.monotonic())
+        crowd.read_until(lambda: not crowd.still_open,
+                         connected + HANDED_OVER + ezauth.FIRST_BYTE_TIMEOUT + slack - time.monotonic())
         assert not crowd.still_open, f"{len(crowd.still_open)} silent connections outlived FIRST_BYTE_TIMEOUT"
         assert all(crowd.received[sock] == b"" for sock in kept)
         assert max(crowd.closed_at[sock] for sock in kept) - connected >= ezauth.FIRST_BYTE_TIMEOUT - 1.5
@@ -897,3 +872,422 @@ def test_connection_close_is_honoured_right_after_the_answer(server):
     answers, rest = parse_answers(data)
     assert [a.status for a in answers] == [200] and answers[0].header("Connection") == "close", data[:300]
     assert closed and rest == b"" and time.monotonic() - started < 2.0
+
+
+# -- The section's fence -------------------------------------------------------------------------
+
+
+def defined_names(node: ast.stmt) -> set[str]:
+    """The module-level names statement NODE binds; an import binds one only when it is not the standard
+    library's (the server may use the standard library, not PyJWT)."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    if isinstance(node, ast.Assign | ast.AnnAssign):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+        if (module or "").split(".")[0] not in sys.stdlib_module_names | {"__future__"}:
+            return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return set()
+
+
+def test_the_server_section_uses_nothing_above_it_but_logging():
+    """The HTTP server is a fenced block that could be lifted out whole: of everything defined above it in
+    ezauth.py it uses `log` and `logval`, nothing else (the app reaches it through Routing and `app`)."""
+    source = Path(ezauth.__file__).read_text()
+    lines = source.splitlines()
+    start = next(n for n, line in enumerate(lines, 1) if line.startswith("# -- HTTP server -"))
+    end = next(n for n, line in enumerate(lines, 1) if line.startswith("# -- CLI -"))
+    above: set[str] = set()
+    inside: set[str] = set()
+    used: set[str] = set()
+    for node in ast.parse(source).body:
+        if node.end_lineno < start:
+            above |= defined_names(node)
+        elif node.lineno < end:
+            inside |= defined_names(node)
+            used |= {name.id for name in ast.walk(node) if isinstance(name, ast.Name)}
+    assert {"Request", "STATUS_LINES", "ip_in", "jwt"} <= above  # the walk sees the sections above
+    assert (used - inside) & above == {"log", "logval"}
+
+
+# -- Connection accounting, on the server object ----------------------------------------------------
+#
+# A real HTTPServer on a loopback socket whose loop is not running, with connections made of real socket
+# pairs: phases are set by hand, and the test calls make_room as the accept path does.
+
+
+def hello(environ: dict, start_response: Callable) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello\n"]
+
+
+@pytest.fixture
+def bare_server() -> Iterator[ezauth.HTTPServer]:
+    server = ezauth.HTTPServer(ezauth.listening_socket("127.0.0.1", 0), hello,
+                               ezauth.Routing(inline=lambda environ: True, body_limit=lambda environ: 0),
+                               trusted=[ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")])
+    yield server
+    server.close()
+
+
+def arrive(server: ezauth.HTTPServer, peer: str,
+           phase: ezauth.Phase = ezauth.Phase.ANSWERING) -> ezauth.Connection | str:
+    """What accepting a connection from PEER does to the accounting: the new connection, moved on to PHASE
+    (ANSWERING by default: the app works on its request, so it is never dropped), or why it was refused."""
+    pool, address = server.classify(peer)
+    refusal = server.make_room(pool, address)
+    if refusal:
+        return refusal
+    ours, theirs = socket.socketpair()
+    theirs.close()  # the loop never runs here: nothing is read from or written to the connection
+    conn = ezauth.Connection(server, ours, (peer, 40000), pool, address)
+    conn.enter(phase, 60)
+    return conn
+
+
+def test_a_full_server_drops_the_cheapest_connection_first(bare_server):
+    """Eviction order: one waiting to finish closing, silent, half-sent head, the longest idle, then a body
+    still coming; a connection whose answer is being made is never dropped."""
+    P = ezauth.Phase
+    bare_server.max_others = 6
+    body, idle_a, head, new, idle_b, closing = (arrive(bare_server, "127.0.0.2", phase)
+                                                 for phase in (P.BODY, P.IDLE, P.HEAD, P.NEW, P.IDLE, P.CLOSING))
+    idle_a.enter(P.IDLE, 60)  # idle_a answered another request: idle_b is now the one idle the longest
+    dropped = []
+    for _ in range(6):
+        before = {conn: conn.phase for conn in (body, idle_a, head, new, idle_b, closing)}
+        assert isinstance(arrive(bare_server, "127.0.0.3"), ezauth.Connection)
+        dropped += [conn for conn, phase in before.items() if phase is not P.CLOSED and conn.phase is P.CLOSED]
+    assert dropped == [closing, new, head, idle_b, idle_a, body]
+    assert arrive(bare_server, "127.0.0.4") == "server_full"
+    assert bare_server.others.count == 6
+
+
+def test_a_trusted_proxy_is_never_dropped_for_someone_else(bare_server):
+    """Others hold at most max_others; the rest is kept for trusted proxies, who may use every connection
+    and, when all are taken, drop the cheapest: someone else's first, then one of their own."""
+    P = ezauth.Phase
+    bare_server.max_others, bare_server.max_connections = 2, 5
+    nginx = [arrive(bare_server, "127.0.0.1", P.IDLE) for _ in range(2)]  # idle the longest of all
+    others = [arrive(bare_server, "127.0.0.2", P.IDLE) for _ in range(2)]
+    assert isinstance(arrive(bare_server, "127.0.0.3"), ezauth.Connection)  # others are full: one of theirs goes
+    assert [c.phase for c in others] == [P.CLOSED, P.IDLE]
+    assert isinstance(arrive(bare_server, "::ffff:127.0.0.1", P.IDLE), ezauth.Connection)  # the kept room
+    assert isinstance(arrive(bare_server, "127.0.0.3"), ezauth.Connection)
+    assert others[1].phase is P.CLOSED and all(c.phase is P.IDLE for c in nginx)
+    assert arrive(bare_server, "127.0.0.3") == "server_full"  # only nginx's idle ones are left: refused
+    assert all(c.phase is P.IDLE for c in nginx) and bare_server.proxies.count == 3
+    assert isinstance(arrive(bare_server, "127.0.0.1"), ezauth.Connection)  # all taken: nginx drops its own
+    assert [c.phase for c in nginx] == [P.CLOSED, P.IDLE] and bare_server.proxies.count == 3
+
+
+@pytest.mark.parametrize("peer, counted_as", [
+    ("127.0.0.2", "127.0.0.2"),
+    ("::ffff:127.0.0.2", "127.0.0.2"),  # an IPv4 client of a dual-stack socket
+    ("2001:db8::1", "2001:db8::/64"),
+    ("2001:db8::ffff:ffff:ffff:fffe", "2001:db8::/64"),
+    ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_peers_count_per_ipv4_address_and_per_ipv6_64(peer, counted_as):
+    assert ezauth.peer_address(peer)[1] == counted_as
+
+
+def test_the_per_address_cap_counts_a_whole_ipv6_64_and_a_closed_connection_stops_counting(bare_server):
+    held = [arrive(bare_server, f"2001:db8::{n:x}", ezauth.Phase.IDLE) for n in range(1, ezauth.MAX_PER_ADDRESS + 1)]
+    assert all(isinstance(conn, ezauth.Connection) for conn in held)
+    assert arrive(bare_server, "2001:db8::ffff:1") == "per_address_limit"  # another address, the same /64
+    assert isinstance(arrive(bare_server, "2001:db8:0:1::1"), ezauth.Connection)  # the next /64 is another peer
+    held[0].close()
+    assert isinstance(arrive(bare_server, "2001:db8::ffff:1"), ezauth.Connection)  # the slot came back at once
+    trusted = [arrive(bare_server, "127.0.0.1") for _ in range(ezauth.MAX_PER_ADDRESS + 10)]
+    assert all(isinstance(conn, ezauth.Connection) for conn in trusted)  # no per-address cap for proxies
+
+
+class CountingQueue(OrderedDict):
+    """An OrderedDict that counts the entries anyone iterates over."""
+
+    seen = 0
+
+    def __iter__(self) -> Iterator:
+        for key in super().__iter__():
+            CountingQueue.seen += 1
+            yield key
+
+
+def test_making_room_looks_at_one_connection_however_many_there_are(bare_server):
+    """A full server picks what to drop without a scan of every connection on each accept."""
+    P = ezauth.Phase
+    bare_server.max_others = 500
+    for n in range(500):
+        arrive(bare_server, f"10.0.{n // 50}.{n % 50 + 1}", P.IDLE)
+    bare_server.others.phases = {phase: CountingQueue(queue) for phase, queue in bare_server.others.phases.items()}
+    CountingQueue.seen = 0
+    for n in range(100):
+        assert isinstance(arrive(bare_server, f"10.1.0.{n + 1}"), ezauth.Connection)
+    assert CountingQueue.seen == 100 and bare_server.others.count == 500
+
+
+# -- Connection accounting, through the real process --------------------------------------------------
+
+
+def connect_and_close(port: int, source: str, count: int) -> None:
+    """COUNT connections from SOURCE, each closed as soon as it is made, as fast as Python can."""
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.close()
+
+
+def test_connect_and_close_clients_never_get_a_503(server_factory):
+    """2,000 connections from one address, each closed by the client at once, from two threads: far faster
+    than the server can look at them, yet a connection the client closed stops counting at once (one
+    already closed when accepted never counts), so none is refused and the address is served after."""
+    server = server_factory(users={})
+    clients = [threading.Thread(target=connect_and_close, args=(server.port, UNTRUSTED, 1000)) for _ in range(2)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    assert healthz(server.port, UNTRUSTED) == 200
+    assert refusals(server) == []
+
+
+def start_with_few_descriptors(tmp_path: Path, nofile: int) -> Server:
+    """A real `ezauth.py serve` under a file-descriptor limit of NOFILE, which lowers its connection limits
+    (logged as event=connection_limits_lowered): small limits without a setting of their own."""
+    data_dir, port = tmp_path / "data", free_port()
+    data_dir.mkdir()
+    log_path = tmp_path / "ezauth.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(EZAUTH), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
+             str(data_dir)], stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    server = Server(data_dir, port, proc, log_path)
+    try:
+        wait_healthy(server.url, proc)
+    except RuntimeError:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+
+
+def test_a_full_server_drops_half_sent_heads_before_an_idle_client_and_keeps_room_for_proxies(tmp_path):
+    """With 200 descriptors ezauth holds 136 connections, 102 of them for clients other than trusted
+    proxies. A kept-alive client, then 128 half-sent heads from two addresses: the heads that do not fit
+    drop the oldest heads, never the idle client (whose next request is answered); a third address is let
+    in the same way, the 65th connection of one address is refused, and a trusted proxy is answered."""
+    server = start_with_few_descriptors(tmp_path, 200)
+    try:
+        limits = re.search(r"event=connection_limits_lowered nofile=200 others=(\d+) all=(\d+)", server.log())
+        assert limits, server.log()
+        others = int(limits.group(1))
+        assert (others, int(limits.group(2))) == (102, 136)
+        with connect(server.port, "127.0.0.5") as idle:
+            idle.sendall(msg(b"GET /ezauth/healthz HTTP/1.1", HOST))
+            assert [a.status for a in read_answers(idle, 1)] == [200]
+            crowd = Crowd([])
+            for address in (UNTRUSTED, OTHER):
+                for _ in range(ezauth.MAX_PER_ADDRESS):
+                    sock = connect(server.port, address)
+                    sock.sendall(HALF_HEAD)
+                    crowd.add(sock)
+            try:
+                dropped = 2 * ezauth.MAX_PER_ADDRESS - (others - 1)
+                crowd.read_until(lambda: len(crowd.closed_at) >= dropped, 5)
+                assert len(crowd.closed_at) == dropped
+                assert all(crowd.received[sock] == b"" for sock in crowd.closed_at)  # dropped, not refused
+                idle.sendall(msg(b"GET /ezauth/healthz HTTP/1.1", HOST))
+                assert [a.status for a in read_answers(idle, 1)] == [200]
+                assert healthz(server.port, "127.0.0.4") == 200
+                assert healthz(server.port, "127.0.0.1") == 200
+                one_more = exchange(server.port, HALF_HEAD, source=OTHER, timeout=3.0)[0]
+                assert one_more.startswith(b"HTTP/1.1 503 ")
+                assert [line.split()[1] for line in refusals(server)] == ["reason=per_address_limit"]
+            finally:
+                crowd.close()
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def free_dual_stack_port() -> int:
+    """A port free on every IPv4 and IPv6 address (free_port only asks 127.0.0.1)."""
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_dual_stack_server_knows_a_trusted_proxy_by_its_ipv4_address(tmp_path):
+    """On `--host ::` an IPv4 peer arrives as ::ffff:127.0.0.1: unmapped, it is the trusted proxy, whose
+    connections have no per-address cap, while 127.0.0.2 still has one."""
+    server = start_server(tmp_path / "data", port=free_dual_stack_port(), args=("--host", "::"))
+    crowd = Crowd([connect(server.port, "127.0.0.1") for _ in range(ezauth.MAX_PER_ADDRESS + 16)]
+                  + [connect(server.port, UNTRUSTED) for _ in range(ezauth.MAX_PER_ADDRESS + 1)])
+    try:
+        crowd.read_until(lambda: len(crowd.closed_at) >= 1, 3)
+        refused = [sock for sock in crowd.closed_at if crowd.received[sock].startswith(b"HTTP/1.1 503 ")]
+        assert len(refused) == 1 and refused[0].getsockname()[0] == UNTRUSTED, crowd.closed_at
+        assert healthz(server.port, "127.0.0.1") == 200
+    finally:
+        crowd.close()
+        server.stop(signal.SIGKILL)
+
+
+# -- Flow control: a client that never reads ---------------------------------------------------------
+
+OFFERED = 128 << 20  # what each of two connections tries to send: hundreds of MB in all
+# What one connection may hold, as the server promises it: an unfinished request (a head and the largest
+# body a route accepts), one receive's worth of bytes not yet looked at, and one answer (healthz's: tiny).
+PER_CONNECTION = ezauth.MAX_HEAD + ezauth.MAX_FORM + ezauth.RECEIVE_SIZE + 1024
+# Python's allocator gives memory back in arenas, so RSS moves in steps however tight the caps: a step of
+# pymalloc's 1 MiB arenas, and glibc's top-of-heap slack (128 KiB). Warmed up by the same traffic first.
+ALLOCATOR_SLACK = (1 << 20) + (128 << 10)
+
+
+@dataclass
+class Flood:
+    """One connection that sends pipelined requests as fast as it can and never reads an answer."""
+
+    sock: socket.socket
+    sent: int = 0
+    last_sent_at: float = 0.0  # after this no byte got through: the server had stopped reading before
+    reset_at: float | None = None
+
+    def run(self, chunk: bytes, until: float) -> None:
+        self.sock.settimeout(0.2)
+        while self.sent < OFFERED and time.monotonic() < until:
+            try:
+                self.sent += self.sock.send(chunk)
+                self.last_sent_at = time.monotonic()
+            except TimeoutError:
+                continue
+            except OSError:  # the reset
+                self.reset_at = time.monotonic()
+                return
+
+    def stalled(self) -> bool:
+        return time.monotonic() - self.last_sent_at > 1.0
+
+
+def warm_up(port: int, chunk: bytes, answer_size: int, chunks: int) -> None:
+    """The flood's traffic, answers read: what answering it allocates is in the baseline."""
+    with connect(port, "127.0.0.4") as sock:
+        for _ in range(chunks):
+            sock.sendall(chunk)
+            want, got = answer_size * (len(chunk) // len(msg(b"GET /ezauth/healthz HTTP/1.1", HOST))), 0
+            while got < want:
+                got += len(sock.recv(1 << 20))
+
+
+@pytest.mark.slow
+def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory_and_is_aborted(server_factory):
+    """Two connections pipeline healthz requests, offering 256 MiB, and never read. The server stops reading
+    once an answer is owed, so the senders stall; RSS stays within what the caps promise for two connections
+    (plus the allocator's step), others are answered meanwhile, and WRITE_TIMEOUT after the answers stopped
+    draining both connections are reset (the bytes the kernel held for them go too)."""
+    server = server_factory(users={})
+    request = msg(b"GET /ezauth/healthz HTTP/1.1", HOST)
+    chunk = request * (64 * 1024 // len(request))
+    answer_size = len(exchange(server.port, request, half_close=True)[0])
+    warm_up(server.port, chunk, answer_size, 40)
+    baseline = peak = rss_kib(server.proc.pid)
+    floods = [Flood(connect(server.port, UNTRUSTED)) for _ in range(2)]
+    started = time.monotonic()
+    senders = [threading.Thread(target=f.run, args=(chunk, started + ezauth.WRITE_TIMEOUT + 15)) for f in floods]
+    for sender in senders:
+        sender.start()
+    answered_meanwhile = None
+    while any(sender.is_alive() for sender in senders):
+        peak = max(peak, rss_kib(server.proc.pid))
+        if answered_meanwhile is None and all(f.stalled() for f in floods):
+            answered_meanwhile = healthz(server.port, "127.0.0.4")
+        time.sleep(0.05)
+    for sender, flood in zip(senders, floods, strict=True):
+        sender.join()
+        flood.sock.close()
+    promised_kib = (2 * PER_CONNECTION + ALLOCATOR_SLACK) >> 10
+    assert peak - baseline <= promised_kib, (
+        f"RSS grew {peak - baseline} KiB (from {baseline}) while {sum(f.sent for f in floods) >> 20} MiB were "
+        f"sent: more than the {promised_kib} KiB promised")
+    assert all(f.sent < OFFERED // 4 for f in floods), [f.sent for f in floods]
+    assert answered_meanwhile == 200
+    for flood in floods:
+        assert flood.reset_at is not None, f"never reset; {flood.sent >> 20} MiB sent"
+        assert flood.reset_at - started >= ezauth.WRITE_TIMEOUT - 0.5
+        assert flood.reset_at - flood.last_sent_at <= ezauth.WRITE_TIMEOUT + 3.0  # the sweep, a busy machine
+    assert len(re.findall(r"event=connection_aborted reason=write_timeout", server.log())) == 2
+    assert_serving(server)
+
+
+# -- IPv6 peers counted per /64, in a network namespace of their own ------------------------------
+
+NETNS_SCRIPT = r'''
+import json, socket, subprocess, sys, time
+ezauth, data_dir = sys.argv[1], sys.argv[2]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for address in ("2001:db8::a", "2001:db8::b", "2001:db8:0:1::a"):
+    subprocess.run(["ip", "-6", "addr", "add", address + "/64", "dev", "lo", "nodad"], check=True)
+server = subprocess.Popen([sys.executable, ezauth, "serve", "--host", "::1", "--port", "2424", "--data-dir",
+                           data_dir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+REQUEST = b"GET /ezauth/healthz HTTP/1.1\r\nHost: ezauth.test\r\n\r\n"
+
+def connect(source):
+    sock = socket.socket(socket.AF_INET6)
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("::1", 2424))
+    return sock
+
+def status(sock):
+    """The status of the answer to one healthz request on SOCK, or "closed"."""
+    try:
+        sock.sendall(REQUEST)
+        line = sock.recv(65536).split(b"\r\n", 1)[0]
+    except OSError:
+        return "closed"
+    return line[9:12].decode() or "closed"
+
+try:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            connect("::1").close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    held = [connect("2001:db8::a") for _ in range(int(sys.argv[3]))]
+    result = {"held": [status(sock) for sock in held],  # each answered and kept alive: counted for sure
+              "same_64": status(connect("2001:db8::b")), "next_64": status(connect("2001:db8:0:1::a"))}
+    held[0].close()
+    time.sleep(0.5)  # the server sees the close on its next look at the socket
+    result["after_close"] = status(connect("2001:db8::b"))
+    print(json.dumps(result))
+finally:
+    server.kill()
+'''
+
+
+@pytest.mark.slow
+def test_ipv6_peers_are_counted_per_64_through_the_real_process(tmp_path):
+    """In a network namespace of its own (lo with 2001:db8::a, ::b and 2001:db8:0:1::a), a real ezauth:
+    64 kept-alive connections from 2001:db8::a fill their /64, so 2001:db8::b is refused with 503 while
+    2001:db8:0:1::a is answered, and a connection the client closes gives its slot back."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or shutil.which("ip") is None:
+        missing("network namespaces need root, unshare (util-linux) and ip (iproute2)", "EZAUTH_REQUIRE_NETNS")
+    (tmp_path / "data").mkdir()
+    done = subprocess.run([unshare, "--net", sys.executable, "-c", NETNS_SCRIPT, str(EZAUTH), str(tmp_path / "data"),
+                           str(ezauth.MAX_PER_ADDRESS)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result == {"held": ["200"] * ezauth.MAX_PER_ADDRESS, "same_64": "503", "next_64": "200",
+                      "after_close": "200"}

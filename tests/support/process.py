@@ -10,15 +10,17 @@ import os
 import pty
 import re
 import select
+import selectors
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -346,3 +348,64 @@ def verify_units(units: dict[str, str], where: Path) -> subprocess.CompletedProc
         (where / name).write_text(text)
     return subprocess.run([analyze, "verify", *(str(where / name) for name in units)], capture_output=True,
                           text=True, timeout=60)
+
+
+# -- Crowds of raw connections (the built-in server under pressure) ----------------------------
+
+UNTRUSTED = "127.0.0.2"  # a client that is not a trusted proxy: the per-address cap applies to it
+HALF_HEAD = b"GET /ezauth/healthz HTTP/1.1\r\nHost: ezauth.test\r\n"  # a request head that never ends
+
+
+def connect(port: int, source: str = UNTRUSTED, timeout: float = 10.0) -> socket.socket:
+    """A TCP connection to the server on 127.0.0.1 from the loopback address SOURCE."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def refusals(server: Server) -> list[str]:
+    return re.findall(r"event=connection_refused .*", server.log())
+
+
+@dataclass
+class Crowd:
+    """Many client connections read together: what each received, and when the server closed it."""
+
+    socks: list[socket.socket]
+    received: dict[socket.socket, bytes] = field(default_factory=dict)
+    closed_at: dict[socket.socket, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        for sock in self.socks:
+            self.received[sock] = b""
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def add(self, sock: socket.socket) -> None:
+        self.socks.append(sock)
+        self.received[sock] = b""
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    @property
+    def still_open(self) -> list[socket.socket]:
+        return [sock for sock in self.socks if sock not in self.closed_at]
+
+    def read_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read every connection until DONE() holds or TIMEOUT passes; DONE()'s last value."""
+        deadline = time.monotonic() + timeout
+        while not done() and (left := deadline - time.monotonic()) > 0 and self.still_open:
+            for key, _ in self.selector.select(left):
+                sock = key.fileobj
+                try:
+                    chunk = sock.recv(65536)
+                except (ConnectionResetError, TimeoutError):
+                    chunk = b""
+                if chunk:
+                    self.received[sock] += chunk
+                else:
+                    self.closed_at[sock] = time.monotonic()
+                    self.selector.unregister(sock)
+        return done()
+
+    def close(self) -> None:
+        self.selector.close()
+        for sock in self.socks:
+            sock.close()
