@@ -898,7 +898,7 @@ def test_the_server_section_uses_nothing_above_it_but_logging():
     source = Path(ezauth.__file__).read_text()
     lines = source.splitlines()
     start = next(n for n, line in enumerate(lines, 1) if line.startswith("# -- HTTP server -"))
-    end = next(n for n, line in enumerate(lines, 1) if line.startswith("# -- CLI -"))
+    end = next(n for n, line in enumerate(lines, 1) if n > start and line.startswith("# -- "))  # the next section
     above: set[str] = set()
     inside: set[str] = set()
     used: set[str] = set()
