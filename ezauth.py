@@ -279,7 +279,8 @@ class Settings:
         "`0` turns the visit counter off: nothing counted, no counter.txt, no line under the login "
         "form", parse_bool, check_bool))
     access_log: bool = field(default=False, metadata=spec(
-        "`1` logs every request, verify included", parse_bool, check_bool))
+        "`1` logs every request; a verify's line names the host, path (no query) and user nginx asked "
+        "about", parse_bool, check_bool))
     metrics: bool = field(default=False, metadata=spec(
         "`1` serves Prometheus metrics at /ezauth/metrics to loopback and trusted proxies", parse_bool,
         check_bool))
@@ -3954,6 +3955,7 @@ class EzauthApp:
         """Status line, headers (Content-Length included) and body of the answer to one request: what
         __call__ hands to any WSGI server, and what the built-in server sends without WSGI's detour."""
         request = Request(environ, self.settings.trusted_proxies)
+        started = time.monotonic() if self.settings.access_log else 0.0
         try:
             rotated = self.stores.refresh(self.clock())
             if rotated:
@@ -3968,8 +3970,25 @@ class EzauthApp:
         except Exception:
             log.exception("event=error method=%s path=%s", logval(request.method), logval(request.path))
             response = text_response(500, "internal error")
+        if self.settings.access_log:
+            self.log_request(request, response, (time.monotonic() - started) * 1000)
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
         return response.status_line, headers, b"" if request.method == "HEAD" else response.body
+
+    def log_request(self, request: Request, response: Response, ms: float) -> None:
+        """EZAUTH_ACCESS_LOG's line, whichever server runs the app. A verify's names the request nginx
+        asked about: its host, its path without the query string (which may carry tokens) and the
+        user it let in, not /ezauth/verify."""
+        if request.path != VERIFY_PATH:
+            log.info("event=request method=%s path=%s status=%d ip=%s ms=%.1f", logval(request.method),
+                     logval(request.path), response.status, logval(request.client_ip), ms)
+            return
+        original = request.original(self.handlers.proxy_names)
+        user = next((value for name, value in response.headers if name == "X-Auth-Request-User"), "-")
+        log.info("event=verify method=%s host=%s path=%s status=%d user=%s ip=%s ms=%.1f", logval(request.method),
+                 logval(bare_host(original.host or request.header("Host")) or "-"),
+                 logval(original.uri.partition("?")[0] or "-"), response.status, logval(user),
+                 logval(request.client_ip), ms)
 
     def dispatch(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
@@ -4548,10 +4567,9 @@ class HTTPServer:
     the rest (password hashing, file writes) go to a small thread pool."""
 
     def __init__(self, sock: socket.socket, app: WSGIApp, routing: Routing, *,
-                 trusted: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-                 access_log: bool = False) -> None:
+                 trusted: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> None:
         self.loop = asyncio.new_event_loop()
-        self.listener, self.access_log, self.trusted = sock, access_log, tuple(trusted)
+        self.listener, self.trusted = sock, tuple(trusted)
         self.inline, self.body_limit = routing.inline, routing.body_limit
         self.answer: Callable[[dict[str, Any]], tuple[str, list[tuple[str, str]], bytes]] = (
             routing.respond or (lambda environ: run_wsgi(app, environ)))
@@ -4654,14 +4672,8 @@ class HTTPServer:
 
     def respond(self, environ: dict[str, Any], keep_alive: bool) -> bytes:
         """The whole answer to one request, as bytes (on the loop, or on a pool thread)."""
-        started = time.monotonic() if self.access_log else 0.0
         status, headers, body = self.answer(environ)
-        data = serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
-        if self.access_log:
-            log.info("event=request method=%s path=%s status=%s ip=%s ms=%.1f", logval(str(environ["REQUEST_METHOD"])),
-                     logval(str(environ["PATH_INFO"])), status[:3], logval(str(environ["REMOTE_ADDR"])),
-                     (time.monotonic() - started) * 1000)
-        return data
+        return serialize_response(status, headers, body, keep_alive, environ["REQUEST_METHOD"] == "HEAD")
 
 
 def connection_limits() -> tuple[int, int]:
@@ -5548,7 +5560,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as err:
         raise CliError(f"cannot listen on {settings.host}:{settings.port}: {err.strerror}") from None
     server = HTTPServer(sock, service, Routing(service.answers_inline, service.body_limit, service.respond),
-                        trusted=settings.trusted_proxies, access_log=settings.access_log)
+                        trusted=settings.trusted_proxies)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("event=start url=http://%s:%d/ezauth/login data_dir=%s version=%s",
              host, sock.getsockname()[1], settings.data_dir.resolve(), __version__)

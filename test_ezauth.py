@@ -1612,6 +1612,23 @@ def test_verify_writes_no_log_line(client, caplog, clock):
     assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
 
 
+def test_the_access_log_is_the_apps_so_any_server_writes_the_same_lines(make_client, caplog):
+    """EZAUTH_ACCESS_LOG under WSGI (gunicorn, WebTest) as under the built-in server: a verify line names
+    the host, the path without its query and the user, never /ezauth/verify."""
+    _, client = make_client(access_log=True)
+    token = session_token(client)
+    caplog.set_level(logging.INFO, logger="ezauth")
+    caplog.clear()
+    verify(client, 200, token, uri="/notes/today?key=ezt_secret", host="nb.example.test",
+           X_Forwarded_For="198.51.100.4")
+    (line,) = events(caplog, "verify")
+    assert re.fullmatch(r"event=verify method=GET host=nb\.example\.test path=/notes/today status=200 user=alice "
+                        r"ip=198\.51\.100\.4 ms=\d+\.\d", line), line
+    client.get("/ezauth/healthz", status=200)
+    assert events(caplog, "request")[0].startswith("event=request method=GET path=/ezauth/healthz status=200 ")
+    assert "ezt_secret" not in caplog.text
+
+
 def test_verify_does_not_count_a_visit(client, service):
     login(client)
     before = (service.settings.data_dir / "counter.txt").read_text()

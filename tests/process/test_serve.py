@@ -63,8 +63,19 @@ def test_keep_alive_answers_two_requests_on_one_connection(live_server):
 
 def test_access_log_flag_logs_every_request(server_factory):
     server = server_factory(args=("--access-log",))
-    http_call(server.port, "GET", VERIFY)
-    assert re.search(r"event=request method=GET path=/ezauth/verify status=401", server.log())
+    token = real_login(server.port).cookie()
+    http_call(server.port, "GET", "/ezauth/healthz", headers={"X-Forwarded-For": "203.0.113.7"})
+    asked = {"X-Original-URI": "/app/x?token=ezt_secret", "X-Original-Host": "sd.example.test",
+             "Host": "sd.example.test:8443", "X-Forwarded-For": "203.0.113.7"}
+    http_call(server.port, "GET", VERIFY, headers={**asked, "Cookie": f"ezauth={token}"})
+    http_call(server.port, "POST", VERIFY, headers=asked)
+    log = server.log()
+    assert re.search(r"event=request method=GET path=/ezauth/healthz status=200 ip=203\.0\.113\.7 ms=", log)
+    # A verify says what nginx asked about, never the query string (it may carry tokens).
+    assert re.search(r"event=verify method=GET host=sd\.example\.test path=/app/x status=200 user=alice "
+                     r"ip=203\.0\.113\.7 ms=", log)
+    assert re.search(r"event=verify method=POST host=sd\.example\.test path=/app/x status=401 user=- ", log)
+    assert "ezt_secret" not in log and "path=/ezauth/verify" not in log
 
 
 def test_one_slow_client_does_not_block_others(live_server):
