@@ -2783,7 +2783,10 @@ class Refused(Exception):
         self.status, self.message, self.state, self.retry_after = status, message, state, retry_after
 
 
-# -- Pages ----------------------------------------------------------------------------------
+# -- Page text and fragments ----------------------------------------------------------------
+# Data only: every word the pages show, in English and Simplified Chinese (the same keys in both),
+# and the pieces of HTML the Pages section fills in. Translating or restyling happens here; the
+# login and account pages themselves are login.html and account.html (a copy in the data dir wins).
 
 PAGE_TEXT: dict[str, dict[str, str]] = {
     "en": {
@@ -3072,6 +3075,9 @@ TOTP_ON = string.Template(
     '<input type="hidden" name="csrf" value="$csrf"><input type="hidden" name="action" value="totp_off">'
     '$code$confirm<button type="submit" class="submit">$t_totp_turn_off</button></form>')
 QR_IMAGE = string.Template('<img class="qr" src="$src" alt="$t_totp_qr" width="$size" height="$size">')
+
+
+# -- Pages ----------------------------------------------------------------------------------
 
 
 def load_template(data_dir: Path, name: str = "login.html", fields: Iterable[str] = PAGE_FIELDS) -> string.Template:
