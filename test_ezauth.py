@@ -896,6 +896,19 @@ def test_choose_lang(header, forced, expected):
     assert choose_lang(header, forced) == expected
 
 
+def test_english_and_chinese_have_the_same_keys_and_placeholders():
+    def placeholders(text: str) -> set[str]:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+    english, chinese = ezauth.PAGE_TEXT["en"], ezauth.PAGE_TEXT["zh-CN"]
+    assert set(ezauth.PAGE_TEXT) == {"en", "zh-CN"}
+    assert sorted(english) == sorted(chinese)
+    differ = {key: (placeholders(english[key]), placeholders(chinese[key]))
+              for key in english if placeholders(english[key]) != placeholders(chinese[key])}
+    assert differ == {}
+    assert placeholders(english["msg_locked"]) == {"wait"}  # the check sees placeholders at all
+
+
 @pytest.mark.parametrize(("header", "expected"), [
     ("", []),
     ("ezauth=abc", ["abc"]),
