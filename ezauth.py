@@ -3351,7 +3351,63 @@ class Handlers:
         self.gate = HashGate()
         self.static_roots = (settings.data_dir / "static", HERE / "static")
 
-    # -- the login page and form --
+    def reserve(self, request: Request, name: str, now: float, how: str = "",
+                state: FormState | None = None) -> Attempt:
+        """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
+        shown = self.stores.log_name(name)
+        keys = [f"ip:{client_block(request.client_ip)}", f"user:{shown.lower()[:64]}"]  # IPv6: the whole /64
+        attempt = self.stores.throttle.begin(keys, now)
+        if attempt.locked:
+            self.metrics.logins_locked += 1
+            log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
+                        how, logval(shown), logval(request.client_ip), attempt.retry_after)
+            raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
+        return attempt
+
+    def password_ok(self, request: Request, name: str, password: str) -> bool:
+        """NAME's password, checked through the hash gate in turn with other clients (by network)."""
+        return self.gate.run(client_block(request.client_ip), lambda: self.stores.users.check(name, password))
+
+    def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
+        """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
+        self.stores.throttle.failed(attempt, now)
+        self.metrics.logins_failed += 1
+        log.warning("event=login_failed %suser=%s ip=%s", how, logval(self.stores.log_name(name)),
+                    logval(request.client_ip))
+
+    def read_form_with_csrf(self, request: Request) -> dict[str, str]:
+        """The posted form, once its size, encoding and CSRF token have passed."""
+        length = content_length(request.environ)
+        if length is None or length > MAX_FORM:
+            log.warning("event=login_rejected reason=body_too_large ip=%s", logval(request.client_ip))
+            raise Refused(413, "msg_too_large")
+        form = read_form(request.environ)
+        if form is None:
+            log.warning("event=login_rejected reason=bad_form ip=%s", logval(request.client_ip))
+            raise Refused(400, "msg_bad_form")
+        sent, names = form.get("csrf", "").encode(), self.cookies.names(request)
+        if not sent or not any(hmac.compare_digest(c.encode(), sent) for c in request.cookies(names.csrf)):
+            name = form.get("username", "").strip()
+            log.warning("event=login_rejected reason=csrf ip=%s user=%s", logval(request.client_ip),
+                        logval(self.stores.log_name(name)))
+            raise Refused(403, "msg_csrf", FormState(name, self.target(request, form.get("rd", ""))))
+        return form
+
+    def target(self, request: Request, raw: str) -> str:
+        return safe_return_target(raw, request.host, self.settings.cookie_domain)
+
+    def session_cookie(self, request: Request, token: str, session: Session) -> tuple[str, str]:
+        return self.cookies.session(request, token, session.expires - session.issued if session.remember else None)
+
+    def cookie_sessions(self, request: Request, now: float) -> list[Session]:
+        """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
+        return [s for t in self.cookies.read(request).tokens[:MAX_SESSION_COOKIES]
+                if (s := self.stores.sessions.check(t, now)) is not None]
+
+    def account_session(self, request: Request) -> Session | None:
+        return next(iter(self.cookie_sessions(request, self.clock())), None)
+
+    # -- the login page and form, and logout --
 
     def login_page(self, request: Request) -> Response:
         try:
@@ -3376,24 +3432,6 @@ class Handlers:
             return self.check_login(request, form["password"], state)
         except Refused as refused:
             return self.pages.refused(request, refused)
-
-    def read_form_with_csrf(self, request: Request) -> dict[str, str]:
-        """The posted form, once its size, encoding and CSRF token have passed."""
-        length = content_length(request.environ)
-        if length is None or length > MAX_FORM:
-            log.warning("event=login_rejected reason=body_too_large ip=%s", logval(request.client_ip))
-            raise Refused(413, "msg_too_large")
-        form = read_form(request.environ)
-        if form is None:
-            log.warning("event=login_rejected reason=bad_form ip=%s", logval(request.client_ip))
-            raise Refused(400, "msg_bad_form")
-        sent, names = form.get("csrf", "").encode(), self.cookies.names(request)
-        if not sent or not any(hmac.compare_digest(c.encode(), sent) for c in request.cookies(names.csrf)):
-            name = form.get("username", "").strip()
-            log.warning("event=login_rejected reason=csrf ip=%s user=%s", logval(request.client_ip),
-                        logval(self.stores.log_name(name)))
-            raise Refused(403, "msg_csrf", FormState(name, self.target(request, form.get("rd", ""))))
-        return form
 
     def check_login(self, request: Request, password: str, state: FormState) -> Response:
         now, name, stores = self.clock(), state.username, self.stores
@@ -3427,30 +3465,6 @@ class Handlers:
         stores.throttle.succeeded(attempt)
         return self.logged_in(request, name, now, rd, remember)
 
-    def reserve(self, request: Request, name: str, now: float, how: str = "",
-                state: FormState | None = None) -> Attempt:
-        """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
-        shown = self.stores.log_name(name)
-        keys = [f"ip:{client_block(request.client_ip)}", f"user:{shown.lower()[:64]}"]  # IPv6: the whole /64
-        attempt = self.stores.throttle.begin(keys, now)
-        if attempt.locked:
-            self.metrics.logins_locked += 1
-            log.warning("event=%s %suser=%s ip=%s retry_after=%d", "login_busy" if attempt.busy else "login_locked",
-                        how, logval(shown), logval(request.client_ip), attempt.retry_after)
-            raise Refused(429, "msg_locked", state or FormState(name), attempt.retry_after)
-        return attempt
-
-    def password_ok(self, request: Request, name: str, password: str) -> bool:
-        """NAME's password, checked through the hash gate in turn with other clients (by network)."""
-        return self.gate.run(client_block(request.client_ip), lambda: self.stores.users.check(name, password))
-
-    def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
-        """A wrong password or code: it counts toward the lockout and gets the fail2ban log line."""
-        self.stores.throttle.failed(attempt, now)
-        self.metrics.logins_failed += 1
-        log.warning("event=login_failed %suser=%s ip=%s", how, logval(self.stores.log_name(name)),
-                    logval(request.client_ip))
-
     def logged_in(self, request: Request, name: str, now: float, rd: str, remember: bool) -> Response:
         token, session = self.stores.sessions.start(name, now, remember, request.client_ip,
                                                     request.header("User-Agent"))
@@ -3459,11 +3473,234 @@ class Handlers:
         return Response(303, b"", [("Location", rd), self.session_cookie(request, token, session),
                                    ("Cache-Control", "no-store"), *SECURITY_HEADERS])
 
-    def target(self, request: Request, raw: str) -> str:
-        return safe_return_target(raw, request.host, self.settings.cookie_domain)
+    def logout_page(self, request: Request) -> Response:
+        """A page with a logout button: logging out is a POST with the CSRF token, so a link from
+        another site cannot log anyone out, while links here (the forbidden page's) still work."""
+        session = self.account_session(request)
+        return self.pages.logout(request, 200, session.user if session else "")
 
-    def session_cookie(self, request: Request, token: str, session: Session) -> tuple[str, str]:
-        return self.cookies.session(request, token, session.expires - session.issued if session.remember else None)
+    def logout(self, request: Request) -> Response:
+        """End the session, not just this browser's cookie: a copy of the token stops working too."""
+        try:
+            self.read_form_with_csrf(request)
+        except Refused as refused:
+            session = self.account_session(request)
+            return self.pages.logout(request, refused.status, session.user if session else "",
+                                     self.pages.message(request, refused.message))
+        now = self.clock()
+        sessions = self.cookie_sessions(request, now)
+        for session in sessions:
+            self.stores.registry.end_token(session, "logout", now)
+        log.info("event=logout user=%s ip=%s", logval(sessions[0].user if sessions else "-"),
+                 logval(request.client_ip))
+        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
+                                   ("Cache-Control", "no-store")])
+
+    # -- the account page --
+
+    def account_page(self, request: Request) -> Response:
+        session = self.account_session(request)
+        if session is None:
+            return self.to_login(request)
+        try:
+            done, count = request.query("done"), request.query("count")
+        except ValueError:
+            done = count = ""
+        notice = f"msg_{done}" if done in ACCOUNT_NOTICES else ""
+        return self.pages.account(request, 200, self.account_view(
+            session, notice=notice, count=int(count) if re.fullmatch(r"[0-9]{1,6}", count) else 0))
+
+    def account_submit(self, request: Request) -> Response:
+        """Every change on the account page: a POST with the CSRF token, dispatched by its action."""
+        session = self.account_session(request)
+        if session is None:
+            return self.to_login(request)
+        form: dict[str, str] = {}
+        try:
+            form = self.read_form_with_csrf(request)
+            change = ACCOUNT_ACTIONS.get(form.get("action", ""))
+            if change is None:
+                raise Refused(400, "msg_bad_form")
+            return change(self, request, session, form)
+        except Refused as refused:
+            log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(form.get("action") or "-"),
+                        refused.message, logval(session.user), logval(request.client_ip))
+            view = self.account_view(session, error=refused.message, retry_after=refused.retry_after,
+                                     enrollment=self.enrollment(session, form.get("enrollment", "")))
+            return self.pages.account(request, refused.status, view)
+
+    def to_login(self, request: Request) -> Response:
+        """Without a session: to the login page, which comes back here afterwards."""
+        return Response(303, b"", [("Location", login_url(ACCOUNT, expired=False)), ("Cache-Control", "no-store")])
+
+    def account_view(self, session: Session, **outcome: Any) -> AccountView:
+        now, stores = self.clock(), self.stores
+        return AccountView(session.user, session.sid, tuple(stores.registry.live(now, session.user)),
+                           tuple(stores.tokens.list(now, session.user)), stores.totp.enrolled(session.user),
+                           **outcome)
+
+    def changed(self, request: Request, session: Session, action: str, notice: str,
+                *headers: tuple[str, str], revoked: int | None = None) -> Response:
+        """A change made: its log line, and back to the page (a reload does not post it again). REVOKED:
+        how many API tokens it revoked, for the line and the page."""
+        count = "" if revoked is None else f" tokens_revoked={revoked}"
+        log.info("event=account_%s user=%s ip=%s%s", action, logval(session.user), logval(request.client_ip), count)
+        query = f"done={notice}" + ("" if revoked is None else f"&count={revoked}")
+        return Response(303, b"", [("Location", f"{ACCOUNT}?{query}"), ("Cache-Control", "no-store"), *headers])
+
+    def confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> None:
+        """A lasting change needs the current password in the very request that makes it: a script in the
+        app, or a copied cookie, has the session but not the password. A wrong one counts toward the
+        lockout like a wrong login."""
+        now, password = self.clock(), form.get("current", "")
+        if not password:
+            raise Refused(403, "msg_confirm_needed")
+        attempt = self.reserve(request, session.user, now, "via=account ")
+        if not self.password_ok(request, session.user, password):
+            self.refuse(request, attempt, session.user, now, "via=account ")
+            raise Refused(401, "msg_wrong_current")
+        self.stores.throttle.succeeded(attempt)
+
+    def end_session(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        sid = form.get("sid", "")
+        if sid == session.sid or sid not in {r.sid for r in self.stores.registry.live(self.clock(), session.user)}:
+            raise Refused(404, "msg_gone")
+        self.stores.registry.end([sid], "ended_from_account", self.clock())
+        return self.changed(request, session, "session_ended", "session_ended")
+
+    def end_others(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        self.stores.registry.end_user(session.user, "ended_from_account", self.clock(), keep=session.sid)
+        return self.changed(request, session, "others_ended", "others_ended")
+
+    def end_all(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """Log out everywhere, this browser too, and revoke every API token: what to press when a cookie
+        may have been copied (a copy is a session like any other)."""
+        now = self.clock()
+        ended = self.stores.registry.end_user(session.user, "ended_everywhere", now)
+        revoked = self.stores.tokens.revoke_user(session.user, now)
+        log.info("event=account_ended_everywhere user=%s ip=%s sessions=%d tokens_revoked=%d",
+                 logval(session.user), logval(request.client_ip), ended, revoked)
+        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
+                                   ("Cache-Control", "no-store")])
+
+    def change_password(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """A new password ends every other session and, unless the user keeps them, revokes their API
+        tokens (made with the old password, perhaps by someone who had it); this one goes on."""
+        new = form.get("new", "")
+        if len(new) < MIN_PASSWORD:
+            raise Refused(400, "msg_password_short")
+        if not hmac.compare_digest(new.encode(), form.get("again", "").encode()):
+            raise Refused(400, "msg_password_mismatch")
+        self.confirm(request, session, form)
+        now, stores, kept = self.clock(), self.stores, form.get("keep_tokens") in ("1", "on", "yes")
+        stores.users.set_password(session.user, new)
+        stores.registry.end_user(session.user, "password_changed", now, keep=session.sid)
+        revoked = 0 if kept else stores.tokens.revoke_user(session.user, now)
+        token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid, session.auth_time)
+        stores.registry.refingerprint(session.sid, renewed.fingerprint, now)
+        stores.registry.seen(session.sid, now, request.client_ip, renewed.expires)
+        notice = "password_changed_kept" if kept else "password_changed"
+        return self.changed(request, session, "password_changed", notice, self.session_cookie(request, token, renewed),
+                            revoked=revoked)
+
+    def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed,
+        with the password, so nothing here needs the password yet."""
+        if self.stores.totp.enrolled(session.user):
+            raise Refused(409, "msg_totp_already_on")
+        now, secret = self.clock(), secrets.token_bytes(20)
+        enrollment = issue_enrollment(session.user, session.fingerprint, secret, self.stores.keys.signer(now), now)
+        return self.pages.account(request, 200, self.account_view(session, enrollment=self.enrollment(
+            session, enrollment)))
+
+    def enrollment(self, session: Session, token: str) -> tuple[str, str, str]:
+        """(secret as shown, otpauth URI, TOKEN) of a two-factor set-up still under way for SESSION's
+        user, so a mistyped password or code does not make them scan a new secret; else empty."""
+        try:
+            user, fingerprint, secret = read_enrollment(token, self.stores.keys, self.clock())
+        except InvalidSession:
+            return "", "", ""
+        if (user, fingerprint) != (session.user, session.fingerprint):
+            return "", "", ""
+        return base64.b32encode(secret).decode().rstrip("="), totp_uri(user, secret), token
+
+    def totp_confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        now = self.clock()
+        try:
+            user, fingerprint, secret = read_enrollment(form.get("enrollment", ""), self.stores.keys, now)
+        except InvalidSession:
+            raise Refused(400, "msg_too_slow") from None
+        if (user, fingerprint) != (session.user, session.fingerprint):
+            raise Refused(400, "msg_too_slow")
+        if self.stores.totp.enrolled(user):  # a new secret in place of the old needs the old one's code first
+            raise Refused(409, "msg_totp_already_on")
+        self.confirm(request, session, form)
+        attempt = self.reserve(request, user, now, "step=enroll ")
+        step = matching_step(secret, form.get("code", "").replace(" ", ""), now, -1)
+        if step is None:
+            self.refuse(request, attempt, user, now, "step=enroll ")
+            raise Refused(401, "msg_wrong_code")
+        self.stores.throttle.succeeded(attempt)
+        self.stores.totp.enroll(user, secret, used_step=step)
+        return self.changed(request, session, "totp_on", "totp_on")
+
+    def totp_off(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        self.confirm(request, session, form)
+        now = self.clock()
+        attempt = self.reserve(request, session.user, now, "step=code ")
+        if not self.stores.totp.accept(session.user, form.get("code", "").replace(" ", ""), now):
+            self.refuse(request, attempt, session.user, now, "step=code ")
+            raise Refused(401, "msg_wrong_code")
+        self.stores.throttle.succeeded(attempt)
+        self.stores.totp.remove(session.user)
+        return self.changed(request, session, "totp_off", "totp_off")
+
+    def token_create(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        """A new API token, shown on this page once (never in a URL)."""
+        self.confirm(request, session, form)
+        days = form.get("days", "").strip()
+        try:
+            token, secret = self.stores.tokens.add(session.user, form.get("label", "").strip(), self.clock(),
+                                                   int(days) if days else None, form.get("paths", "").split())
+        except ValueError:
+            raise Refused(400, "msg_bad_token") from None
+        log.info("event=account_token_created user=%s ip=%s token=%s", logval(session.user),
+                 logval(request.client_ip), token.id)
+        return self.pages.account(request, 200, self.account_view(session, new_token=secret))
+
+    def token_revoke(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
+        if not self.stores.tokens.revoke(form.get("id", ""), self.clock(), user=session.user):
+            raise Refused(404, "msg_gone")
+        return self.changed(request, session, "token_revoked", "token_revoked")
+
+    # -- the small routes --
+
+    def healthz(self, request: Request) -> Response:
+        return text_response(200, "ok")
+
+    def forbidden(self, request: Request) -> Response:
+        return self.pages.forbidden(request)
+
+    def metrics_page(self, request: Request) -> Response:
+        # The visitor as resolved through trusted proxies: via nginx the peer is always loopback.
+        client = request.client_ip
+        if not self.settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, self.settings.trusted_proxies)):
+            return text_response(404, "not found")
+        return Response(200, self.metrics.render(self.stores.counter.current(), self.gate.waiting).encode(),
+                        [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
+
+    def static(self, request: Request) -> Response:
+        path = find_static(request.path[len(f"{PREFIX}/static/"):], self.static_roots)
+        if path is None:
+            return text_response(404, "not found")
+        st = path.stat()
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        headers = [("Content-Type", STATIC_TYPES[path.suffix.lower()]), ("ETag", etag),
+                   ("Cache-Control", "public, max-age=3600"), ("Content-Security-Policy", STATIC_CSP),
+                   ("X-Content-Type-Options", "nosniff")]
+        if request.header("If-None-Match") == etag:
+            return Response(304, b"", headers[1:])
+        return Response(200, path.read_bytes(), headers)
 
     # -- verify: nginx asks on every request --
 
@@ -3647,243 +3884,6 @@ class Handlers:
         log.info("event=login_ok via=basic user=%s ip=%s", logval(name), logval(request.client_ip))
         self.basic_cache.put(digest, name, self.stores.factors(name) or "", now)
         return name
-
-    # -- the account page --
-
-    def account_page(self, request: Request) -> Response:
-        session = self.account_session(request)
-        if session is None:
-            return self.to_login(request)
-        try:
-            done, count = request.query("done"), request.query("count")
-        except ValueError:
-            done = count = ""
-        notice = f"msg_{done}" if done in ACCOUNT_NOTICES else ""
-        return self.pages.account(request, 200, self.account_view(
-            session, notice=notice, count=int(count) if re.fullmatch(r"[0-9]{1,6}", count) else 0))
-
-    def account_submit(self, request: Request) -> Response:
-        """Every change on the account page: a POST with the CSRF token, dispatched by its action."""
-        session = self.account_session(request)
-        if session is None:
-            return self.to_login(request)
-        form: dict[str, str] = {}
-        try:
-            form = self.read_form_with_csrf(request)
-            change = ACCOUNT_ACTIONS.get(form.get("action", ""))
-            if change is None:
-                raise Refused(400, "msg_bad_form")
-            return change(self, request, session, form)
-        except Refused as refused:
-            log.warning("event=account_refused action=%s reason=%s user=%s ip=%s", logval(form.get("action") or "-"),
-                        refused.message, logval(session.user), logval(request.client_ip))
-            view = self.account_view(session, error=refused.message, retry_after=refused.retry_after,
-                                     enrollment=self.enrollment(session, form.get("enrollment", "")))
-            return self.pages.account(request, refused.status, view)
-
-    def cookie_sessions(self, request: Request, now: float) -> list[Session]:
-        """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
-        return [s for t in self.cookies.read(request).tokens[:MAX_SESSION_COOKIES]
-                if (s := self.stores.sessions.check(t, now)) is not None]
-
-    def account_session(self, request: Request) -> Session | None:
-        return next(iter(self.cookie_sessions(request, self.clock())), None)
-
-    def to_login(self, request: Request) -> Response:
-        """Without a session: to the login page, which comes back here afterwards."""
-        return Response(303, b"", [("Location", login_url(ACCOUNT, expired=False)), ("Cache-Control", "no-store")])
-
-    def account_view(self, session: Session, **outcome: Any) -> AccountView:
-        now, stores = self.clock(), self.stores
-        return AccountView(session.user, session.sid, tuple(stores.registry.live(now, session.user)),
-                           tuple(stores.tokens.list(now, session.user)), stores.totp.enrolled(session.user),
-                           **outcome)
-
-    def changed(self, request: Request, session: Session, action: str, notice: str,
-                *headers: tuple[str, str], revoked: int | None = None) -> Response:
-        """A change made: its log line, and back to the page (a reload does not post it again). REVOKED:
-        how many API tokens it revoked, for the line and the page."""
-        count = "" if revoked is None else f" tokens_revoked={revoked}"
-        log.info("event=account_%s user=%s ip=%s%s", action, logval(session.user), logval(request.client_ip), count)
-        query = f"done={notice}" + ("" if revoked is None else f"&count={revoked}")
-        return Response(303, b"", [("Location", f"{ACCOUNT}?{query}"), ("Cache-Control", "no-store"), *headers])
-
-    def confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> None:
-        """A lasting change needs the current password in the very request that makes it: a script in the
-        app, or a copied cookie, has the session but not the password. A wrong one counts toward the
-        lockout like a wrong login."""
-        now, password = self.clock(), form.get("current", "")
-        if not password:
-            raise Refused(403, "msg_confirm_needed")
-        attempt = self.reserve(request, session.user, now, "via=account ")
-        if not self.password_ok(request, session.user, password):
-            self.refuse(request, attempt, session.user, now, "via=account ")
-            raise Refused(401, "msg_wrong_current")
-        self.stores.throttle.succeeded(attempt)
-
-    def end_session(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        sid = form.get("sid", "")
-        if sid == session.sid or sid not in {r.sid for r in self.stores.registry.live(self.clock(), session.user)}:
-            raise Refused(404, "msg_gone")
-        self.stores.registry.end([sid], "ended_from_account", self.clock())
-        return self.changed(request, session, "session_ended", "session_ended")
-
-    def end_others(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        self.stores.registry.end_user(session.user, "ended_from_account", self.clock(), keep=session.sid)
-        return self.changed(request, session, "others_ended", "others_ended")
-
-    def end_all(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """Log out everywhere, this browser too, and revoke every API token: what to press when a cookie
-        may have been copied (a copy is a session like any other)."""
-        now = self.clock()
-        ended = self.stores.registry.end_user(session.user, "ended_everywhere", now)
-        revoked = self.stores.tokens.revoke_user(session.user, now)
-        log.info("event=account_ended_everywhere user=%s ip=%s sessions=%d tokens_revoked=%d",
-                 logval(session.user), logval(request.client_ip), ended, revoked)
-        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
-                                   ("Cache-Control", "no-store")])
-
-    def change_password(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """A new password ends every other session and, unless the user keeps them, revokes their API
-        tokens (made with the old password, perhaps by someone who had it); this one goes on."""
-        new = form.get("new", "")
-        if len(new) < MIN_PASSWORD:
-            raise Refused(400, "msg_password_short")
-        if not hmac.compare_digest(new.encode(), form.get("again", "").encode()):
-            raise Refused(400, "msg_password_mismatch")
-        self.confirm(request, session, form)
-        now, stores, kept = self.clock(), self.stores, form.get("keep_tokens") in ("1", "on", "yes")
-        stores.users.set_password(session.user, new)
-        stores.registry.end_user(session.user, "password_changed", now, keep=session.sid)
-        revoked = 0 if kept else stores.tokens.revoke_user(session.user, now)
-        token, renewed = stores.sessions.sign(session.user, now, session.remember, session.sid, session.auth_time)
-        stores.registry.refingerprint(session.sid, renewed.fingerprint, now)
-        stores.registry.seen(session.sid, now, request.client_ip, renewed.expires)
-        notice = "password_changed_kept" if kept else "password_changed"
-        return self.changed(request, session, "password_changed", notice, self.session_cookie(request, token, renewed),
-                            revoked=revoked)
-
-    def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed,
-        with the password, so nothing here needs the password yet."""
-        if self.stores.totp.enrolled(session.user):
-            raise Refused(409, "msg_totp_already_on")
-        now, secret = self.clock(), secrets.token_bytes(20)
-        enrollment = issue_enrollment(session.user, session.fingerprint, secret, self.stores.keys.signer(now), now)
-        return self.pages.account(request, 200, self.account_view(session, enrollment=self.enrollment(
-            session, enrollment)))
-
-    def enrollment(self, session: Session, token: str) -> tuple[str, str, str]:
-        """(secret as shown, otpauth URI, TOKEN) of a two-factor set-up still under way for SESSION's
-        user, so a mistyped password or code does not make them scan a new secret; else empty."""
-        try:
-            user, fingerprint, secret = read_enrollment(token, self.stores.keys, self.clock())
-        except InvalidSession:
-            return "", "", ""
-        if (user, fingerprint) != (session.user, session.fingerprint):
-            return "", "", ""
-        return base64.b32encode(secret).decode().rstrip("="), totp_uri(user, secret), token
-
-    def totp_confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        now = self.clock()
-        try:
-            user, fingerprint, secret = read_enrollment(form.get("enrollment", ""), self.stores.keys, now)
-        except InvalidSession:
-            raise Refused(400, "msg_too_slow") from None
-        if (user, fingerprint) != (session.user, session.fingerprint):
-            raise Refused(400, "msg_too_slow")
-        if self.stores.totp.enrolled(user):  # a new secret in place of the old needs the old one's code first
-            raise Refused(409, "msg_totp_already_on")
-        self.confirm(request, session, form)
-        attempt = self.reserve(request, user, now, "step=enroll ")
-        step = matching_step(secret, form.get("code", "").replace(" ", ""), now, -1)
-        if step is None:
-            self.refuse(request, attempt, user, now, "step=enroll ")
-            raise Refused(401, "msg_wrong_code")
-        self.stores.throttle.succeeded(attempt)
-        self.stores.totp.enroll(user, secret, used_step=step)
-        return self.changed(request, session, "totp_on", "totp_on")
-
-    def totp_off(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        self.confirm(request, session, form)
-        now = self.clock()
-        attempt = self.reserve(request, session.user, now, "step=code ")
-        if not self.stores.totp.accept(session.user, form.get("code", "").replace(" ", ""), now):
-            self.refuse(request, attempt, session.user, now, "step=code ")
-            raise Refused(401, "msg_wrong_code")
-        self.stores.throttle.succeeded(attempt)
-        self.stores.totp.remove(session.user)
-        return self.changed(request, session, "totp_off", "totp_off")
-
-    def token_create(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """A new API token, shown on this page once (never in a URL)."""
-        self.confirm(request, session, form)
-        days = form.get("days", "").strip()
-        try:
-            token, secret = self.stores.tokens.add(session.user, form.get("label", "").strip(), self.clock(),
-                                                   int(days) if days else None, form.get("paths", "").split())
-        except ValueError:
-            raise Refused(400, "msg_bad_token") from None
-        log.info("event=account_token_created user=%s ip=%s token=%s", logval(session.user),
-                 logval(request.client_ip), token.id)
-        return self.pages.account(request, 200, self.account_view(session, new_token=secret))
-
-    def token_revoke(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        if not self.stores.tokens.revoke(form.get("id", ""), self.clock(), user=session.user):
-            raise Refused(404, "msg_gone")
-        return self.changed(request, session, "token_revoked", "token_revoked")
-
-    # -- the small routes --
-
-    def logout_page(self, request: Request) -> Response:
-        """A page with a logout button: logging out is a POST with the CSRF token, so a link from
-        another site cannot log anyone out, while links here (the forbidden page's) still work."""
-        session = self.account_session(request)
-        return self.pages.logout(request, 200, session.user if session else "")
-
-    def logout(self, request: Request) -> Response:
-        """End the session, not just this browser's cookie: a copy of the token stops working too."""
-        try:
-            self.read_form_with_csrf(request)
-        except Refused as refused:
-            session = self.account_session(request)
-            return self.pages.logout(request, refused.status, session.user if session else "",
-                                     self.pages.message(request, refused.message))
-        now = self.clock()
-        sessions = self.cookie_sessions(request, now)
-        for session in sessions:
-            self.stores.registry.end_token(session, "logout", now)
-        log.info("event=logout user=%s ip=%s", logval(sessions[0].user if sessions else "-"),
-                 logval(request.client_ip))
-        return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
-                                   ("Cache-Control", "no-store")])
-
-    def healthz(self, request: Request) -> Response:
-        return text_response(200, "ok")
-
-    def forbidden(self, request: Request) -> Response:
-        return self.pages.forbidden(request)
-
-    def metrics_page(self, request: Request) -> Response:
-        # The visitor as resolved through trusted proxies: via nginx the peer is always loopback.
-        client = request.client_ip
-        if not self.settings.metrics or not (ip_in(client, LOOPBACK) or ip_in(client, self.settings.trusted_proxies)):
-            return text_response(404, "not found")
-        return Response(200, self.metrics.render(self.stores.counter.current(), self.gate.waiting).encode(),
-                        [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
-
-    def static(self, request: Request) -> Response:
-        path = find_static(request.path[len(f"{PREFIX}/static/"):], self.static_roots)
-        if path is None:
-            return text_response(404, "not found")
-        st = path.stat()
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-        headers = [("Content-Type", STATIC_TYPES[path.suffix.lower()]), ("ETag", etag),
-                   ("Cache-Control", "public, max-age=3600"), ("Content-Security-Policy", STATIC_CSP),
-                   ("X-Content-Type-Options", "nosniff")]
-        if request.header("If-None-Match") == etag:
-            return Response(304, b"", headers[1:])
-        return Response(200, path.read_bytes(), headers)
 
 
 ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, str]], Response]] = {
