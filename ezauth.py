@@ -3308,48 +3308,28 @@ class Pages:
 
 
 # -- Handlers -------------------------------------------------------------------------------
-
-STATIC_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
-STATIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-STATIC_TYPES = {
-    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-    ".webp": "image/webp", ".ico": "image/x-icon", ".woff2": "font/woff2",
-    ".txt": "text/plain; charset=utf-8", ".json": "application/json",
-}
+# One class per flow, one method per route (make_app's route table names them): the login page
+# with logout, the account page (an admin flow would come next), and the small routes. Verify,
+# which nginx calls on every request, has the next section to itself. Flow is what they share.
 
 
-def find_static(name: str, roots: Iterable[Path]) -> Path | None:
-    """The file NAME in the first root that has it; never anything outside those folders."""
-    if not STATIC_NAME_RE.fullmatch(name) or Path(name).suffix.lower() not in STATIC_TYPES:
-        return None
-    for root in roots:
-        candidate = root / name
-        try:
-            resolved = candidate.resolve(strict=True)
-            inside = resolved.parent == root.resolve(strict=True)
-        except (OSError, RuntimeError):
-            continue
-        if inside and resolved.is_file():
-            return resolved
-    return None
+@dataclass(eq=False)
+class Flow:
+    """What the flows share: their collaborators, built once in make_app (never globals), and the
+    steps more than one flow takes. Every password or code check goes reserve (the lockout), then
+    password_ok (the hash gate), then refuse or throttle.succeeded; a posted form passes
+    read_form_with_csrf; target checks a return target; session_cookie sets a session's cookie."""
 
+    settings: Settings
+    stores: Stores
+    pages: Pages
+    clock: Clock
+    metrics: Metrics  # one for every flow
+    gate: HashGate  # one for every flow: password checks take turns across all of them
+    cookies: CookiePolicy = field(init=False)
 
-ACCOUNT_NOTICES = ("password_changed", "password_changed_kept", "session_ended", "others_ended", "totp_on", "totp_off",
-                   "token_revoked")
-
-
-class Handlers:
-    """One method per route. The login flow refuses by raising Refused; login_submit turns that into
-    the page. Collaborators come in through the constructor, never from globals."""
-
-    def __init__(self, settings: Settings, stores: Stores, pages: Pages, clock: Clock, metrics: Metrics) -> None:
-        self.settings, self.stores, self.pages, self.clock, self.metrics = settings, stores, pages, clock, metrics
-        self.cookies = pages.cookies
-        self.proxy_names = PROXY_HEADERS[settings.proxy_headers]
-        self.basic_cache = BasicCache()
-        self.gate = HashGate()
-        self.static_roots = (settings.data_dir / "static", HERE / "static")
+    def __post_init__(self) -> None:
+        self.cookies = self.pages.cookies
 
     def reserve(self, request: Request, name: str, now: float, how: str = "",
                 state: FormState | None = None) -> Attempt:
@@ -3407,7 +3387,10 @@ class Handlers:
     def account_session(self, request: Request) -> Session | None:
         return next(iter(self.cookie_sessions(request, self.clock())), None)
 
-    # -- the login page and form, and logout --
+
+class LoginFlow(Flow):
+    """The login page and its form (the password, then a two-factor user's code), and logout. A
+    login that does not succeed raises Refused; login_submit turns it into the page, in one place."""
 
     def login_page(self, request: Request) -> Response:
         try:
@@ -3496,7 +3479,16 @@ class Handlers:
         return Response(303, b"", [("Location", f"{PREFIX}/login"), *self.cookies.clear_session(request),
                                    ("Cache-Control", "no-store")])
 
-    # -- the account page --
+
+ACCOUNT_NOTICES = ("password_changed", "password_changed_kept", "session_ended", "others_ended", "totp_on", "totp_off",
+                   "token_revoked")
+
+
+class AccountFlow(Flow):
+    """The account page: a logged-in user's sessions, password, second factor and API tokens. Each
+    change is a POST with the CSRF token, dispatched by its action (ACCOUNT_ACTIONS); a change that
+    is refused raises Refused, and account_submit shows why on the page. A lasting change takes the
+    current password in the same request (confirm)."""
 
     def account_page(self, request: Request) -> Response:
         session = self.account_session(request)
@@ -3673,7 +3665,51 @@ class Handlers:
             raise Refused(404, "msg_gone")
         return self.changed(request, session, "token_revoked", "token_revoked")
 
-    # -- the small routes --
+
+ACCOUNT_ACTIONS: dict[str, Callable[[AccountFlow, Request, Session, Mapping[str, str]], Response]] = {
+    "end_session": AccountFlow.end_session, "end_others": AccountFlow.end_others, "end_all": AccountFlow.end_all,
+    "password": AccountFlow.change_password, "totp_begin": AccountFlow.totp_begin,
+    "totp_confirm": AccountFlow.totp_confirm, "totp_off": AccountFlow.totp_off,
+    "token_create": AccountFlow.token_create, "token_revoke": AccountFlow.token_revoke,
+}
+
+
+STATIC_PATH = f"{PREFIX}/static/"  # the static route takes every path under it
+STATIC_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
+STATIC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+    ".webp": "image/webp", ".ico": "image/x-icon", ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8", ".json": "application/json",
+}
+
+
+def find_static(name: str, roots: Iterable[Path]) -> Path | None:
+    """The file NAME in the first root that has it; never anything outside those folders."""
+    if not STATIC_NAME_RE.fullmatch(name) or Path(name).suffix.lower() not in STATIC_TYPES:
+        return None
+    for root in roots:
+        candidate = root / name
+        try:
+            resolved = candidate.resolve(strict=True)
+            inside = resolved.parent == root.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if inside and resolved.is_file():
+            return resolved
+    return None
+
+
+@dataclass(eq=False)
+class SmallRoutes(Flow):
+    """The routes of no flow: healthz, the forbidden page nginx shows, metrics, static files."""
+
+    static_roots: tuple[Path, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.static_roots = (self.settings.data_dir / "static", HERE / "static")
 
     def healthz(self, request: Request) -> Response:
         return text_response(200, "ok")
@@ -3690,7 +3726,7 @@ class Handlers:
                         [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")])
 
     def static(self, request: Request) -> Response:
-        path = find_static(request.path[len(f"{PREFIX}/static/"):], self.static_roots)
+        path = find_static(request.path[len(STATIC_PATH):], self.static_roots)
         if path is None:
             return text_response(404, "not found")
         st = path.stat()
@@ -3702,7 +3738,26 @@ class Handlers:
             return Response(304, b"", headers[1:])
         return Response(200, path.read_bytes(), headers)
 
-    # -- verify: nginx asks on every request --
+
+# -- Verify ---------------------------------------------------------------------------------
+# What nginx asks on every request to the app (auth_request): who is this, and may they go where
+# they are going? It stands alone, right above the application that routes to it, so a request
+# reads from nginx to verify to the answer in one stretch. Cheap by design: no disk, and no scrypt
+# but for HTTP Basic with a password (which the server then answers in its thread pool).
+
+
+@dataclass(eq=False)
+class Verify(Flow):
+    """200 with the user for a live session cookie, an API token or (when on) HTTP Basic, when the
+    access rules let them in; 200 without one for a path the rules make public; else 401, which
+    sends a browser to the login page, or 403 when the rules keep a proven user out."""
+
+    basic_cache: BasicCache = field(default_factory=BasicCache)
+    proxy_names: tuple[str, str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.proxy_names = PROXY_HEADERS[self.settings.proxy_headers]
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
@@ -3886,13 +3941,6 @@ class Handlers:
         return name
 
 
-ACCOUNT_ACTIONS: dict[str, Callable[[Handlers, Request, Session, Mapping[str, str]], Response]] = {
-    "end_session": Handlers.end_session, "end_others": Handlers.end_others, "end_all": Handlers.end_all,
-    "password": Handlers.change_password, "totp_begin": Handlers.totp_begin, "totp_confirm": Handlers.totp_confirm,
-    "totp_off": Handlers.totp_off, "token_create": Handlers.token_create, "token_revoke": Handlers.token_revoke,
-}
-
-
 # -- Application ----------------------------------------------------------------------------
 
 Handler = Callable[[Request], Response]
@@ -3947,9 +3995,9 @@ class EzauthApp:
     """The WSGI callable: one route table, one catch-all for unexpected errors, and the one place
     that adds Content-Length and drops the body of a HEAD answer."""
 
-    def __init__(self, settings: Settings, stores: Stores, handlers: Handlers,
-                 routes: dict[tuple[str, str], Handler], clock: Clock) -> None:
-        self.settings, self.stores, self.handlers, self.routes, self.clock = settings, stores, handlers, routes, clock
+    def __init__(self, settings: Settings, stores: Stores, routes: dict[tuple[str, str], Handler],
+                 metrics: Metrics, clock: Clock) -> None:
+        self.settings, self.stores, self.routes, self.metrics, self.clock = settings, stores, routes, metrics, clock
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> list[bytes]:
         status, headers, body = self.respond(environ)
@@ -3963,7 +4011,7 @@ class EzauthApp:
         try:
             rotated = self.stores.refresh(self.clock())
             if rotated:
-                self.handlers.metrics.key_rotations += rotated
+                self.metrics.key_rotations += rotated
             response = self.dispatch(request)
         except StoreUnavailable as err:
             # The file whole (logval would cut a long path): the one thing the operator must find.
@@ -3982,8 +4030,8 @@ class EzauthApp:
         handler = self.routes.get((method, request.path))
         if handler:
             return handler(request)
-        if request.path.startswith(f"{PREFIX}/static/"):
-            return self.handlers.static(request) if method == "GET" else self.not_allowed(("GET", "HEAD"))
+        if request.path.startswith(STATIC_PATH):
+            return self.routes[("GET", STATIC_PATH)](request) if method == "GET" else self.not_allowed(("GET", "HEAD"))
         allowed = sorted({m for m, p in self.routes if p == request.path})
         if allowed:
             return self.not_allowed((*allowed, "HEAD") if "GET" in allowed else allowed)
@@ -4008,12 +4056,14 @@ class EzauthApp:
 
 
 def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
-    """Build the service: the stores in the data dir, the pages, the handlers and the one route table."""
+    """Build the service: the stores in the data dir, the pages, the flows and the one route table."""
     stores = Stores.open(settings, clock)
     cookies = CookiePolicy(settings.cookie_name, settings.cookie_domain, settings.cookie_secure)
     pages = Pages(settings, load_template(settings.data_dir),
                   load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter, cookies)
-    handlers = Handlers(settings, stores, pages, clock, Metrics(started=clock()))
+    metrics = Metrics(started=clock())
+    shared = (settings, stores, pages, clock, metrics, HashGate())  # one metrics and one gate for all
+    login, account, small, verify = LoginFlow(*shared), AccountFlow(*shared), SmallRoutes(*shared), Verify(*shared)
 
     def page(handler: Handler) -> Handler:
         return navigation_only(on_portal(settings.portal, handler))
@@ -4022,23 +4072,24 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         return same_origin_only(on_portal(settings.portal, handler))
 
     routes: dict[tuple[str, str], Handler] = {
-        ("GET", f"{PREFIX}/login"): page(handlers.login_page),
-        ("POST", f"{PREFIX}/login"): change(handlers.login_submit),
+        ("GET", f"{PREFIX}/login"): page(login.login_page),
+        ("POST", f"{PREFIX}/login"): change(login.login_submit),
         # auth_request subrequests keep the method of the request they check.
-        **{(method, f"{PREFIX}/verify"): handlers.verify
+        **{(method, f"{PREFIX}/verify"): verify.verify
            for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
-        ("GET", f"{PREFIX}/logout"): page(handlers.logout_page),
-        ("POST", f"{PREFIX}/logout"): change(handlers.logout),
-        ("GET", f"{PREFIX}/healthz"): handlers.healthz,
-        ("GET", f"{PREFIX}/forbidden"): handlers.forbidden,
-        ("GET", ACCOUNT): page(handlers.account_page),
-        ("POST", ACCOUNT): change(handlers.account_submit),
-        ("GET", f"{PREFIX}/metrics"): handlers.metrics_page,
+        ("GET", f"{PREFIX}/logout"): page(login.logout_page),
+        ("POST", f"{PREFIX}/logout"): change(login.logout),
+        ("GET", f"{PREFIX}/healthz"): small.healthz,
+        ("GET", f"{PREFIX}/forbidden"): small.forbidden,
+        ("GET", ACCOUNT): page(account.account_page),
+        ("POST", ACCOUNT): change(account.account_submit),
+        ("GET", f"{PREFIX}/metrics"): small.metrics_page,
+        ("GET", STATIC_PATH): small.static,  # and every path under it (EzauthApp.dispatch)
     }
     for name, _ in settings.legacy_users:
         log.warning("event=legacy_env_user user=%s note=password_from_.env_run_'python ezauth.py passwd %s'",
                     logval(name), logval(name))
-    return EzauthApp(settings, stores, handlers, routes, clock)
+    return EzauthApp(settings, stores, routes, metrics, clock)
 
 
 # -- HTTP server ----------------------------------------------------------------------------
