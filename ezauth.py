@@ -3999,6 +3999,12 @@ class EzauthApp:
                  metrics: Metrics, clock: Clock) -> None:
         self.settings, self.stores, self.routes, self.metrics, self.clock = settings, stores, routes, metrics, clock
 
+    # The seam between the app and the servers. gunicorn (any WSGI server) calls __call__. The
+    # built-in server (HTTP server, below) is handed three methods through Routing in start_service
+    # and calls nothing else of the app. Per request: answers_inline(environ) on its event loop
+    # (answer right there, or in the thread pool?), body_limit(environ) before a byte of the body is
+    # read, then respond(environ), on the loop or a pool thread; __call__ answers with respond too.
+
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> list[bytes]:
         status, headers, body = self.respond(environ)
         start_response(status, headers)
@@ -4025,6 +4031,19 @@ class EzauthApp:
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
         return response.status_line, headers, b"" if request.method == "HEAD" else response.body
 
+    def answers_inline(self, environ: Mapping[str, Any]) -> bool:
+        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
+        path = environ.get("PATH_INFO")
+        if path == HEALTHZ_PATH:
+            return True
+        if path != VERIFY_PATH:
+            return False
+        return not (self.settings.basic_auth and hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", ""))))
+
+    def body_limit(self, environ: Mapping[str, Any]) -> int:
+        """The largest request body any route reads: the login form."""
+        return MAX_FORM
+
     def dispatch(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
         handler = self.routes.get((method, request.path))
@@ -4041,18 +4060,6 @@ class EzauthApp:
     def not_allowed(methods: Iterable[str]) -> Response:
         return text_response(405, "method not allowed", ("Allow", ", ".join(methods)))
 
-    def answers_inline(self, environ: Mapping[str, Any]) -> bool:
-        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
-        path = environ.get("PATH_INFO")
-        if path == HEALTHZ_PATH:
-            return True
-        if path != VERIFY_PATH:
-            return False
-        return not (self.settings.basic_auth and hashes_a_password(str(environ.get("HTTP_AUTHORIZATION", ""))))
-
-    def body_limit(self, environ: Mapping[str, Any]) -> int:
-        """The largest request body any route reads: the login form."""
-        return MAX_FORM
 
 
 def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
