@@ -1,4 +1,60 @@
-"""ezauth: login page + JWT cookie + verify endpoint for Nginx auth_request."""
+"""ezauth: a login page in front of your self-hosted web apps, for nginx's auth_request.
+
+nginx asks ezauth's verify endpoint, on every request to the app, whether the visitor may go on.
+ezauth answers from a signed session cookie (an HS256 JWT, keys rotated daily), an API token or
+HTTP Basic, and the access rules: 200 with the user's name, 401 with the login page's URL, or 403.
+Around that: the login page (a second factor, a lockout for guessers), an account page (see and
+end your sessions; your password, second factor and API tokens), and a command line for users,
+tokens, sessions, keys, the nginx config and a check of the whole setup (doctor). What it keeps
+lives in a data dir beside this file. It serves HTTP itself (`python ezauth.py`) or runs under
+gunicorn (`gunicorn ezauth:app`).
+
+Needs Python 3.11+ and PyJWT; optional: bcrypt (bcrypt lines in the users file) and segno (the QR
+code that sets up a second factor). The docs are README.md beside this file: setup, nginx,
+settings, security, troubleshooting, and how this file is laid out; `python ezauth.py --help`
+lists every command and setting.
+
+Sections, top to bottom; each uses only those above it (a section is a `# -- Name --` banner):
+
+    Basics                   imports, version, PREFIX, the logger, logval, warn_once
+    Settings                 the settings table -> the frozen Settings; .env files, --help
+    Files                    locked, write_atomic, line files, WatchedFile (reread on change)
+    Passwords and users      hash_password, check_password, HashGate (scrypt in turn), Users
+    Tokens                   KeyRing (daily keys), decode_token: one decoder for every kind
+    Shared databases         SharedDatabase: SQLite shared by every worker and the CLI
+    Sessions                 SessionRegistry (who is logged in where, what ended), Sessions
+    Visit counter            VisitCounter
+    Login throttle           Throttle (the lockout), client_block
+    Second factor            TOTP codes, TotpStore
+    Access rules             Rules, path_readings, AccessRules (the rules file)
+    API clients              HTTP Basic (parse_basic, BasicCache) and API tokens (ApiTokens)
+    Metrics                  Metrics: the Prometheus counters
+    Stores                   Stores.open: the data dir, opened and refreshed together
+    HTTP plumbing            Request, Response, Refused, CookiePolicy, safe_return_target
+    Page text and fragments  data only: PAGE_TEXT (en, zh-CN) and the HTML fragments
+    Pages                    load_template, render (the one escaping point), Pages
+    Handlers                 Flow (what flows share), LoginFlow, AccountFlow, SmallRoutes
+    Verify                   Verify: what nginx asks on every request
+    Application              EzauthApp (the WSGI callable), make_app (the one route table)
+    HTTP server              strict parser and serializer, Connection, HTTPServer (asyncio)
+    Doctor                   `python ezauth.py doctor`: the checks of a site and of nginx -T
+    CLI                      the commands, the parser, main(), and `app` for gunicorn
+
+One verify from start to finish, on the built-in server (gunicorn calls EzauthApp.__call__, which
+calls respond):
+
+    Connection.process -> Connection.read_head -> parse_head -> build_environ
+    -> Connection.answer -> EzauthApp.answers_inline -> HTTPServer.respond -> EzauthApp.respond
+    -> Stores.refresh -> EzauthApp.dispatch -> Verify.verify -> CookiePolicy.read -> split_cookies
+    -> Sessions.check -> read_token -> Verify.grant_session -> Sessions.renew -> Verify.grant
+    -> Verify.one_host -> Verify.ruled_in -> Rules.allows_every -> Verify.allowed
+    -> serialize_response -> Connection.send
+
+No disk on the way: Sessions.check decodes a token (read_token) only the first time it comes,
+and the ended sessions are a set in memory that Stores.refresh reloads at most once a second.
+"""
+
+# -- Basics ---------------------------------------------------------------------------------
 
 from __future__ import annotations
 

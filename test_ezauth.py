@@ -1162,9 +1162,36 @@ def test_no_function_in_ezauth_is_longer_than_forty_lines():
 def test_the_readme_describes_the_sections_of_ezauth_py_in_order():
     banners = re.findall(r"^# -- ([A-Za-z ()]+?) -+$", EZAUTH.read_text(), re.M)
     layout = (ezauth.HERE / "README.md").read_text().split("### How the code is laid out", 1)[1]
-    described = re.findall(r"^\| ([A-Z][^|]+?) \|", layout, re.M)[1:]
+    described = re.findall(r"^\| ([A-Z][^|]+?) \|", layout, re.M)
     named = [name.strip() for row in described for name in row.split(",")]
     assert [b.split(" (")[0] for b in banners] == named
+
+
+def docstring_block(opening: str) -> list[str]:
+    """The lines of the indented block in ezauth's module docstring after the paragraph OPENING starts."""
+    paragraphs = (ezauth.__doc__ or "").split("\n\n")
+    at = next(n for n, paragraph in enumerate(paragraphs) if paragraph.startswith(opening))
+    return paragraphs[at + 1].splitlines()
+
+
+def test_the_docstring_names_the_sections_of_ezauth_py_in_order():
+    banners = re.findall(r"^# -- (.+?) -+$", EZAUTH.read_text(), re.M)
+    table = [re.split(r" {2,}", line.strip())[0] for line in docstring_block("Sections, top to bottom")]
+    assert table == [banner.split(" (")[0] for banner in banners]
+    assert table[0] == "Basics" and len(table) > 20
+
+
+def test_every_function_in_the_docstrings_verify_chain_exists():
+    chain = [name.strip() for name in " ".join(docstring_block("One verify from start to finish")).split("->")]
+    assert chain[0] == "Connection.process" and "Verify.verify" in chain and chain[-1] == "Connection.send"
+    missing = []
+    for name in chain:
+        found: object = ezauth
+        for part in name.split("."):
+            found = getattr(found, part, None)
+        if not callable(found):
+            missing.append(name)
+    assert missing == []
 
 
 @pytest.mark.parametrize(("seconds", "lang", "text"), [(300, "en", "5 minutes"), (60, "en", "1 minute"),
