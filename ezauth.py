@@ -160,8 +160,8 @@ class Spec:
     """How one setting is read, checked and explained."""
 
     help: str
-    parse: Callable[[str, str], Any]  # (variable, raw text) -> value; SettingsError naming the variable
-    check: Callable[[Any], str] | None = None  # the value -> "" when fine, else what is wrong with it
+    parse: Callable[[str, str], Any]  # (variable, raw text) -> value, or SettingsError naming it
+    check: Callable[[Any], str] | None = None  # the value -> "" when fine, else what is wrong
     shown: str = ""  # the default as --help and the README show it, when not the value itself
 
 
@@ -348,9 +348,10 @@ class Settings:
     portal: str = field(default="", metadata=spec(
         "the login pages' own address, e.g. `https://auth.example.com` (with EZAUTH_COOKIE_DOMAIN): every "
         "ezauth page on an app's host sends the visitor there", parse_portal, shown="unset"))
-    legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # from an old .env, not a setting
+    # From an old .env, not a setting:
+    legacy_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Whether EZAUTH_DATA_DIR or --data-dir named the data dir (not a setting). When neither did, a
-    # ./ezauth-data where a command runs that is not the default stops it (the CLI's check_data_dir).
+    # ./ezauth-data where a command runs that is not the default stops it (check_data_dir).
     data_dir_named: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -496,7 +497,7 @@ def locked(path: Path) -> Iterator[None]:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace PATH with DATA so a reader, or a crash, only ever sees the old or the new file."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer; we hold the lock
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's; we hold the lock
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -518,8 +519,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def rewrite_lines(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
-    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse survive.
-    StoreUnavailable when the file cannot be read or written: the change is not made."""
+    """Apply CHANGE to PATH's lines under its lock. Lines stay bytes, so ones we cannot parse
+    survive. StoreUnavailable when the file cannot be read or written: the change is not made."""
     try:
         with locked(path):
             try:
@@ -569,7 +570,8 @@ def move_aside(path: Path, now: float) -> Path:
 
 
 Stamp = tuple[int, int, int, int]
-NOT_READ: tuple[()] = ()  # the stamp of a file not looked at yet: never equal to a real one, nor to None
+# The stamp of a file not looked at yet: never equal to a real one, nor to None.
+NOT_READ: tuple[()] = ()
 
 
 def file_stamp(path: Path) -> Stamp | None:
@@ -613,7 +615,7 @@ class WatchedFile:
                       logval(str(err), limit=None), action)
 
     def read_if_changed(self) -> None:
-        """As load(), but a version that cannot be read (OSError) or understood (ValueError) raises."""
+        """As load(), but raises for a version it cannot read (OSError) or parse (ValueError)."""
         stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
@@ -660,8 +662,8 @@ def prepare_data_dir(path: Path) -> None:
 
 
 def require_writable(path: Path) -> None:
-    """StoreUnavailable naming PATH unless a file can be made, written to the disk and removed there:
-    a server that could not record a login, a lockout or a logout must not start."""
+    """StoreUnavailable naming PATH unless a file can be made, written to the disk and removed
+    there: a server that could not record a login, a lockout or a logout must not start."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".ezauth-write-test.", dir=path)
         try:
@@ -965,7 +967,7 @@ class KeyRing(WatchedFile):
         try:
             with locked(self.path):
                 self._load_or_replace(now)
-        except OSError as err:  # its lock cannot be taken: carry on with the keys every worker shares
+        except OSError as err:  # no lock to take: carry on with the keys every worker shares
             with contextlib.suppress(OSError, ValueError):
                 self.read_if_changed()
             if self.keys:
@@ -973,8 +975,8 @@ class KeyRing(WatchedFile):
                 return
             if file_stamp(self.path) is not None:
                 raise  # a ring we may not read (EACCES) is not a corrupt one: never replace it
-            # No ring to share and none can be written: a key of our own would sign sessions no other
-            # worker accepts and a restart forgets, so refuse to start instead.
+            # No ring to share and none can be written: a key of our own would sign sessions no
+            # other worker accepts and a restart forgets, so refuse to start instead.
             raise StoreUnavailable(self.path, err.strerror or err) from None
 
     def _load_or_replace(self, now: float) -> None:
@@ -1032,7 +1034,7 @@ class KeyRing(WatchedFile):
 MAX_TOKEN = 4096
 CLOCK_SKEW = 30
 PENDING_TTL = 300  # how long the code step may take after the right password
-SESSION, PENDING, ENROLL = "session", "totp", "enroll"  # what a token is for; each kind has its own key
+SESSION, PENDING, ENROLL = "session", "totp", "enroll"  # what a token is for: one key for each
 ENROLL_TTL = 600  # how long the account page's two-factor set-up may take
 PURPOSE_LABELS = {PENDING: b"ezauth totp pending", ENROLL: b"ezauth totp enrolment"}
 SID_RE = re.compile(r"[A-Za-z0-9_-]{16,43}")
@@ -1051,7 +1053,7 @@ class Session:
     expires: int
     remember: bool
     sid: str  # the session's id in the registry; renewed tokens keep it
-    auth_time: int  # when its password was entered: renewals never carry it past EZAUTH_SESSION_MAX_AGE
+    auth_time: int  # when the password was entered; renewals end EZAUTH_SESSION_MAX_AGE after it
 
     @property
     def renew_at(self) -> float:
@@ -1088,8 +1090,9 @@ def issue_enrollment(user: str, fingerprint: str, secret: bytes, key: SigningKey
 
 
 def decode_token(token: str, keys: KeyRing, now: float, purpose: str) -> tuple[dict[str, Any], str]:
-    """(claims, key id) of a TOKEN made for PURPOSE, or InvalidSession. The one decoder of both kinds:
-    length capped, key looked up by `kid`, algorithm pinned to HS256, every time check against NOW."""
+    """(claims, key id) of a TOKEN made for PURPOSE, or InvalidSession. The one decoder of both
+    kinds: length capped, key looked up by `kid`, algorithm pinned to HS256, every time check
+    against NOW."""
     if len(token) > MAX_TOKEN:
         raise InvalidSession("too long")
     try:
@@ -1106,7 +1109,7 @@ def decode_token(token: str, keys: KeyRing, now: float, purpose: str) -> tuple[d
 
 
 def check_claims(claims: dict[str, Any], now: float, purpose: str) -> None:
-    """InvalidSession unless CLAIMS are of the right kind and valid at NOW (give or take CLOCK_SKEW)."""
+    """InvalidSession unless CLAIMS are of the right kind and valid at NOW (within CLOCK_SKEW)."""
     sub, iat, exp, fp = claims.get("sub"), claims.get("iat"), claims.get("exp"), claims.get("fp")
     if claims.get("pur", SESSION) != purpose:
         raise InvalidSession("made for something else")
@@ -1192,7 +1195,7 @@ class SharedDatabase:
             self._replace_corrupt(now)
 
     def _replace_corrupt(self, now: float) -> None:
-        """Move a damaged database aside and start an empty one (once, whichever worker sees it first)."""
+        """Move a damaged database aside and start anew (once, whichever worker sees it first)."""
         with locked(self.path):
             with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(self.connect()) as db:
                 db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
@@ -1208,9 +1211,9 @@ class SharedDatabase:
 
     def read_if_changed(self, read: Callable[[sqlite3.Connection], None]) -> None:
         """Call READ when some connection has committed since the last look. The look is one PRAGMA
-        on a connection kept for it, so the once-a-second refresh stays cheap; a file replaced meanwhile
-        (damaged and started afresh, or deleted) is opened anew. StoreUnavailable when the file cannot
-        be read; the next look opens it afresh."""
+        on a connection kept for it, so the once-a-second refresh stays cheap; a file replaced
+        meanwhile (damaged and started afresh, or deleted) is opened anew. StoreUnavailable when the
+        file cannot be read; the next look opens it afresh."""
         try:
             inode = os.stat(self.path).st_ino
             if self._watcher is None or inode != self._watched:
@@ -1234,16 +1237,17 @@ class SharedDatabase:
         db = sqlite3.connect(self.path, timeout=DB_TIMEOUT, isolation_level=None, check_same_thread=False)
         if self.wal:  # readers (verify's once-a-second look) never wait for a writer
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks back after a checkpoint
+            db.execute("PRAGMA journal_size_limit=1048576")  # the log shrinks after a checkpoint
         return db
 
     def run(self, work: Callable[[sqlite3.Connection], R], now: float) -> R:
-        """WORK in one write transaction; a database damaged or deleted meanwhile is replaced as at start-up."""
+        """WORK in one write transaction; a database damaged or deleted meanwhile is made anew."""
         with self._lock:
             try:
                 return self._transaction(work)
             except sqlite3.DatabaseError as err:
-                if not (corrupt_database(err) or "no such table" in str(err)):  # damaged, or deleted by hand
+                # Damaged, or deleted by hand: made anew below.
+                if not (corrupt_database(err) or "no such table" in str(err)):
                     if isinstance(err, sqlite3.OperationalError):
                         raise StoreUnavailable(self.path, err) from None
                     raise
@@ -1259,7 +1263,7 @@ class SharedDatabase:
             try:
                 result = work(db)
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # after a full disk SQLite has rolled back itself
+                with contextlib.suppress(sqlite3.Error):  # after a full disk SQLite rolled back
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
@@ -1323,7 +1327,7 @@ class SessionRecord:
 
 
 class SessionRegistry:
-    """The sessions of every worker, in SQLite; in memory only the ended ids and pending last-seen notes."""
+    """All workers' sessions, in SQLite; in memory only ended ids and unwritten last-seen times."""
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user TEXT NOT NULL, fp TEXT NOT NULL,"
               " created REAL NOT NULL, last_seen REAL NOT NULL, ip TEXT NOT NULL, agent TEXT NOT NULL,"
@@ -1339,7 +1343,7 @@ class SessionRegistry:
         self.db = db
         self.ended: frozenset[str] = frozenset()
         self.epoch = 0.0  # sessions that logged in before it are void
-        self._seen: dict[str, tuple[float, str, float]] = {}  # sid -> (when, ip, expires), not yet written
+        self._seen: dict[str, tuple[float, str, float]] = {}  # sid -> (when, ip, expires), to write
         self._seen_at: dict[str, float] = {}
 
     def start(self, session: Session, ip: str, agent: str, now: float) -> None:
@@ -1352,7 +1356,8 @@ class SessionRegistry:
 
     def end(self, sids: Iterable[str], reason: str, now: float) -> int:
         """End these sessions; how many were live. An ended session is remembered until every token
-        it can have (renewals included, whichever worker made them) has expired: NOW plus its lifetime."""
+        it can have (renewals included, whichever worker made them) has expired: NOW plus its
+        lifetime."""
         ended = [sid for sid in sids if sid]
         count = self.db.run(lambda db: sum(db.execute(
             "UPDATE sessions SET ended = ?, reason = ?, expires = MAX(expires, ? + ttl)"
@@ -1412,7 +1417,7 @@ class SessionRegistry:
         def work(db: sqlite3.Connection) -> None:
             db.executemany("UPDATE sessions SET last_seen = ?, ip = ?, expires = MAX(expires, ?) WHERE sid = ?",
                            [(at, ip, expires, sid) for sid, (at, ip, expires) in seen.items()])
-            # A live session renewed by another worker may not have its new expiry here yet: a margin.
+            # A session another worker renewed may lack its new expiry here yet: hence a margin.
             db.execute("DELETE FROM sessions WHERE expires <= ?", (now - 2 * SEEN_EVERY,))
         try:
             self.db.run(work, now)
@@ -1427,7 +1432,7 @@ class SessionRegistry:
 
 
 class Sessions:
-    """Issues and checks sessions; remembers recently verified tokens so repeats skip JWT decoding."""
+    """Issues and checks sessions; remembers verified tokens, so a repeat skips JWT decoding."""
 
     MAX_CACHED = 10_000
 
@@ -1439,25 +1444,26 @@ class Sessions:
 
     def start(self, user: str, now: float, remember: bool, ip: str = "", agent: str = "") -> tuple[str, Session]:
         """A new session for USER, recorded in the registry, and its token."""
-        token, session = self.sign(user, now, remember, secrets.token_hex(16), int(now))  # hex: no leading "-"
+        sid = secrets.token_hex(16)  # hex: no leading "-"
+        token, session = self.sign(user, now, remember, sid, int(now))
         self.registry.start(session, ip, agent, now)
         return token, session
 
     def sign(self, user: str, now: float, remember: bool, sid: str, auth_time: int) -> tuple[str, Session]:
-        """A token for session SID, signed by the current key, good for a whole lifetime from NOW but
-        never past its login time (AUTH_TIME) plus the absolute lifetime."""
+        """A token for session SID, signed by the current key, good for a whole lifetime from NOW
+        but never past its login time (AUTH_TIME) plus the absolute lifetime."""
         key = self.keys.signer(now)
         session = Session(user, self.users.fingerprint(user) or "", key.kid, int(now),
                           self.expiry(now, remember, auth_time), remember, sid, auth_time)
         return issue_token(session, key), session
 
     def expiry(self, now: float, remember: bool, auth_time: int) -> int:
-        """When a token signed NOW expires: its lifetime, cut at the login time plus the absolute lifetime."""
+        """When a token signed NOW expires: a lifetime on, never past login + absolute lifetime."""
         return min(int(now) + (self.remember_ttl if remember else self.session_ttl), auth_time + self.max_age)
 
     def check(self, token: str, now: float) -> Session | None:
-        """The live session in TOKEN, or None. A cached answer is rechecked against the user, the key
-        and the ended sessions."""
+        """The live session in TOKEN, or None. A cached answer is rechecked against the user, the
+        key and the ended sessions."""
         session = self._verified.get(token)
         if session is None:
             try:
@@ -1472,8 +1478,8 @@ class Sessions:
         return session
 
     def renew(self, session: Session, now: float) -> tuple[str, Session] | None:
-        """A fresh token for the same session once it is past half its lifetime, else None (also when
-        the absolute lifetime leaves nothing to add)."""
+        """A fresh token for the same session once it is past half its lifetime, else None (also
+        when the absolute lifetime leaves nothing to add)."""
         if now < session.renew_at or self.expiry(now, session.remember, session.auth_time) <= session.expires:
             return None
         return self.sign(session.user, now, session.remember, session.sid, session.auth_time)
@@ -1488,7 +1494,8 @@ class Sessions:
 # -- Visit counter --------------------------------------------------------------------------
 
 
-COUNT_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and fewer than int() refuses
+# ASCII digits only ("²".isdigit()), and fewer than int() refuses.
+COUNT_RE = re.compile(r"[0-9]{1,18}")
 COUNTER_SYNC_EVERY = 60.0  # a power cut loses at most this long of views; a kill -9 loses none
 
 
@@ -1537,8 +1544,8 @@ class VisitCounter:
         return int(text) if COUNT_RE.fullmatch(text) else None
 
     def _open(self) -> int:
-        """The counter file, made with "0" in it the first time: never an empty one, even when its first
-        writer is killed half-way (a half-made `.counter.txt.new` is simply made again)."""
+        """The counter file, made with "0" in it the first time: never an empty one, even when its
+        first writer is killed half-way (a half-made `.counter.txt.new` is simply made again)."""
         with contextlib.suppress(FileNotFoundError):
             return os.open(self.path, os.O_RDWR)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
@@ -1599,7 +1606,8 @@ class VisitCounter:
 
 def client_block(address: str) -> str:
     """The addresses one client can rotate through, as one key: an IPv6 client's /64 (every home and
-    server gets a whole /64), an IPv4 client's address; an IPv4-mapped IPv6 address is its IPv4 one."""
+    server gets a whole /64), an IPv4 client's address; an IPv4-mapped IPv6 address is its IPv4
+    one."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -1643,7 +1651,7 @@ class Throttle:
     def __init__(self, path: Path, max_attempts: int, window: int, lockout: int, now: float) -> None:
         self.max_attempts, self.window, self.lockout = max_attempts, window, lockout
         self.db = SharedDatabase(path, self.SCHEMA, "throttle", now)
-        self._settled = threading.Condition()  # a check of this process finished: waiting ones look again
+        self._settled = threading.Condition()  # a check here finished: waiting ones look again
 
     def begin(self, keys: list[str], now: float, wait: float = BUSY_WAIT) -> Attempt:
         """Reserve one attempt for every key, or say how long to wait.
@@ -1741,7 +1749,7 @@ def totp_uri(name: str, secret: bytes, issuer: str = "ezauth") -> str:
 
 
 def matching_step(secret: bytes, code: str, now: float, last_used: int) -> int | None:
-    """The time step (now, or one either side for clock drift) whose code is CODE and not used yet."""
+    """The unused time step (now, or one either side for clock drift) whose code is CODE."""
     current = int(now // TOTP_STEP)
     for step in (current - 1, current, current + 1):
         if step > last_used and hmac.compare_digest(hotp(secret, step), code):
@@ -1784,7 +1792,7 @@ class TotpStore(WatchedFile):
         return name in self._entries
 
     def enroll(self, name: str, secret: bytes | None = None, used_step: int = -1) -> bytes:
-        """Give NAME a second factor: SECRET, or a new one; its code of USED_STEP is spent already."""
+        """Give NAME a second factor: SECRET, or a new one; its code of USED_STEP is spent."""
         secret = secrets.token_bytes(20) if secret is None else secret
         line = f"{name}:{base64.b32encode(secret).decode().rstrip('=')}:{used_step}"
         put_named_line(self.path, name, line.encode())
@@ -1845,8 +1853,8 @@ class Rule:
     networks: tuple[IPNetwork, ...] = ()  # only for clients in these networks; () for every client
 
     def matches(self, target: Target, path: str, fold: bool) -> bool:
-        """Whether this rule speaks for one reading of the path; FOLD compares it as a case-insensitive
-        app would."""
+        """Whether this rule speaks for one reading of the path; FOLD compares it as a
+        case-insensitive app would."""
         if not (path.lower().startswith(self.prefix.lower()) if fold else path.startswith(self.prefix)):
             return False
         if not (self.host in ("*", target.host) or (
@@ -1869,12 +1877,12 @@ MAX_JUDGED_PATH = 1024
 
 
 class PathTooLong(ValueError):
-    """A path with readings to judge that is too long to judge them all cheaply: refused, not judged."""
+    """A path too long to judge all its readings cheaply: refused, not judged."""
 
 
 class Rules:
-    """Who may reach which host and path: the first matching rule decides, no match denies. A visitor
-    who is not logged in (user None) meets only the `anyone` rules."""
+    """Who may reach which host and path: the first matching rule decides, no match denies. A
+    visitor who is not logged in (user None) meets only the `anyone` rules."""
 
     def __init__(self, rules: tuple[Rule, ...], groups: Mapping[str, frozenset[str]]) -> None:
         self.count = len(rules)
@@ -1884,7 +1892,7 @@ class Rules:
         def applies(rule: Rule, user: str) -> bool:
             return rule.who in ("*", ANYONE, user) or (rule.who.startswith("@") and user in groups[rule.who[1:]])
 
-        # Each user's own list, worked out once per load, so a check only walks the rules that concern them.
+        # Each user's own rules, worked out once per load: a check walks only the ones for them.
         self._visitor = tuple(r for r in rules if r.who == ANYONE)
         self._anyone = tuple(r for r in rules if r.who in ("*", ANYONE))
         self._by_user = {user: tuple(r for r in rules if applies(r, user)) for user in named}
@@ -1893,7 +1901,7 @@ class Rules:
         self.by_network = any(r.networks for r in rules)
 
     def allows(self, user: str | None, target: Target, path: str, fold: bool = False) -> bool:
-        """The decision for one reading of the path; FOLD compares it as a case-insensitive app would."""
+        """The decision for one reading of the path (FOLD: as a case-insensitive app reads it)."""
         for rule in self._visitor if user is None else self._by_user.get(user, self._anyone):
             if rule.matches(target, path, fold):
                 return rule.allow
@@ -1961,8 +1969,8 @@ def parse_rules(text: str) -> Rules:
 
 
 def uri_path(uri: str) -> str:
-    """The path of a request URI: origin-form (`/a?b`), or absolute-form (`http://host/a?b`) as a client
-    may send it; `///x://` is a path, not a URL."""
+    """The path of a request URI: origin-form (`/a?b`), or absolute-form (`http://host/a?b`) as a
+    client may send it; `///x://` is a path, not a URL."""
     if ABSOLUTE_URI_RE.match(uri):
         try:
             return urllib.parse.urlsplit(uri).path or "/"
@@ -1972,7 +1980,7 @@ def uri_path(uri: str) -> str:
 
 
 def remove_dot_segments(path: str) -> str:
-    """RFC 3986 5.2.4 for an absolute path: `.` and `..` resolved, empty segments kept (`/.//x` is `//x`)."""
+    """RFC 3986 5.2.4 for an absolute path, with empty segments kept (`/.//x` is `//x`)."""
     if "/." not in path:
         return path  # no dot segment: every one follows a slash
     segments = path.split("/")[1:]
@@ -2002,9 +2010,10 @@ def decodings(path: str) -> set[str]:
 
 
 def path_readings(uri: str) -> frozenset[str]:
-    """Every reasonable reading of an original request URI's path by the app behind nginx: decoded or
-    not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not, repeated
-    slashes merged or not, cut at `#` or not. PathTooLong for such a path over MAX_JUDGED_PATH."""
+    """Every reasonable reading of an original request URI's path by the app behind nginx: decoded
+    or not, `\\` a separator or not, `;params` stripped or not, dot segments resolved or not,
+    repeated slashes merged or not, cut at `#` or not. PathTooLong for such a path over
+    MAX_JUDGED_PATH."""
     path = uri_path(uri)
     if not READING_WORK_RE.search(path):
         return frozenset((path or "/",))  # nothing any app could read differently: the common case
@@ -2024,8 +2033,9 @@ def path_readings(uri: str) -> frozenset[str]:
 
 
 def rules_path(uri: str) -> str:
-    """The canonical reading of a URI's path: decoded, with . and .. and // resolved, so /a/../admin,
-    //admin and /%61dmin all read as /admin (path_readings holds this and every other reading)."""
+    """The canonical reading of a URI's path: decoded, with . and .. and // resolved, so
+    /a/../admin, //admin and /%61dmin all read as /admin (path_readings holds this and every other
+    reading)."""
     path = uri_path(uri).partition("#")[0]
     for _ in range(3):
         decoded = urllib.parse.unquote(path)
@@ -2037,14 +2047,15 @@ def rules_path(uri: str) -> str:
 
 
 def logged_path(uri: str) -> str:
-    """The canonical path for a log line, from the URI's first 256 characters: the line shows 80, and
-    a refused 7 KB path must not cost verify more to log than to refuse."""
+    """The canonical path for a log line, from the URI's first 256 characters: the line shows 80,
+    and a refused 7 KB path must not cost verify more to log than to refuse."""
     return rules_path(uri[:256])
 
 
 class AccessRules(WatchedFile):
-    """The rules file, reloaded when it changes. `rules` is None while there is no file: everyone in.
-    Fail-closed: a broken edit keeps the rules that worked, and with none to keep nobody gets in."""
+    """The rules file, reloaded when it changes. `rules` is None while there is no file: everyone
+    in. Fail-closed: a broken edit keeps the rules that worked, and with none to keep nobody gets
+    in."""
 
     event = "rules"
 
@@ -2091,8 +2102,8 @@ def ezauth_credentials(authorization: str, basic_auth: bool) -> bool:
 
 
 def hashes_a_password(authorization: str) -> bool:
-    """Whether verify may have to run scrypt for this header (when HTTP Basic is on): HTTP Basic with
-    a password, not a token."""
+    """Whether verify may have to run scrypt for this header (when HTTP Basic is on): HTTP Basic
+    with a password, not a token."""
     if authorization[:6].lower() != "basic ":
         return False
     credentials = parse_basic(authorization)
@@ -2100,8 +2111,9 @@ def hashes_a_password(authorization: str) -> bool:
 
 
 class BasicCache:
-    """API credentials verified in the last TTL seconds, so a script's every call does not pay scrypt.
-    Keyed by an HMAC under a random per-process key: the passwords themselves are never kept."""
+    """API credentials verified in the last TTL seconds, so a script's every call does not pay
+    scrypt. Keyed by an HMAC under a random per-process key: the passwords themselves are never
+    kept."""
 
     TTL = 60
     MAX = 1000
@@ -2114,7 +2126,7 @@ class BasicCache:
         return hmac.new(self._key, f"{name}:{password}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
     def get(self, digest: bytes, factors: Callable[[str], str | None], now: float) -> str | None:
-        """The user these credentials proved recently, if none of their factors has changed since."""
+        """The user these credentials proved lately, if none of their factors has changed since."""
         entry = self._entries.get(digest)
         if entry is None or entry[2] <= now or factors(entry[0]) != entry[1]:
             return None
@@ -2138,7 +2150,7 @@ TOKEN_PATH_RE = re.compile(r"/[\x21-\x7e]{0,199}")
 
 @dataclass(frozen=True)
 class ApiToken:
-    """A token for scripts. Only the SHA-256 of its secret is stored: 256 random bits need no scrypt."""
+    """A token for scripts; only its secret's SHA-256 is stored (256 random bits need no scrypt)."""
 
     id: str
     user: str
@@ -2164,7 +2176,7 @@ def token_digest(secret: str) -> str:
 
 
 class ApiTokens:
-    """API tokens in the shared registry; verify looks them up in memory (reloaded once a second)."""
+    """API tokens in the shared registry; verify finds them in memory (reloaded once a second)."""
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL"
               " UNIQUE, label TEXT NOT NULL, created REAL NOT NULL, expires REAL, paths TEXT NOT NULL,"
@@ -2191,7 +2203,7 @@ class ApiTokens:
         return token, secret
 
     def revoke_user(self, user: str, now: float) -> int:
-        """Delete every token of USER (deleted: a new user of the same name must not inherit them)."""
+        """Delete every token of USER (a new user of the same name must not inherit them)."""
         gone = self.db.run(lambda db: db.execute("DELETE FROM tokens WHERE user = ?", (user,)).rowcount, now)
         self._by_digest = {d: t for d, t in self._by_digest.items() if t.user != user}
         return int(gone)
@@ -2245,8 +2257,8 @@ class ApiTokens:
 
 @dataclass
 class Metrics:
-    """Counts for /ezauth/metrics. Plain ints bumped without a lock (verify must stay cheap), so they
-    are per process (each gunicorn worker counts its own) and a rare race may lose one."""
+    """Counts for /ezauth/metrics. Plain ints bumped without a lock (verify must stay cheap), so
+    they are per process (each gunicorn worker counts its own) and a rare race may lose one."""
 
     started: float
     logins_ok: int = 0
@@ -2293,7 +2305,7 @@ REGISTRY_GRACE = 5.0
 
 
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
-    """sessions.sqlite3: the session registry and the API tokens, shared by every worker and the CLI."""
+    """sessions.sqlite3: the session registry and API tokens, shared by all workers and the CLI."""
     return SharedDatabase(data_dir / "sessions.sqlite3", SessionRegistry.SCHEMA + ApiTokens.SCHEMA, "sessions",
                           now, wal=True, created=lambda db, at: db.execute("INSERT INTO epoch VALUES (?)", (int(at),)))
 
@@ -2382,7 +2394,8 @@ class Stores:
 
     def look_at_registry(self, now: float) -> None:
         """Take in sessions ended and tokens revoked elsewhere; a look that fails is logged when the
-        failures begin, when they outlast REGISTRY_GRACE (verify refuses from then on) and when they end."""
+        failures begin, when they outlast REGISTRY_GRACE (verify refuses from then on) and when they
+        end."""
         try:
             self.registry.db.read_if_changed(lambda db: self._reload_registry(db, now))
         except StoreUnavailable as err:
@@ -2398,9 +2411,9 @@ class Stores:
         self._registry_read, self._registry_state = now, "ok"
 
     def registry_stale(self, now: float) -> bool:
-        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O): the
-        last look failed and the last good one is over REGISTRY_GRACE old. Only a failed look counts,
-        so a look that another thread is making right now never makes verify refuse."""
+        """Whether verify's view of ended sessions and revoked tokens is too old to trust (no I/O):
+        the last look failed and the last good one is over REGISTRY_GRACE old. Only a failed look
+        counts, so a look that another thread is making right now never makes verify refuse."""
         return self._registry_state != "ok" and now - self._registry_read > REGISTRY_GRACE
 
     def flush(self, now: float) -> None:
@@ -2418,8 +2431,9 @@ class Stores:
             self._flushing.release()
 
     def log_name(self, name: str) -> str:
-        """NAME as log lines and the lockout hold it: a user's own name, but anything else (a password
-        typed into the name field, say) only as a keyed hash that tells repeats apart and reveals nothing."""
+        """NAME as log lines and the lockout hold it: a user's own name, but anything else (a
+        password typed into the name field, say) only as a keyed hash that tells repeats apart and
+        reveals nothing."""
         if self.users.fingerprint(name) is not None:
             return name
         return "hash:" + hmac.new(self.name_key, name.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
@@ -2441,7 +2455,8 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "no-referrer"),
     ("X-Content-Type-Options", "nosniff"),
 ]
-STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}  # an enum lookup per response costs 0.5 us
+# Looked up by number: an enum lookup per response costs 0.5 us.
+STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 
 
 @dataclass
@@ -2467,7 +2482,7 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 
 
 def valid_ip(text: str) -> bool:
-    """An IPv4 or IPv6 address, without an IPv6 scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
+    """An IPv4 or IPv6 address without a scope id (`fe80::1%x ip=6.6.6.6` is not an address)."""
     if "%" in text:
         return False
     try:
@@ -2487,7 +2502,7 @@ def bare_host(host: str) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def peer_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
-    """ip_in for the peer of a connection, remembered: nginx's few addresses come on every verify."""
+    """ip_in for a connection's peer, remembered: nginx's few addresses come on every verify."""
     return ip_in(peer, trusted)
 
 
@@ -2508,7 +2523,7 @@ def split_cookies(header: str, names: frozenset[str]) -> tuple[dict[str, list[st
 
 
 def cookie_values(header: str, name: str) -> list[str]:
-    """Every value of cookie NAME in a Cookie header, in the order sent (read as split_cookies reads)."""
+    """Every value of cookie NAME in a Cookie header, in order (read as split_cookies reads)."""
     if name not in header:
         return []
     values = []
@@ -2526,7 +2541,7 @@ def header_key(name: str) -> str:
 
 
 class Original(NamedTuple):
-    """The request a proxy asks verify about, as the proxy's headers name it ("" for what they lack)."""
+    """The request a proxy asks verify about, as its headers name it ("" for what they lack)."""
 
     uri: str
     host: str
@@ -2551,8 +2566,8 @@ class Request:
         return str(self.environ.get(header_key(name), ""))
 
     def original(self, names: tuple[str, str, str]) -> Original:
-        """The request a trusted proxy asks about, from its family of headers NAMES (URI, host, port; see
-        PROXY_HEADERS); nothing from anyone else, and never from the other family."""
+        """The request a trusted proxy asks about, from its family of headers NAMES (URI, host,
+        port; see PROXY_HEADERS); nothing from anyone else, and never from the other family."""
         if not self.from_trusted_proxy:
             return NO_ORIGINAL
         uri, host, port = (self.header(name) for name in names)
@@ -2572,8 +2587,9 @@ class Request:
 
     @property
     def from_trusted_proxy(self) -> bool:
-        """A trusted proxy, or a peer on a unix socket (gunicorn --bind unix:...), which only a local
-        proxy can reach: gunicorn gives such a peer an empty REMOTE_ADDR (or the socket's path)."""
+        """A trusted proxy, or a peer on a unix socket (gunicorn --bind unix:...), which only a
+        local proxy can reach: gunicorn gives such a peer an empty REMOTE_ADDR (or the socket's
+        path)."""
         peer = self.environ.get("REMOTE_ADDR")
         if peer == "" or (isinstance(peer, str) and peer.startswith("/")):
             return True
@@ -2583,7 +2599,7 @@ class Request:
     def is_https(self) -> bool:
         if self.environ.get("wsgi.url_scheme") == "https":
             return True
-        proto = self.environ.get("HTTP_X_FORWARDED_PROTO")  # asked on every verify: no work for "http"
+        proto = self.environ.get("HTTP_X_FORWARDED_PROTO")  # every verify asks: no work for http
         if not proto:
             return False
         return str(proto).split(",")[0].strip().lower() == "https" and self.from_trusted_proxy
@@ -2600,7 +2616,7 @@ class Request:
         return "unknown"
 
     def _forwarded_client(self, peer: str) -> str:
-        """The rightmost X-Forwarded-For hop that is not a trusted proxy (or X-Real-IP without one)."""
+        """The rightmost X-Forwarded-For hop that is no trusted proxy (or X-Real-IP without one)."""
         hops = [h.strip() for h in self.header("X-Forwarded-For").split(",") if h.strip()]
         client = peer
         for hop in reversed(hops):
@@ -2628,7 +2644,7 @@ def _same_site_path(path: str) -> str:
 
 
 def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> str:
-    """Where to send the visitor after login: a same-site path (or a URL under the cookie domain), else '/'."""
+    """Where to go after login: a same-site path (or a URL under the cookie domain), else '/'."""
     if not target or len(target) > MAX_TARGET or not TARGET_CHARS_RE.fullmatch(target) or "\\" in target:
         return "/"
     if target.startswith("/"):
@@ -2649,16 +2665,16 @@ def safe_return_target(target: str, host: str = "", cookie_domain: str = "") -> 
     return "/"
 
 
-# nginx reads verify's status line and headers into proxy_buffer_size (4 KiB by default) and turns a
-# 401 that outgrows it into its 503 page. The login URL gets at most this much of it: the status line
-# and the other headers (WWW-Authenticate, X-Ezauth-Error, Date, a cookie) fit in the rest.
+# nginx reads verify's status line and headers into proxy_buffer_size (4 KiB by default) and turns
+# a 401 that outgrows it into its 503 page. The login URL gets at most this much of it: the status
+# line and the other headers (WWW-Authenticate, X-Ezauth-Error, Date, a cookie) fit in the rest.
 MAX_LOGIN_URL = 3072
 
 
 def login_url(original_uri: str, expired: bool, portal: str = "") -> str:
-    """The login page URL (on the PORTAL, when there is one) that returns the visitor to ORIGINAL_URI;
-    without the return target when it would not fit MAX_LOGIN_URL (the login still works and lands on
-    the default page)."""
+    """The login page URL (on the PORTAL, when there is one) that returns the visitor to
+    ORIGINAL_URI; without the return target when it would not fit MAX_LOGIN_URL (the login still
+    works and lands on the default page)."""
     query = {"rd": original_uri} if original_uri and len(original_uri) <= MAX_LOGIN_URL else {}
     if expired:
         query["expired"] = "1"
@@ -2678,15 +2694,17 @@ def navigates(request: Request) -> bool:
 
 
 def top_level_navigation(request: Request) -> bool:
-    """Whether a browser that sends Fetch Metadata is opening this as a page of its own (not a fetch(),
-    an XHR, an iframe or an image); a client without it (curl, an old browser) is judged as before."""
+    """Whether a browser that sends Fetch Metadata is opening this as a page of its own (not a
+    fetch(), an XHR, an iframe or an image); a client without it (curl, an old browser) is judged as
+    before."""
     dest = request.header("Sec-Fetch-Dest")
     return not dest or dest == "document"
 
 
 def same_origin_post(request: Request) -> bool:
-    """Whether a browser that sends Fetch Metadata posts from a page of this origin (or the user typed
-    it: `none`); another site, even a sibling subdomain (`same-site`), may not make changes here."""
+    """Whether a browser that sends Fetch Metadata posts from a page of this origin (or the user
+    typed it: `none`); another site, even a sibling subdomain (`same-site`), may not make changes
+    here."""
     site = request.header("Sec-Fetch-Site")
     return not site or site in ("same-origin", "none")
 
@@ -2732,7 +2750,8 @@ class CookiePolicy:
     """Which cookies ezauth sets and reads for a request. Over https they carry a prefix that the
     browser lets only a secure response of this very host (`__Host-`), or of a secure page under
     EZAUTH_COOKIE_DOMAIN (`__Secure-`), set: a cookie tossed in over plain http (another port of the
-    same host) is never read as ezauth's, and a plain-http login never collides with an https one."""
+    same host) is never read as ezauth's, and a plain-http login never collides with an https
+    one."""
 
     def __init__(self, name: str, domain: str, secure: str) -> None:
         self.domain, self.always_secure, self.never_secure = domain, secure == "1", secure == "0"
@@ -2751,8 +2770,9 @@ class CookiePolicy:
         return self.prefixed if self.secure(request) else self.plain
 
     def read(self, request: Request) -> SessionCookies:
-        """REQUEST's session tokens: under the prefixed name, which only a secure response can have set,
-        and under the plain name only where ezauth itself sets plain ones (never over https)."""
+        """REQUEST's session tokens: under the prefixed name, which only a secure response can have
+        set, and under the plain name only where ezauth itself sets plain ones (never over
+        https)."""
         header = request.environ.get("HTTP_COOKIE", "")
         if self.base not in header:
             return NO_COOKIES
@@ -2763,7 +2783,7 @@ class CookiePolicy:
         return SessionCookies(tokens, rest)
 
     def session(self, request: Request, token: str, max_age: int | None) -> tuple[str, str]:
-        """The Set-Cookie header of a session token (a browser session's cookie when MAX_AGE is None)."""
+        """Set-Cookie for a session token (a browser session's cookie when MAX_AGE is None)."""
         secure = self.secure(request)
         name = self.prefixed.session if secure else self.plain.session
         domain = self.domain if not secure or name.startswith(SECURE_PREFIX) else ""
@@ -3214,7 +3234,8 @@ class AccountView:
     sessions: tuple[SessionRecord, ...]
     tokens: tuple[ApiToken, ...]
     totp_enrolled: bool
-    enrollment: tuple[str, str, str] = ("", "", "")  # (secret, otpauth URI, enrollment token) while setting up
+    # While setting up a second factor: (secret, otpauth URI, enrollment token).
+    enrollment: tuple[str, str, str] = ("", "", "")
     new_token: str = ""  # shown once, right after it was made
     error: str = ""
     notice: str = ""
@@ -3262,8 +3283,9 @@ class Pages:
 
     def login(self, request: Request, status: int, state: FormState = FormState(), error: str = "",
               visits: int | None = None, headers: Iterable[tuple[str, str]] = ()) -> Response:
-        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it is.
-        With a pending login (a two-factor user's right password) it asks for the code instead."""
+        """The login page. Only a GET counts a visit (VISITS); other answers show the count as it
+        is. With a pending login (a two-factor user's right password) it asks for the code
+        instead."""
         visits = self.counter.current() if visits is None and request.method == "POST" else visits
         lang, (csrf, csrf_header) = self.lang(request), self.csrf(request)
         text = PAGE_TEXT[lang]
@@ -3275,7 +3297,7 @@ class Pages:
             "username": state.username, "remember": "checked" if state.remember else "",
             "error": error, "error_state": "error" if error else "none",
             "footer": text["msg_visits"].format(count=f"{visits:,}") if visits is not None else "",
-            # A disabled fieldset is neither validated nor sent, so the hidden step cannot block the form.
+            # A disabled fieldset is not validated nor sent: the hidden step cannot block the form.
             "password_step": "disabled hidden" if state.pending else "",
             "code_step": "" if state.pending else "disabled hidden", "pending": state.pending,
         })
@@ -3389,9 +3411,10 @@ class Flow:
 
     def reserve(self, request: Request, name: str, now: float, how: str = "",
                 state: FormState | None = None) -> Attempt:
-        """Reserve one password or code check for this client and user, or refuse (429) when locked out."""
+        """Reserve a password or code check for this client and user; 429 when locked out."""
         shown = self.stores.log_name(name)
-        keys = [f"ip:{client_block(request.client_ip)}", f"user:{shown.lower()[:64]}"]  # IPv6: the whole /64
+        # IPv6: the client's whole /64.
+        keys = [f"ip:{client_block(request.client_ip)}", f"user:{shown.lower()[:64]}"]
         attempt = self.stores.throttle.begin(keys, now)
         if attempt.locked:
             self.metrics.logins_locked += 1
@@ -3401,7 +3424,7 @@ class Flow:
         return attempt
 
     def password_ok(self, request: Request, name: str, password: str) -> bool:
-        """NAME's password, checked through the hash gate in turn with other clients (by network)."""
+        """Check NAME's password through the hash gate, in turn with other clients (by network)."""
         return self.gate.run(client_block(request.client_ip), lambda: self.stores.users.check(name, password))
 
     def refuse(self, request: Request, attempt: Attempt, name: str, now: float, how: str = "") -> None:
@@ -3436,7 +3459,7 @@ class Flow:
         return self.cookies.session(request, token, session.expires - session.issued if session.remember else None)
 
     def cookie_sessions(self, request: Request, now: float) -> list[Session]:
-        """The live sessions of the request's session cookies (at most MAX_SESSION_COOKIES looked at)."""
+        """The live sessions in the request's cookies (at most MAX_SESSION_COOKIES looked at)."""
         return [s for t in self.cookies.read(request).tokens[:MAX_SESSION_COOKIES]
                 if (s := self.stores.sessions.check(t, now)) is not None]
 
@@ -3446,7 +3469,8 @@ class Flow:
 
 class LoginFlow(Flow):
     """The login page and its form (the password, then a two-factor user's code), and logout. A
-    login that does not succeed raises Refused; login_submit turns it into the page, in one place."""
+    login that does not succeed raises Refused; login_submit turns it into the page, in one
+    place."""
 
     def login_page(self, request: Request) -> Response:
         try:
@@ -3454,7 +3478,7 @@ class LoginFlow(Flow):
         except ValueError:
             log.warning("event=login_rejected reason=bad_query ip=%s", logval(request.client_ip))
             return self.pages.login(request, 400, error=self.pages.message(request, "msg_bad_form"))
-        # Without a return target (the login page opened straight), land where it says who is logged in.
+        # No return target (the login page opened straight): land where it says who is logged in.
         return self.pages.login(request, 200, FormState(rd=self.target(request, rd) if rd else ACCOUNT),
                                 self.pages.message(request, "msg_expired") if expired else "",
                                 visits=self.stores.counter.increment())
@@ -3519,7 +3543,7 @@ class LoginFlow(Flow):
         return self.pages.logout(request, 200, session.user if session else "")
 
     def logout(self, request: Request) -> Response:
-        """End the session, not just this browser's cookie: a copy of the token stops working too."""
+        """End the session, not only this browser's cookie: a copied token stops working too."""
         try:
             self.read_form_with_csrf(request)
         except Refused as refused:
@@ -3559,7 +3583,7 @@ class AccountFlow(Flow):
             session, notice=notice, count=int(count) if re.fullmatch(r"[0-9]{1,6}", count) else 0))
 
     def account_submit(self, request: Request) -> Response:
-        """Every change on the account page: a POST with the CSRF token, dispatched by its action."""
+        """A change on the account page: a POST with the CSRF token, dispatched by its action."""
         session = self.account_session(request)
         if session is None:
             return self.to_login(request)
@@ -3589,17 +3613,17 @@ class AccountFlow(Flow):
 
     def changed(self, request: Request, session: Session, action: str, notice: str,
                 *headers: tuple[str, str], revoked: int | None = None) -> Response:
-        """A change made: its log line, and back to the page (a reload does not post it again). REVOKED:
-        how many API tokens it revoked, for the line and the page."""
+        """A change made: its log line, and back to the page (a reload does not post it again).
+        REVOKED: how many API tokens it revoked, for the line and the page."""
         count = "" if revoked is None else f" tokens_revoked={revoked}"
         log.info("event=account_%s user=%s ip=%s%s", action, logval(session.user), logval(request.client_ip), count)
         query = f"done={notice}" + ("" if revoked is None else f"&count={revoked}")
         return Response(303, b"", [("Location", f"{ACCOUNT}?{query}"), ("Cache-Control", "no-store"), *headers])
 
     def confirm(self, request: Request, session: Session, form: Mapping[str, str]) -> None:
-        """A lasting change needs the current password in the very request that makes it: a script in the
-        app, or a copied cookie, has the session but not the password. A wrong one counts toward the
-        lockout like a wrong login."""
+        """A lasting change needs the current password in the very request that makes it: a script
+        in the app, or a copied cookie, has the session but not the password. A wrong one counts
+        toward the lockout like a wrong login."""
         now, password = self.clock(), form.get("current", "")
         if not password:
             raise Refused(403, "msg_confirm_needed")
@@ -3621,8 +3645,8 @@ class AccountFlow(Flow):
         return self.changed(request, session, "others_ended", "others_ended")
 
     def end_all(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """Log out everywhere, this browser too, and revoke every API token: what to press when a cookie
-        may have been copied (a copy is a session like any other)."""
+        """Log out everywhere, this browser too, and revoke every API token: what to press when a
+        cookie may have been copied (a copy is a session like any other)."""
         now = self.clock()
         ended = self.stores.registry.end_user(session.user, "ended_everywhere", now)
         revoked = self.stores.tokens.revoke_user(session.user, now)
@@ -3632,8 +3656,8 @@ class AccountFlow(Flow):
                                    ("Cache-Control", "no-store")])
 
     def change_password(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """A new password ends every other session and, unless the user keeps them, revokes their API
-        tokens (made with the old password, perhaps by someone who had it); this one goes on."""
+        """A new password ends every other session and, unless the user keeps them, revokes their
+        API tokens (made with the old password, perhaps by someone who had it); this one goes on."""
         new = form.get("new", "")
         if len(new) < MIN_PASSWORD:
             raise Refused(400, "msg_password_short")
@@ -3652,8 +3676,8 @@ class AccountFlow(Flow):
                             revoked=revoked)
 
     def totp_begin(self, request: Request, session: Session, form: Mapping[str, str]) -> Response:
-        """Show a new secret (QR code and text); it takes effect only once a code from it is confirmed,
-        with the password, so nothing here needs the password yet."""
+        """Show a new secret (QR code and text); it takes effect only once a code from it is
+        confirmed, with the password, so nothing here needs the password yet."""
         if self.stores.totp.enrolled(session.user):
             raise Refused(409, "msg_totp_already_on")
         now, secret = self.clock(), secrets.token_bytes(20)
@@ -3662,8 +3686,9 @@ class AccountFlow(Flow):
             session, enrollment)))
 
     def enrollment(self, session: Session, token: str) -> tuple[str, str, str]:
-        """(secret as shown, otpauth URI, TOKEN) of a two-factor set-up still under way for SESSION's
-        user, so a mistyped password or code does not make them scan a new secret; else empty."""
+        """(secret as shown, otpauth URI, TOKEN) of a two-factor set-up still under way for
+        SESSION's user, so a mistyped password or code does not make them scan a new secret; else
+        empty."""
         try:
             user, fingerprint, secret = read_enrollment(token, self.stores.keys, self.clock())
         except InvalidSession:
@@ -3680,7 +3705,8 @@ class AccountFlow(Flow):
             raise Refused(400, "msg_too_slow") from None
         if (user, fingerprint) != (session.user, session.fingerprint):
             raise Refused(400, "msg_too_slow")
-        if self.stores.totp.enrolled(user):  # a new secret in place of the old needs the old one's code first
+        # A new secret in place of the old needs the old one's code first.
+        if self.stores.totp.enrolled(user):
             raise Refused(409, "msg_totp_already_on")
         self.confirm(request, session, form)
         attempt = self.reserve(request, user, now, "step=enroll ")
@@ -3827,8 +3853,8 @@ class Verify(Flow):
             return self.deny(request, True, "too_many_cookies")
         sessions = [s for token in tokens if (s := self.stores.sessions.check(token, now)) is not None]
         if len(sessions) > 1 and any(s.user != sessions[0].user for s in sessions):
-            # A browser holds one login; two users' sessions mean one was tossed in (by a sibling host
-            # under EZAUTH_COOKIE_DOMAIN, say) to make the visitor act as someone else.
+            # A browser holds one login; two users' sessions mean one was tossed in (by a sibling
+            # host under EZAUTH_COOKIE_DOMAIN, say) to make the visitor act as someone else.
             log.warning("event=verify_refused reason=sessions_of_two_users ip=%s", logval(request.client_ip))
             return self.deny(request, True)
         if sessions:
@@ -3841,8 +3867,9 @@ class Verify(Flow):
         return self.public(request, cookies) or self.deny(request, bool(tokens))
 
     def blind(self) -> Response:
-        """503 while the registry has been unreadable past its grace: a session ended or a token revoked
-        meanwhile would be missed, so nobody gets in; nginx shows "sign-in service not available"."""
+        """503 while the registry has been unreadable past its grace: a session ended or a token
+        revoked meanwhile would be missed, so nobody gets in; nginx shows "sign-in service not
+        available"."""
         self.metrics.verify_denied += 1
         return text_response(503, "the session registry cannot be read; see the ezauth log")
 
@@ -3853,31 +3880,34 @@ class Verify(Flow):
             self.metrics.sessions_renewed += 1
             headers.append(self.session_cookie(request, *renewed))
         registry = self.stores.registry
-        if renewed or registry.stale(session.sid, now):  # a renewal's new expiry always reaches the registry
+        # A renewal's new expiry always reaches the registry.
+        if renewed or registry.stale(session.sid, now):
             registry.seen(session.sid, now, request.client_ip, (renewed[1] if renewed else session).expires)
         return self.grant(request, session.user, headers, app_cookie)
 
     def grant(self, request: Request, user: str, headers: list[tuple[str, str]], app_cookie: str | None) -> Response:
-        """200 for a proven USER, unless the request's host is in doubt or access rules keep them off this
-        host, port and path (403). APP_COOKIE: the Cookie header for the app, without ezauth's cookies."""
+        """200 for a proven USER, unless the request's host is in doubt or access rules keep them
+        off this host, port and path (403). APP_COOKIE: the Cookie header for the app, without
+        ezauth's cookies."""
         if not (self.one_host(request) and self.ruled_in(request, user)):
             self.metrics.verify_denied += 1
             return Response(403, b"", [("Cache-Control", "no-cache")])
         return self.allowed(request, headers, app_cookie)
 
     def allowed(self, request: Request, headers: list[tuple[str, str]], app_cookie: str | None) -> Response:
-        """200 for nginx, telling it which of the client's credentials and cookies to keep from the app."""
+        """200, telling nginx which of the client's credentials and cookies to keep from the app."""
         authorization = request.header("Authorization")
         if authorization and ezauth_credentials(authorization, self.settings.basic_auth):
-            headers.append(("X-Ezauth-Authorization", "strip"))  # nginx then keeps them from the app
-        if app_cookie is not None:  # nginx passes this on instead of the Cookie header (";" marks it as ours)
+            headers.append(("X-Ezauth-Authorization", "strip"))  # nginx keeps them from the app
+        if app_cookie is not None:  # nginx passes this on instead of the Cookie header (";": ours)
             headers.append(("X-Ezauth-App-Cookie", f";{app_cookie}"))
         self.metrics.verify_allowed += 1
         return Response(200, b"", headers)
 
     def one_host(self, request: Request) -> bool:
-        """Whether the host nginx judged (the request line's, X-Original-Host) is the host the app gets
-        (the Host header): `GET http://public.example.com/` with `Host: private.example.com` is not."""
+        """Whether the host nginx judged (the request line's, X-Original-Host) is the host the app
+        gets (the Host header): `GET http://public.example.com/` with `Host: private.example.com` is
+        not."""
         original_host = request.header("X-Original-Host") if self.proxy_names is PROXY_HEADERS["original"] else ""
         if not original_host or original_host == request.header("Host") or bare_host(original_host) == request.host:
             return True
@@ -3886,9 +3916,10 @@ class Verify(Flow):
         return False
 
     def ruled_in(self, request: Request, user: str | None, quiet: bool = False) -> bool:
-        """Whether the access rules let USER (None: a visitor not logged in) reach the request's host,
-        port and path. Rules judge only what the proxy names: without its URI (or a port some rule
-        needs) nothing is allowed, never `/` instead. QUIET: no log line for a plain refusal."""
+        """Whether the access rules let USER (None: a visitor not logged in) reach the request's
+        host, port and path. Rules judge only what the proxy names: without its URI (or a port some
+        rule needs) nothing is allowed, never `/` instead. QUIET: no log line for a plain
+        refusal."""
         rules = self.stores.rules.rules
         if rules is None:
             return True
@@ -3909,15 +3940,15 @@ class Verify(Flow):
         return False
 
     def public(self, request: Request, cookies: SessionCookies) -> Response | None:
-        """200 without a user for a visitor the rules let in without a login (`allow anyone ...`), else None."""
+        """200 without a user where the rules let anyone in (`allow anyone ...`), else None."""
         rules = self.stores.rules.rules
         if rules is None or not rules.public or not (self.one_host(request) and self.ruled_in(request, None, True)):
             return None
         return self.allowed(request, [("Cache-Control", "no-cache")], cookies.app_cookie)
 
     def return_to(self, request: Request) -> str:
-        """Where the login page sends the visitor back to: the URI the proxy asked about; a whole URL
-        when the login pages live on a portal host of their own."""
+        """Where the login page sends the visitor back to: the URI the proxy asked about; a whole
+        URL when the login pages live on a portal host of their own."""
         original = request.original(self.proxy_names)
         if not self.settings.portal or not original.uri.startswith("/"):
             return original.uri
@@ -3937,7 +3968,7 @@ class Verify(Flow):
 
     def verify_api_token(self, request: Request, secret: str, name: str | None, now: float,
                          cookies: SessionCookies) -> Response:
-        """An API token, as a bearer token or as the password of HTTP Basic: one SHA-256, no scrypt."""
+        """An API token, as a bearer token or as HTTP Basic's password: one SHA-256, no scrypt."""
         token = self.stores.tokens.check(secret, now) or self.stores.look_again(secret, now)
         if token is None or name not in (None, token.user) or self.stores.users.fingerprint(token.user) is None:
             log.warning("event=token_rejected ip=%s", logval(request.client_ip))
@@ -3977,16 +4008,16 @@ class Verify(Flow):
                                       cookies.app_cookie)
         except Refused as locked:
             return self.deny(request, had_cookie, "too_many_attempts", ("Retry-After", str(locked.retry_after)))
-        # WWW-Authenticate only for a client that sent credentials: a browser must not show a password dialog.
+        # WWW-Authenticate only to a client that sent credentials: no password dialog in a browser.
         return self.deny(request, had_cookie, "wrong_credentials", ("WWW-Authenticate", 'Basic realm="ezauth"'))
 
     def check_basic(self, request: Request, name: str, password: str, digest: bytes, now: float) -> str | None:
         """The user these HTTP Basic credentials prove, or None; Refused (429) while locked out."""
         attempt = self.reserve(request, name, now, "via=basic ")
-        if self.basic_cache.get(digest, self.stores.factors, now):  # proved by a parallel request meanwhile
+        if self.basic_cache.get(digest, self.stores.factors, now):  # a parallel request proved it
             self.stores.throttle.succeeded(attempt)
             return name
-        # Two-factor users cannot skip their code this way (checked after scrypt: same time either way).
+        # Two-factor users cannot skip their code so (checked after scrypt, to take the same time).
         if not self.password_ok(request, name, password) or self.stores.totp.enrolled(name):
             self.refuse(request, attempt, name, now, "via=basic ")
             return None
@@ -4004,9 +4035,9 @@ VERIFY_PATH, HEALTHZ_PATH = f"{PREFIX}/verify", f"{PREFIX}/healthz"
 
 
 def navigation_only(handler: Handler) -> Handler:
-    """A GET of a page that holds a token authorizing changes (the CSRF token) shares its origin with
-    the app, and any script the app serves could fetch it: answered only to a top-level navigation,
-    anything else gets 403 without a token in it."""
+    """A GET of a page that holds a token authorizing changes (the CSRF token) shares its origin
+    with the app, and any script the app serves could fetch it: answered only to a top-level
+    navigation, anything else gets 403 without a token in it."""
     def answer(request: Request) -> Response:
         if top_level_navigation(request):
             return handler(request)
@@ -4067,8 +4098,9 @@ class EzauthApp:
         return [body]
 
     def respond(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-        """Status line, headers (Content-Length included) and body of the answer to one request: what
-        __call__ hands to any WSGI server, and what the built-in server sends without WSGI's detour."""
+        """Status line, headers (Content-Length included) and body of the answer to one request:
+        what __call__ hands to any WSGI server, and what the built-in server sends without WSGI's
+        detour."""
         request = Request(environ, self.settings.trusted_proxies)
         try:
             rotated = self.stores.refresh(self.clock())
@@ -4088,7 +4120,7 @@ class EzauthApp:
         return response.status_line, headers, b"" if request.method == "HEAD" else response.body
 
     def answers_inline(self, environ: Mapping[str, Any]) -> bool:
-        """Cheap enough for the server's event loop: healthz, and verify unless it may hash a password."""
+        """Cheap enough for the event loop: healthz, and verify unless it may hash a password."""
         path = environ.get("PATH_INFO")
         if path == HEALTHZ_PATH:
             return True
@@ -4119,14 +4151,15 @@ class EzauthApp:
 
 
 def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
-    """Build the service: the stores in the data dir, the pages, the flows and the one route table."""
+    """The service: the stores in the data dir, the pages, the flows and the one route table."""
     stores = Stores.open(settings, clock)
     cookies = CookiePolicy(settings.cookie_name, settings.cookie_domain, settings.cookie_secure)
     pages = Pages(settings, load_template(settings.data_dir),
                   load_template(settings.data_dir, "account.html", ACCOUNT_FIELDS), stores.counter, cookies)
     metrics = Metrics(started=clock())
-    shared = (settings, stores, pages, clock, metrics, HashGate())  # one metrics and one gate for all
-    login, account, small, verify = LoginFlow(*shared), AccountFlow(*shared), SmallRoutes(*shared), Verify(*shared)
+    shared = (settings, stores, pages, clock, metrics, HashGate())  # one of each for every flow
+    login, account, small = LoginFlow(*shared), AccountFlow(*shared), SmallRoutes(*shared)
+    verify = Verify(*shared)
 
     def page(handler: Handler) -> Handler:
         return navigation_only(on_portal(settings.portal, handler))
@@ -4829,7 +4862,8 @@ def server_label(server: tuple[Directive, ...]) -> str:
 
 def find_location(chain: tuple[Directive, ...], uri: str) -> tuple[Directive, ...] | None:
     """The location nginx picks for URI under CHAIN's last level: an exact match, else the longest
-    prefix if it says ^~, else the first matching regex, else the longest prefix (nested ones too)."""
+    prefix if it says ^~, else the first matching regex, else the longest prefix (nested ones
+    too)."""
     exact = regex = longest = None
     for location in children(chain[-1], "location"):
         mod, path = location.args if len(location.args) == 2 else ("", "".join(location.args))
@@ -4925,7 +4959,7 @@ def check_user_headers(chain: tuple[Directive, ...], backends: set[str]) -> list
 
 
 def check_cookie_kept(chain: tuple[Directive, ...]) -> Finding:
-    """The app should not get ezauth's session cookie: an app that logs headers would leak sessions."""
+    """The app must not get the session cookie: an app that logs headers would leak sessions."""
     label = location_label(chain[-1])
     cookie = next((d for d in innermost(chain, "proxy_set_header") if "".join(d.args[:1]).lower() == "cookie"), None)
     if cookie is None or "$http_cookie" in " ".join(cookie.args[1:]):
@@ -5005,7 +5039,8 @@ def read_nginx_config(binary: str, dump_file: str | None) -> NginxConfig:
     if dump_file:
         return NginxConfig(Path(dump_file).read_text(encoding="utf-8", errors="replace"))
     try:  # the admin's own nginx, named on the command line: no shell, no input
-        done = subprocess.run([binary, "-T"], capture_output=True, text=True, timeout=60, check=False)  # noqa: S603  # nosec B603
+        done = subprocess.run(  # noqa: S603  # nosec B603
+            [binary, "-T"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise NginxError(f"cannot run {binary} -T: {err}") from None
     if done.returncode != 0:
@@ -5019,7 +5054,7 @@ def read_nginx_config(binary: str, dump_file: str | None) -> NginxConfig:
 
 
 class Unreachable(Exception):
-    """A request that got no HTTP answer at all: refused, timed out, or a certificate not trusted."""
+    """A request that got no HTTP answer: refused, timed out, or a certificate not trusted."""
 
 
 def shown(text: str) -> str:
@@ -5063,7 +5098,7 @@ class KeepEveryStatus(urllib.request.HTTPErrorProcessor):
 
 
 class Probe:
-    """The doctor's HTTP client: a cookie jar, no proxy from the environment, no redirects followed."""
+    """The doctor's HTTP client: a cookie jar, no proxy from the environment, no redirect taken."""
 
     def __init__(self, tls: ssl.SSLContext, timeout: float) -> None:
         self.tls, self.timeout = tls, timeout
@@ -5085,7 +5120,7 @@ class Probe:
             origin = urllib.parse.urlsplit(url)
             sent.update({"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin",
                          "Origin": f"{origin.scheme}://{origin.netloc}"})
-        request = urllib.request.Request(url, data, sent)  # noqa: S310  # only http(s) URLs get here
+        request = urllib.request.Request(url, data, sent)  # noqa: S310  # only http(s) URLs here
         try:
             with self.opener.open(request, timeout=self.timeout) as reply:
                 return Answer(url, reply.status, reply.headers, reply.read(MAX_ANSWER))
@@ -5405,21 +5440,21 @@ def check_with_user(probe: Probe, url: str, login: Login, cookie: str) -> Iterat
         yield from check_inside(probe, url, token)
     except DoctorStop as stop:
         yield stop.finding
-        log_out(probe, login_page)  # not judged: the session never got in, so its end proves nothing
+        log_out(probe, login_page)  # not judged: a session that never got in proves nothing
         return
     yield check_logout(probe, url, login_page, f"{name}={token}")
 
 
 def check_site(probe: Probe, url: str, cookie: str, probes: Iterable[str], http_port: int,
                now: float) -> Iterator[Finding]:
-    """Everything a stranger can try, one finding at a time (Unreachable when the site is not there)."""
+    """What a stranger can try, one finding at a time (Unreachable when the site is not there)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "http":
         yield check_plain_http(parts.hostname or "", parts.port or 80)
     first = check_anonymous(probe, url)
     yield from first
     yield from check_anonymous(probe, urllib.parse.urljoin(url, "ezauth-doctor/deep/path?x=1&y=2"))
-    if all(level == OK for level, _ in first):  # else a spoofed or forged request shows nothing more
+    if all(level == OK for level, _ in first):  # else spoofed or forged requests show no more
         yield check_spoofed(probe, url)
         yield from check_forged(probe, url, cookie, now)
     for path in dict.fromkeys(probes):
@@ -5567,8 +5602,8 @@ def open_registry(settings: Settings) -> tuple[SessionRegistry, ApiTokens]:
 
 
 def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
-    """Create a user or change their password: their sessions end and, unless --keep-tokens, their API
-    tokens are revoked (whoever knew the old password may have made them)."""
+    """Create a user or change their password: their sessions end and, unless --keep-tokens, their
+    API tokens are revoked (whoever knew the old password may have made them)."""
     if not NAME_RE.fullmatch(args.name):
         raise CliError(f"{args.name!r} is not a valid user name (letters, digits, . _ @ + -; up to 64)")
     password = read_new_password(args)
@@ -5588,7 +5623,7 @@ def cmd_passwd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def rules_naming(path: Path, name: str) -> list[str]:
-    """Where the rules file still names NAME (as a rule's user or a group member), as "line N" notes."""
+    """Where the rules file still names NAME (a rule's user, a group member), as "line N" notes."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -5603,13 +5638,13 @@ def rules_naming(path: Path, name: str) -> list[str]:
 
 
 def cmd_deluser(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete a user and everything of theirs: sessions, API tokens, second factor. A new user of the
-    same name starts clean; the rules file is theirs to edit, so it is only pointed out."""
+    """Delete a user and everything of theirs: sessions, API tokens, second factor. A new user of
+    the same name starts clean; the rules file is theirs to edit, so it is only pointed out."""
     users = open_users(settings)
     if users.fingerprint(args.name) is None:
         raise CliError(f"no user {args.name!r}")
     # Everything of theirs first, the user last: a failure part-way leaves a user to delete again,
-    # never a deleted user whose tokens or second factor would come back with a new user of the name.
+    # never a deleted user whose tokens or second factor come back with a new user of the name.
     registry, tokens = open_registry(settings)
     ended = registry.end_user(args.name, "user_deleted", time.time())
     revoked = tokens.revoke_user(args.name, time.time())
@@ -5760,7 +5795,7 @@ def listen_address(raw: str) -> str:
 
 
 def ezauth_address(raw: str) -> str:
-    """nginx's upstream `server` value for --ezauth: a port, HOST:PORT, http://HOST:PORT or unix:PATH."""
+    """The upstream `server` of --ezauth: a port, HOST:PORT, http://HOST:PORT or unix:PATH."""
     if raw.startswith("unix:/"):
         return raw
     if re.fullmatch(r"\d{1,5}", raw.strip()):
@@ -5781,7 +5816,7 @@ APPS_MARK = "# ---- One server block per app"
 
 @dataclass(frozen=True)
 class Site:
-    """One server block nginx-config writes: an app behind ezauth, or (app "") the portal's own host."""
+    """A server block nginx-config writes: an app behind ezauth, or (app "") the portal's host."""
 
     app: str  # the app's HOST:PORT, or "" for the portal
     listen: str
@@ -5833,7 +5868,7 @@ def site_of(app: str, flags: Mapping[str, str]) -> Site:
 
 
 def sites_from(entries: Iterable[tuple[str, str]], portal: str | None) -> list[Site]:
-    """The sites of nginx-config's flags in order: before the first --app they are defaults for all."""
+    """The sites of nginx-config's flags, in order (flags before the first --app: defaults)."""
     defaults: dict[str, str] = {}
     apps: list[tuple[str, dict[str, str]]] = []
     for dest, value in entries:
@@ -5899,7 +5934,7 @@ $tls
 
 
 def render_site(server_block: str, site: Site) -> str:
-    """The shipped server block filled in for one app (or the portal block), https lines included."""
+    """The shipped server block filled in for one app (or the portal), https lines included."""
     if not site.app:
         block = string.Template(PORTAL_SERVER).substitute(
             listen=f"{site.listen} ssl" if site.https else site.listen, server_name=site.server_name,
@@ -5913,8 +5948,8 @@ def render_site(server_block: str, site: Site) -> str:
 
 
 def render_nginx_config(template: str, sites: list[Site], ezauth: str, part: str = "all") -> str:
-    """nginx.conf.example filled in: the shared part once (ezauth's address in its upstream) and/or a
-    server block for each site."""
+    """nginx.conf.example filled in: the shared part once (ezauth's address in its upstream) and/or
+    a server block for each site."""
     head, _, rest = template.partition(SHARED_MARK)
     shared, _, apps = rest.partition(APPS_MARK)
     apps_mark, _, server_block = (APPS_MARK + apps).partition("\n")
@@ -5977,7 +6012,7 @@ def port_number(raw: str) -> int:
 
 
 def doctor_tls(ca: str | None, insecure: bool) -> ssl.SSLContext:
-    """Certificates checked against the system's CAs, or CA; with --insecure (said as a WARN) not at all."""
+    """Certificates checked against the system's CAs, or CA; --insecure (a WARN): not at all."""
     try:
         context = ssl.create_default_context(cafile=ca)
     except OSError as err:
@@ -6021,7 +6056,7 @@ def doctor_findings(args: argparse.Namespace, cookie: str, probe: Probe, login: 
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    """Try a protected site as a stranger would (and read its nginx config with --nginx); 1 on any FAIL."""
+    """Try a protected site as a stranger would (--nginx: its nginx config too); 1 on a FAIL."""
     if args.user and args.nginx_dump == "-":
         raise UsageError("--nginx-dump - and --user both read standard input; save the dump to a file")
     hosts = frozenset({urllib.parse.urlsplit(args.url).hostname or "", *(h.lower() for h in args.login_host or ())})
@@ -6105,8 +6140,8 @@ def add_token_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def add_nginx_config_command(sub: Any) -> None:
-    """nginx-config: --listen, --server-name, --tls-cert and --tls-key after an --app are that app's;
-    before the first --app they are every app's."""
+    """nginx-config: --listen, --server-name, --tls-cert and --tls-key after an --app are that
+    app's; before the first --app they are every app's."""
     nginx_p = sub.add_parser(
         "nginx-config", help="print nginx.conf.example filled in, for one app or several",
         epilog="e.g. nginx-config --app http://127.0.0.1:7860 --listen 8080 --app http://127.0.0.1:8888 --listen 8081")
@@ -6198,7 +6233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts instead of starting it again
+GUNICORN_APP_LOAD_ERROR = 4  # the worker exit code on which gunicorn halts, not starts it again
 _service_lock = threading.Lock()
 
 
