@@ -2771,6 +2771,16 @@ def login_url(original_uri: str, expired: bool, portal: str = "") -> str:
     return url.removesuffix("?")
 
 
+def return_target(request: Request, names: tuple[str, str, str], portal: str) -> str:
+    """Where the login page sends the visitor back to: the URI the proxy asked about (in its family
+    of headers NAMES); a whole URL when the login pages live on a PORTAL host of their own."""
+    original = request.original(names)
+    if not portal or not original.uri.startswith("/"):
+        return original.uri
+    host = original.host if names is PROXY_HEADERS["forwarded"] else request.header("Host")
+    return f"{'https' if request.is_https else 'http'}://{host}{original.uri}" if host else ""
+
+
 def navigates(request: Request) -> bool:
     """A browser navigating to a page, which gets the login page; scripts and in-page requests
     (fetch, XHR, EventSource) get a 401 they can understand instead of a redirect to HTML."""
@@ -3995,10 +4005,12 @@ class Verify(Flow):
 
     basic_cache: BasicCache = field(default_factory=BasicCache)
     proxy_names: tuple[str, str, str] = field(init=False)
+    by_nginx: bool = field(init=False)  # the proxy's family of headers is X-Original-* (nginx)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.proxy_names = PROXY_HEADERS[self.settings.proxy_headers]
+        self.by_nginx = self.proxy_names is PROXY_HEADERS["original"]
 
     def verify(self, request: Request) -> Response:
         now = self.clock()
@@ -4010,8 +4022,7 @@ class Verify(Flow):
             log.warning("event=verify_refused reason=too_many_session_cookies count=%d ip=%s",
                         len(tokens), logval(request.client_ip))
             return self.deny(request, True, "too_many_cookies")
-        sessions = [s for token in tokens
-                    if (s := self.stores.sessions.check(token, now)) is not None]
+        sessions = [s for t in tokens if (s := self.stores.sessions.check(t, now)) is not None]
         if len(sessions) > 1 and any(s.user != sessions[0].user for s in sessions):
             # A browser holds one login; two users' sessions mean one was tossed in (by a sibling
             # host under EZAUTH_COOKIE_DOMAIN, say) to make the visitor act as someone else.
@@ -4029,9 +4040,8 @@ class Verify(Flow):
         return self.public(request, cookies) or self.deny(request, bool(tokens))
 
     def blind(self) -> Response:
-        """503 while the registry has been unreadable past its grace: a session ended or a token
-        revoked meanwhile would be missed, so nobody gets in; nginx shows "sign-in service not
-        available"."""
+        """503 while the registry is unreadable past its grace: a session ended or a token revoked
+        meanwhile would be missed, so nobody gets in (nginx: "sign-in service not available")."""
         self.metrics.verify_denied += 1
         return text_response(503, "the session registry cannot be read; see the ezauth log")
 
@@ -4051,13 +4061,16 @@ class Verify(Flow):
 
     def grant(self, request: Request, user: str, headers: list[tuple[str, str]],
               app_cookie: str | None) -> Response:
-        """200 for a proven USER, unless the request's host is in doubt or access rules keep them
-        off this host, port and path (403). APP_COOKIE: the Cookie header for the app, without
-        ezauth's cookies."""
+        """200 for a proven USER, unless the request's host is in doubt or the rules keep them off
+        this host, port and path (403). APP_COOKIE: the app's Cookie header, without ezauth's."""
         if not (self.one_host(request) and self.ruled_in(request, user)):
-            self.metrics.verify_denied += 1
-            return Response(403, b"", [("Cache-Control", "no-cache")])
+            return self.forbid()
         return self.allowed(request, headers, app_cookie)
+
+    def forbid(self) -> Response:
+        """403 for nginx: a proven user, kept out of this host, port or path."""
+        self.metrics.verify_denied += 1
+        return Response(403, b"", [("Cache-Control", "no-cache")])
 
     def allowed(self, request: Request, headers: list[tuple[str, str]],
                 app_cookie: str | None) -> Response:
@@ -4071,11 +4084,9 @@ class Verify(Flow):
         return Response(200, b"", headers)
 
     def one_host(self, request: Request) -> bool:
-        """Whether the host nginx judged (the request line's, X-Original-Host) is the host the app
-        gets (the Host header): `GET http://public.example.com/` with `Host: private.example.com` is
-        not."""
-        original_host = (request.header("X-Original-Host")
-                         if self.proxy_names is PROXY_HEADERS["original"] else "")
+        """Whether the host nginx judged (X-Original-Host: the request line's) is the one the app
+        gets (Host): `GET http://public.example.com/` with `Host: private.example.com` is not."""
+        original_host = request.header("X-Original-Host") if self.by_nginx else ""
         if (not original_host or original_host == request.header("Host")
                 or bare_host(original_host) == request.host):
             return True
@@ -4086,14 +4097,12 @@ class Verify(Flow):
     def ruled_in(self, request: Request, user: str | None, quiet: bool = False) -> bool:
         """Whether the access rules let USER (None: a visitor not logged in) reach the request's
         host, port and path. Rules judge only what the proxy names: without its URI (or a port some
-        rule needs) nothing is allowed, never `/` instead. QUIET: no log line for a plain
-        refusal."""
+        rule needs) nothing is allowed, never `/` instead. QUIET: no log line for a refusal."""
         rules = self.stores.rules.rules
         if rules is None:
             return True
         original = request.original(self.proxy_names)
-        host = original.host or (request.header("Host")
-                                 if self.proxy_names is PROXY_HEADERS["original"] else "")
+        host = original.host or (request.header("Host") if self.by_nginx else "")
         missing = ("uri" if not original.uri else "host" if not host else
                    "port" if rules.by_port and not original.port else "")
         if missing:
@@ -4118,16 +4127,6 @@ class Verify(Flow):
             return None
         return self.allowed(request, [("Cache-Control", "no-cache")], cookies.app_cookie)
 
-    def return_to(self, request: Request) -> str:
-        """Where the login page sends the visitor back to: the URI the proxy asked about; a whole
-        URL when the login pages live on a portal host of their own."""
-        original = request.original(self.proxy_names)
-        if not self.settings.portal or not original.uri.startswith("/"):
-            return original.uri
-        host = (original.host if self.proxy_names is PROXY_HEADERS["forwarded"]
-                else request.header("Host"))
-        return f"{'https' if request.is_https else 'http'}://{host}{original.uri}" if host else ""
-
     def deny(self, request: Request, had_cookie: bool, error: str = "",
              *headers: tuple[str, str]) -> Response:
         """401 for nginx. A browser navigating is sent to the login page; anything else gets a short
@@ -4136,9 +4135,9 @@ class Verify(Flow):
         error = error or ("" if navigates(request) else "login_required")
         challenge = ([("WWW-Authenticate", 'Bearer realm="ezauth"')] if error == "login_required"
                      else [])
-        login = login_url(self.return_to(request), had_cookie, self.settings.portal)
-        return Response(401, b"", [("X-Ezauth-Login", login),
-                                   ("Cache-Control", "no-cache"),
+        back = return_target(request, self.proxy_names, self.settings.portal)
+        login = login_url(back, had_cookie, self.settings.portal)
+        return Response(401, b"", [("X-Ezauth-Login", login), ("Cache-Control", "no-cache"),
                                    *([("X-Ezauth-Error", error)] if error else []),
                                    *challenge, *headers])
 
@@ -4154,19 +4153,16 @@ class Verify(Flow):
                              ("WWW-Authenticate", f'{scheme} realm="ezauth"'))
         uri = request.original(self.proxy_names).uri
         if token.paths and not uri:
-            self.metrics.verify_denied += 1
             log.warning("event=no_original_uri user=%s token=%s ip=%s", logval(token.user),
                         token.id, logval(request.client_ip))
-            return Response(403, b"", [("Cache-Control", "no-cache")])
+            return self.forbid()
         if not token.allows(uri):
-            self.metrics.verify_denied += 1
             log.info("event=access_denied user=%s token=%s reason=outside_token_paths",
                      logval(token.user), token.id)
-            return Response(403, b"", [("Cache-Control", "no-cache")])
+            return self.forbid()
         self.stores.tokens.used(token, now)
-        return self.grant(request, token.user,
-                          [("X-Auth-Request-User", token.user), ("Cache-Control", "no-cache")],
-                          cookies.app_cookie)
+        headers = [("X-Auth-Request-User", token.user), ("Cache-Control", "no-cache")]
+        return self.grant(request, token.user, headers, cookies.app_cookie)
 
     def verify_basic(self, request: Request, now: float, cookies: SessionCookies) -> Response:
         """HTTP Basic for API clients: an API token as the password, or (with EZAUTH_BASIC_AUTH) the
