@@ -4269,10 +4269,10 @@ class EzauthApp:
         self.metrics, self.clock = metrics, clock
 
     # The seam between the app and the servers. gunicorn (any WSGI server) calls __call__. The
-    # built-in server (HTTP server, below) is handed three methods through Routing in start_service
-    # and calls nothing else of the app. Per request: answers_inline(environ) on its event loop
-    # (answer right there, or in the thread pool?), body_limit(environ) before a byte of the body is
-    # read, then respond(environ), on the loop or a pool thread; __call__ answers with respond too.
+    # built-in server (HTTP server, below) is handed three methods in a Routing (serve, in the CLI,
+    # builds it) and calls nothing else of the app. Per request: answers_inline(environ) on its
+    # event loop (answer right there, or in the thread pool?), body_limit(environ) before a byte of
+    # the body is read, then respond(environ), on the loop or a pool thread; __call__ uses respond.
 
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., object]) -> list[bytes]:
