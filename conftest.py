@@ -21,7 +21,7 @@ from tests.support.app import new_client
 from tests.support.basics import PASSWORD, T0, FakeClock, write_users
 
 TESTS = Path(__file__).resolve().parent / "tests"
-LAYER_MARKERS = ("process", "nginx", "browser", "realapps")  # tests/<layer>/ gets the marker <layer>
+LAYER_MARKERS = ("process", "nginx", "browser", "realapps")  # tests/<layer>/: marker <layer>
 # tests/conftest.py offers these to every layer under tests/, tests/app/ included; a test there that
 # starts ezauth belongs in tests/process/ (or the layer it drives), where its marker says so.
 PROCESS_FIXTURES = {"server_factory", "servers", "live_server", "lenient_server", "gunicorn_bin"}
@@ -39,8 +39,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             misplaced.append(item.nodeid)
     if misplaced:
-        raise pytest.UsageError("these start a real ezauth, so they belong under tests/process/ (or the layer "
-                                "they drive), not with the in-process tests:\n  " + "\n  ".join(misplaced))
+        raise pytest.UsageError("these start a real ezauth, so they belong under tests/process/ "
+                                "(or the layer they drive), not with the in-process tests:\n  "
+                                + "\n  ".join(misplaced))
 
 
 @pytest.fixture
@@ -73,8 +74,10 @@ def client(service: ezauth.EzauthApp) -> webtest.TestApp:
 
 
 @pytest.fixture
-def make_client(settings: ezauth.Settings, clock: FakeClock) -> Callable[..., tuple[ezauth.EzauthApp, webtest.TestApp]]:
-    """An app and client for a variant of the settings: make_client(cookie_secure="1") -> (app, client)."""
+def make_client(settings: ezauth.Settings,
+                clock: FakeClock) -> Callable[..., tuple[ezauth.EzauthApp, webtest.TestApp]]:
+    """An app and client for a variant of the settings: make_client(cookie_secure="1") ->
+    (app, client)."""
     def make(**changes) -> tuple[ezauth.EzauthApp, webtest.TestApp]:
         app = ezauth.make_app(replace(settings, **changes), clock=clock)
         return app, new_client(app)

@@ -121,7 +121,8 @@ def test_hash_password_is_self_describing_scrypt_with_a_salt():
 
 
 def test_default_hash_uses_the_configured_cost():
-    assert hash_password(PASSWORD).startswith(f"scrypt:{ezauth.SCRYPT_N}:{ezauth.SCRYPT_R}:{ezauth.SCRYPT_P}$")
+    cost = f"{ezauth.SCRYPT_N}:{ezauth.SCRYPT_R}:{ezauth.SCRYPT_P}"
+    assert hash_password(PASSWORD).startswith(f"scrypt:{cost}$")
 
 
 def test_check_password_reads_the_cost_from_the_hash():
@@ -186,7 +187,8 @@ def test_unknown_user_costs_as_much_as_a_known_one(tmp_path, monkeypatch):
 
 def test_users_file_skips_and_logs_bad_lines_by_number(caplog, monkeypatch):
     caplog.set_level(logging.WARNING, logger="ezauth")
-    monkeypatch.setattr(ezauth, "bcrypt_available", lambda: False)  # line 4 is then a user we cannot check
+    # Line 4 is then a user we cannot check.
+    monkeypatch.setattr(ezauth, "bcrypt_available", lambda: False)
     good = cheap_hash(PASSWORD)
     data = b"\n".join([
         b"# a comment",                                    # 1
@@ -214,7 +216,8 @@ def test_malformed_users_file_never_grants_access(tmp_path):
     path = tmp_path / "users"
     path.write_text("alice\nbob:\ncarol:plaintext\ndave:$2y$10$short\n")
     users = Users(path)
-    for name, password in [("alice", ""), ("bob", ""), ("carol", "plaintext"), ("dave", "short"), ("", "")]:
+    for name, password in [("alice", ""), ("bob", ""), ("carol", "plaintext"), ("dave", "short"),
+                           ("", "")]:
         assert users.check(name, password) is False
 
 
@@ -251,7 +254,8 @@ def test_set_password_and_delete_keep_every_other_line(tmp_path):
     assert lines[:4] == original and lines[4].startswith("alice:scrypt:")
     users.set_password("bob", "a new password")
     lines = path.read_text().splitlines()
-    assert [ln for ln in lines if not ln.startswith("bob:")] == [*original[:1], *original[2:], lines[3]]
+    assert [ln for ln in lines if not ln.startswith("bob:")] == [*original[:1], *original[2:],
+                                                                 lines[3]]
     assert users.check("bob", "a new password") and not users.check("bob", BOB_PASSWORD)
     assert users.delete("alice") is True
     assert users.delete("alice") is False
@@ -343,8 +347,8 @@ def test_rotation_keeps_a_key_until_every_token_it_signed_has_expired(tmp_path):
     second = ring.rotate(T0 + 100)
     last_use = second.signs_from - 0.5
     assert ring.signer(last_use) == first
-    token = issue_token(Session("alice", "fp", first.kid, int(last_use), int(last_use) + ttl, True, SID,
-                                 int(last_use)), first)
+    token = issue_token(Session("alice", "fp", first.kid, int(last_use), int(last_use) + ttl, True,
+                                SID, int(last_use)), first)
     for step in range(2, 12):  # keep rotating until just before that token expires
         ring.rotate(T0 + 100 * step)
         assert read_token(token, ring, T0 + 100 * step).user == "alice"
@@ -375,7 +379,8 @@ def test_refresh_rotates_when_the_newest_key_is_old_enough(tmp_path):
     b"\xff\xfe\x00garbage",
     b'{"keys": []}',
     b'{"nokeys": 1}',
-    b'{"keys": [{"kid": "../../etc/passwd", "secret": "' + b"A" * 43 + b'", "created": 1, "signs_from": 1}]}',
+    b'{"keys": [{"kid": "../../etc/passwd", "secret": "' + b"A" * 43
+    + b'", "created": 1, "signs_from": 1}]}',
     b'{"keys": [{"kid": "short", "secret": "AAAA", "created": 1, "signs_from": 1}]}',
     b"",
 ])
@@ -387,13 +392,15 @@ def test_corrupt_key_ring_is_moved_aside_and_replaced(tmp_path, caplog, content)
     aside = list(tmp_path.glob("keys.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert json.loads(path.read_text())["keys"][0]["kid"] == ring.keys[0].kid
-    assert any(r.levelno >= logging.ERROR for r in caplog.records if "keyring_corrupt" in r.getMessage())
+    assert any(r.levelno >= logging.ERROR for r in caplog.records
+               if "keyring_corrupt" in r.getMessage())
 
 
 def test_sessions_signed_by_a_lost_key_ring_end(tmp_path):
     path = tmp_path / "keys.json"
     old = KeyRing(path, 86400, 2592000, T0)
-    token = issue_token(Session("alice", "fp", old.keys[0].kid, int(T0), int(T0) + 1800, False, SID, int(T0)),
+    token = issue_token(Session("alice", "fp", old.keys[0].kid, int(T0), int(T0) + 1800, False, SID,
+                                int(T0)),
                         old.keys[0])
     path.write_text("{ truncated")
     fresh = KeyRing(path, 86400, 2592000, T0 + 1)
@@ -442,7 +449,8 @@ def test_unreadable_key_ring_is_moved_aside_at_start_up(tmp_path, caplog):
 # -- Tokens -----------------------------------------------------------------------------------
 
 
-def session_for(key, issued: float = T0, ttl: int = 1800, user: str = "alice", remember: bool = False) -> Session:
+def session_for(key, issued: float = T0, ttl: int = 1800, user: str = "alice",
+                remember: bool = False) -> Session:
     return Session(user, "fp", key.kid, int(issued), int(issued) + ttl, remember, SID, int(issued))
 
 
@@ -492,22 +500,28 @@ BAD_TOKENS = {
     "alg none, no kid": lambda key: jwt.encode(_claims(), None, algorithm="none"),
     "HS256 header, no signature": lambda key: jwt.encode(_claims(), key.secret, "HS256",
                                                          {"kid": key.kid}).rpartition(".")[0] + ".",
-    "HS512 with the right key": lambda key: forge({"alg": "HS512", "kid": key.kid}, _claims(), key.secret, "sha512"),
-    "wrong key, right kid": lambda key: jwt.encode(_claims(), secrets.token_bytes(32), "HS256", {"kid": key.kid}),
+    "HS512 with the right key": lambda key: forge({"alg": "HS512", "kid": key.kid}, _claims(),
+                                                  key.secret, "sha512"),
+    "wrong key, right kid": lambda key: jwt.encode(_claims(), secrets.token_bytes(32), "HS256",
+                                                   {"kid": key.kid}),
     "unknown kid": lambda key: jwt.encode(_claims(), key.secret, "HS256", {"kid": "nosuchkey"}),
     "no kid": lambda key: jwt.encode(_claims(), key.secret, "HS256"),
-    "path-like kid": lambda key: jwt.encode(_claims(), key.secret, "HS256", {"kid": "../../keys.json"}),
+    "path-like kid": lambda key: jwt.encode(_claims(), key.secret, "HS256",
+                                            {"kid": "../../keys.json"}),
     "numeric kid": lambda key: forge({"alg": "HS256", "kid": 1}, _claims(), key.secret),
     "list kid": lambda key: forge({"alg": "HS256", "kid": [key.kid]}, _claims(), key.secret),
-    "object kid": lambda key: forge({"alg": "HS256", "kid": {"kid": key.kid}}, _claims(), key.secret),
+    "object kid": lambda key: forge({"alg": "HS256", "kid": {"kid": key.kid}}, _claims(),
+                                    key.secret),
     "long kid": lambda key: jwt.encode(_claims(), key.secret, "HS256", {"kid": "k" * 1000}),
     "huge kid": lambda key: jwt.encode(_claims(), key.secret, "HS256", {"kid": "k" * 100_000}),
     "missing sub": lambda key: jwt.encode(_claims(sub=None), key.secret, "HS256", {"kid": key.kid}),
     "numeric sub": lambda key: jwt.encode(_claims(sub=7), key.secret, "HS256", {"kid": key.kid}),
     "missing exp": lambda key: jwt.encode(_claims(exp=None), key.secret, "HS256", {"kid": key.kid}),
     "missing iat": lambda key: jwt.encode(_claims(iat=None), key.secret, "HS256", {"kid": key.kid}),
-    "string exp": lambda key: jwt.encode(_claims(exp="9999999999"), key.secret, "HS256", {"kid": key.kid}),
-    "missing fingerprint": lambda key: jwt.encode(_claims(fp=None), key.secret, "HS256", {"kid": key.kid}),
+    "string exp": lambda key: jwt.encode(_claims(exp="9999999999"), key.secret, "HS256",
+                                         {"kid": key.kid}),
+    "missing fingerprint": lambda key: jwt.encode(_claims(fp=None), key.secret, "HS256",
+                                                  {"kid": key.kid}),
     "tampered payload": lambda key: ".".join([
         (parts := jwt.encode(_claims(), key.secret, "HS256", {"kid": key.kid}).split("."))[0],
         b64(json.dumps(_claims(sub="admin"))), parts[2]]),
@@ -555,7 +569,8 @@ def test_cached_session_never_outlives_user_deletion(sessions):
 def test_cached_session_never_outlives_a_password_change(sessions):
     token, _ = sessions.start("alice", T0, remember=False)
     assert sessions.check(token, T0 + 1)
-    sessions.users.set_password("alice", PASSWORD)  # even the same password: a new salt, a new credential
+    # Even the same password: a new salt, a new credential.
+    sessions.users.set_password("alice", PASSWORD)
     assert sessions.check(token, T0 + 2) is None
     other, _ = sessions.start("bob", T0, remember=False)
     assert sessions.check(other, T0 + 2)
@@ -593,7 +608,8 @@ def test_counter_continues_from_an_existing_file(tmp_path):
     assert counter.current() == 42
 
 
-@pytest.mark.parametrize("content", [b"forty-two", b"-5", b"12abc", b"\xff\xfe", b"1e6", b"\xd9\xa3"])
+@pytest.mark.parametrize("content",
+                         [b"forty-two", b"-5", b"12abc", b"\xff\xfe", b"1e6", b"\xd9\xa3"])
 def test_corrupt_counter_is_moved_aside_and_restarts(tmp_path, caplog, content):
     path = tmp_path / "counter.txt"
     path.write_bytes(content)
@@ -626,8 +642,10 @@ def test_counter_rewrites_in_place_without_an_fsync_per_view(tmp_path, monkeypat
     calls: list[str] = []
     real_fsync, real_replace, real_mkstemp = os.fsync, os.replace, tempfile.mkstemp
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda *a, **k: (calls.append("replace"), real_replace(*a, **k))[1])
-    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (calls.append("mkstemp"), real_mkstemp(*a, **k))[1])
+    monkeypatch.setattr(os, "replace",
+                        lambda *a, **k: (calls.append("replace"), real_replace(*a, **k))[1])
+    monkeypatch.setattr(tempfile, "mkstemp",
+                        lambda *a, **k: (calls.append("mkstemp"), real_mkstemp(*a, **k))[1])
     assert [counter.increment() for _ in range(500)] == list(range(2, 502))
     assert calls == []  # 500 views: no new file, no rename, nothing forced to the disk
     assert (tmp_path / "counter.txt").stat().st_ino == inode
@@ -662,14 +680,15 @@ def test_client_block_is_the_ipv6_64_and_the_ipv4_address(address, block):
 
 def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.Semaphore,
                  started: list[str]) -> list[threading.Thread]:
-    """One thread per client name, each running a check that records its client as it starts and then
-    waits for RELEASE."""
+    """One thread per client name, each running a check that records its client as it starts and
+    then waits for RELEASE."""
     def check(client: str) -> bool:
         started.append(client)
         release.acquire()
         return True
 
-    threads = [threading.Thread(target=gate.run, args=(client, lambda c=client: check(c))) for client in clients]
+    threads = [threading.Thread(target=gate.run, args=(client, lambda c=client: check(c)))
+               for client in clients]
     for thread in threads:
         thread.start()
     return threads
@@ -678,12 +697,14 @@ def gated_checks(gate: ezauth.HashGate, clients: list[str], release: threading.S
 def test_hash_gate_lets_another_client_in_ahead_of_a_200_check_flood():
     gate, release, started = ezauth.HashGate(slots=2), threading.Semaphore(0), []
     threads = gated_checks(gate, ["flood"] * 202, release, started)
-    assert wait_until(lambda: gate.waiting == 200 and len(started) == 2, timeout=10)  # two run, 200 wait
+    # Two run, 200 wait.
+    assert wait_until(lambda: gate.waiting == 200 and len(started) == 2, timeout=10)
     threads += gated_checks(gate, ["2001:db8:2::/64"], release, started)
     assert wait_until(lambda: gate.waiting == 201, timeout=10)
     for finished in range(1, 202):  # one check at a time finishes, and the next one in turn starts
         release.release()
-        assert wait_until(lambda n=finished: len(started) == 2 + n, timeout=10, interval=0.001), finished
+        assert wait_until(lambda n=finished: len(started) == 2 + n, timeout=10,
+                          interval=0.001), finished
     for _ in range(2):
         release.release()
     for thread in threads:
@@ -783,7 +804,8 @@ def test_corrupt_throttle_database_is_moved_aside(tmp_path, caplog):
     for _ in range(3):
         fail(throttle, ["ip:x"], T0)
     assert throttle.begin(["ip:x"], T0).locked
-    assert [p.read_bytes() for p in tmp_path.glob("throttle.sqlite3.corrupt-*")] == [b"this is not sqlite" * 100]
+    assert [p.read_bytes()
+            for p in tmp_path.glob("throttle.sqlite3.corrupt-*")] == [b"this is not sqlite" * 100]
     assert events(caplog, "throttle_corrupt")
 
 
@@ -896,6 +918,19 @@ def test_choose_lang(header, forced, expected):
     assert choose_lang(header, forced) == expected
 
 
+def test_english_and_chinese_have_the_same_keys_and_placeholders():
+    def placeholders(text: str) -> set[str]:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+    english, chinese = ezauth.PAGE_TEXT["en"], ezauth.PAGE_TEXT["zh-CN"]
+    assert set(ezauth.PAGE_TEXT) == {"en", "zh-CN"}
+    assert sorted(english) == sorted(chinese)
+    differ = {key: (placeholders(english[key]), placeholders(chinese[key]))
+              for key in english if placeholders(english[key]) != placeholders(chinese[key])}
+    assert differ == {}
+    assert placeholders(english["msg_locked"]) == {"wait"}  # the check sees placeholders at all
+
+
 @pytest.mark.parametrize(("header", "expected"), [
     ("", []),
     ("ezauth=abc", ["abc"]),
@@ -912,11 +947,13 @@ def test_cookie_values(header, expected):
 
 def test_settings_defaults_match_the_documentation(tmp_path):
     s = Settings.from_env(environ={}, env_file=tmp_path / "missing.env")
-    assert (s.host, s.port, s.data_dir) == ("127.0.0.1", 2424, ezauth.HERE / "ezauth-data")  # not ./ezauth-data
+    # Beside ezauth.py, not ./ezauth-data.
+    assert (s.host, s.port, s.data_dir) == ("127.0.0.1", 2424, ezauth.HERE / "ezauth-data")
     assert (s.data_dir_named, s.counter) == (False, True)
     assert (s.session_ttl, s.remember_ttl, s.rotate_every) == (1800, 2592000, 86400)
     assert (s.max_attempts, s.lockout_window, s.lockout_time) == (5, 300, 300)
-    assert set(s.trusted_proxies) == {ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")}
+    assert set(s.trusted_proxies) == {ipaddress.ip_network("127.0.0.1/32"),
+                                      ipaddress.ip_network("::1/128")}
     assert (s.cookie_domain, s.cookie_secure, s.lang) == ("", "auto", "")
     assert s.legacy_users == ()
 
@@ -928,7 +965,8 @@ def test_flags_override_environment_which_overrides_dotenv(tmp_path):
     assert Settings.from_env(environ={}, env_file=env_file).port == 1111
     from_env = Settings.from_env(environ=environ, env_file=env_file)
     assert (from_env.port, from_env.title, from_env.slogan) == (2222, "from env", "dotenv slogan")
-    flagged = Settings.from_env(environ=environ, flags={"port": 3333, "host": None}, env_file=env_file)
+    flagged = Settings.from_env(environ=environ, flags={"port": 3333, "host": None},
+                                env_file=env_file)
     assert (flagged.port, flagged.host) == (3333, "127.0.0.1")
 
 
@@ -937,13 +975,15 @@ def test_a_data_dir_named_anywhere_counts_as_named(tmp_path, where):
     env_file = tmp_path / ".env"
     env_file.write_text("EZAUTH_DATA_DIR=/srv/a\n" if where == "dotenv" else "")
     s = Settings.from_env(environ={"EZAUTH_DATA_DIR": "/srv/a"} if where == "environment" else {},
-                          flags={"data_dir": Path("/srv/a")} if where == "flag" else None, env_file=env_file)
+                          flags={"data_dir": Path("/srv/a")} if where == "flag" else None,
+                          env_file=env_file)
     assert (s.data_dir, s.data_dir_named) == (Path("/srv/a"), True)
 
 
 @pytest.fixture
 def install(tmp_path, monkeypatch) -> tuple[Path, Path]:
-    """ezauth.py as if it lived in tmp/opt, run from tmp/home: (its folder, the working directory)."""
+    """ezauth.py as if it lived in tmp/opt, run from tmp/home: (its folder, the working
+    directory)."""
     here, cwd = tmp_path / "opt", tmp_path / "home"
     here.mkdir()
     cwd.mkdir()
@@ -955,13 +995,15 @@ def install(tmp_path, monkeypatch) -> tuple[Path, Path]:
 def test_the_dotenv_beside_ezauth_py_is_read_and_the_working_directorys_overrides_it(install):
     here, cwd = install
     (here / ".env").write_text("EZAUTH_TITLE=beside\nEZAUTH_SLOGAN=beside too\n")
-    assert (Settings.from_env(environ={}).title, Settings.from_env(environ={}).slogan) == ("beside", "beside too")
+    assert (Settings.from_env(environ={}).title,
+            Settings.from_env(environ={}).slogan) == ("beside", "beside too")
     (cwd / ".env").write_text("EZAUTH_TITLE=here\n")
     s = Settings.from_env(environ={})
     assert (s.title, s.slogan) == ("here", "beside too")
 
 
-def test_the_dotenv_beside_ezauth_py_is_read_once_when_it_is_the_working_directorys(install, monkeypatch):
+def test_the_dotenv_beside_ezauth_py_is_read_once_when_it_is_the_working_directorys(install,
+                                                                                    monkeypatch):
     here, _ = install
     (here / ".env").write_text("EZAUTH_TITLE=beside\n")
     monkeypatch.chdir(here)
@@ -975,7 +1017,8 @@ def test_an_unreadable_dotenv_in_the_working_directory_is_a_warning(install, cap
     (here / ".env").write_text("EZAUTH_TITLE=beside\n")
     (cwd / ".env").mkdir()
     assert Settings.from_env(environ={}).title == "beside"
-    assert [line.split(" error=")[0] for line in events(caplog, "env_file_unreadable")] == ["event=env_file_unreadable"]
+    assert [line.split(" error=")[0]
+            for line in events(caplog, "env_file_unreadable")] == ["event=env_file_unreadable"]
     assert str(cwd / ".env") in events(caplog, "env_file_unreadable")[0]
 
 
@@ -988,7 +1031,8 @@ def test_an_unreadable_dotenv_beside_ezauth_py_stops_with_one_line_naming_it(ins
 
 def test_dotenv_allows_comments_quotes_and_export(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text('# comment\n\nexport EZAUTH_TITLE="My cats"\nEZAUTH_SUBTITLE=\'Quoted\'\nnonsense\n')
+    env_file.write_text('# comment\n\nexport EZAUTH_TITLE="My cats"\n'
+                        'EZAUTH_SUBTITLE=\'Quoted\'\nnonsense\n')
     s = Settings.from_env(environ={}, env_file=env_file)
     assert (s.title, s.subtitle) == ("My cats", "Quoted")
 
@@ -1071,8 +1115,9 @@ def test_render_page_escapes_every_value():
 
 def test_shipped_page_escapes_what_it_shows(tmp_path):
     hostile = "<script>alert('x')</script> & \"quoted\""
-    page = render_page(load_template(tmp_path), "en", _page_values(title=hostile, username=hostile, rd=hostile,
-                                                                   error=hostile, footer=hostile)).decode()
+    page = render_page(load_template(tmp_path), "en",
+                       _page_values(title=hostile, username=hostile, rd=hostile,
+                                    error=hostile, footer=hostile)).decode()
     assert "<script>alert" not in page and '"quoted"' not in page
 
 
@@ -1122,15 +1167,18 @@ def readme_settings() -> dict[str, str]:
 
 
 def test_the_readme_settings_table_matches_the_settings_table():
-    declared = {ezauth.variable(item): ezauth.shown_default(item, spec) for item, spec in ezauth.setting_specs()}
+    declared = {ezauth.variable(item): ezauth.shown_default(item, spec)
+                for item, spec in ezauth.setting_specs()}
     assert readme_settings() == declared
 
 
 def test_every_setting_is_a_flag_too(tmp_path):
-    args = ezauth.build_parser().parse_args(["serve", "--session-ttl", "99", "--basic-auth", "--cookie-domain",
-                                             ".Example.com"])
-    settings = ezauth.Settings.from_env(environ={}, flags=ezauth.setting_flags(args), env_file=tmp_path / "none")
-    assert (settings.session_ttl, settings.basic_auth, settings.cookie_domain) == (99, True, ".example.com")
+    args = ezauth.build_parser().parse_args(["serve", "--session-ttl", "99", "--basic-auth",
+                                             "--cookie-domain", ".Example.com"])
+    settings = ezauth.Settings.from_env(environ={}, flags=ezauth.setting_flags(args),
+                                        env_file=tmp_path / "none")
+    assert (settings.session_ttl, settings.basic_auth,
+            settings.cookie_domain) == (99, True, ".example.com")
 
 
 def test_an_unknown_ezauth_variable_is_logged(tmp_path, caplog):
@@ -1142,21 +1190,54 @@ def test_an_unknown_ezauth_variable_is_logged(tmp_path, caplog):
 def test_no_function_in_ezauth_is_longer_than_forty_lines():
     tree = ast.parse(EZAUTH.read_text())
     long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 40]
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno >= 40]
     assert long == []
 
 
 def test_the_readme_describes_the_sections_of_ezauth_py_in_order():
     banners = re.findall(r"^# -- ([A-Za-z ()]+?) -+$", EZAUTH.read_text(), re.M)
     layout = (ezauth.HERE / "README.md").read_text().split("### How the code is laid out", 1)[1]
-    described = re.findall(r"^\| ([A-Z][^|]+?) \|", layout, re.M)[1:]
+    described = re.findall(r"^\| ([A-Z][^|]+?) \|", layout, re.M)
     named = [name.strip() for row in described for name in row.split(",")]
     assert [b.split(" (")[0] for b in banners] == named
 
 
-@pytest.mark.parametrize(("seconds", "lang", "text"), [(300, "en", "5 minutes"), (60, "en", "1 minute"),
-                                                       (61, "en", "2 minutes"), (45, "en", "45 seconds"),
-                                                       (1, "en", "1 second"), (120, "zh-CN", "2 分钟")])
+def docstring_block(opening: str) -> list[str]:
+    """The lines of the indented block in ezauth's module docstring after the paragraph OPENING
+    starts."""
+    paragraphs = (ezauth.__doc__ or "").split("\n\n")
+    at = next(n for n, paragraph in enumerate(paragraphs) if paragraph.startswith(opening))
+    return paragraphs[at + 1].splitlines()
+
+
+def test_the_docstring_names_the_sections_of_ezauth_py_in_order():
+    banners = re.findall(r"^# -- (.+?) -+$", EZAUTH.read_text(), re.M)
+    table = [re.split(r" {2,}", line.strip())[0]
+             for line in docstring_block("Sections, top to bottom")]
+    assert table == [banner.split(" (")[0] for banner in banners]
+    assert table[0] == "Basics" and len(table) > 20
+
+
+def test_every_function_in_the_docstrings_verify_chain_exists():
+    lines = docstring_block("One verify from start to finish")
+    chain = [name.strip() for name in " ".join(lines).split("->")]
+    assert (chain[0], chain[-1]) == ("Connection.process", "Connection.send")
+    assert "Verify.verify" in chain
+    missing = []
+    for name in chain:
+        found: object = ezauth
+        for part in name.split("."):
+            found = getattr(found, part, None)
+        if not callable(found):
+            missing.append(name)
+    assert missing == []
+
+
+@pytest.mark.parametrize(("seconds", "lang", "text"),
+                         [(300, "en", "5 minutes"), (60, "en", "1 minute"),
+                          (61, "en", "2 minutes"), (45, "en", "45 seconds"),
+                          (1, "en", "1 second"), (120, "zh-CN", "2 分钟")])
 def test_a_lockout_says_how_long_in_words(seconds, lang, text):
     assert ezauth.wait_text(lang, seconds) == text
 
@@ -1225,7 +1306,8 @@ def test_hostile_return_target_falls_back_to_home(client, rd):
 
 
 @pytest.mark.parametrize("rd", ["//evil.example", "/\\evil.example", "https://evil.example/app",
-                                "javascript:alert(1)", "/app\r\nSet-Cookie: x=1", "HTTPS://EVIL.EXAMPLE"])
+                                "javascript:alert(1)", "/app\r\nSet-Cookie: x=1",
+                                "HTTPS://EVIL.EXAMPLE"])
 def test_hostile_return_target_posted_directly_falls_back_to_home(client, rd):
     """The hidden field is the attacker's to fill in: the POST checks rd again."""
     form = {"csrf": csrf_pair(client), "username": "alice", "password": PASSWORD, "rd": rd}
@@ -1255,7 +1337,7 @@ def test_login_sets_a_session_cookie_that_verify_accepts(client):
     attrs = cookie_attrs(cookie)
     assert {"httponly", "samesite", "path"} <= set(attrs)
     assert attrs["samesite"] == "Lax" and attrs["path"] == "/"
-    assert "max-age" not in attrs and "expires" not in attrs and "secure" not in attrs and "domain" not in attrs
+    assert not {"max-age", "expires", "secure", "domain"} & set(attrs)
     assert response.headers["Cache-Control"] == "no-store"
     ok = verify(client, 200)
     assert ok.headers["X-Auth-Request-User"] == "alice"
@@ -1280,8 +1362,8 @@ def test_remembered_session_outlives_the_normal_lifetime(client, clock):
     ("https://localhost", {}, UNTRUSTED_PEER, "auto", True),
     ("http://localhost", {}, TRUSTED_PEER, "1", True),
     ("http://localhost", {"X-Forwarded-Proto": "https"}, TRUSTED_PEER, "0", False),
-], ids=["plain-http", "https-via-trusted-proxy", "https-header-from-untrusted-peer", "proxy-says-http",
-        "direct-https", "forced-on", "forced-off"])
+], ids=["plain-http", "https-via-trusted-proxy", "https-header-from-untrusted-peer",
+        "proxy-says-http", "direct-https", "forced-on", "forced-off"])
 def test_secure_cookie_flag(make_client, base, headers, peer, forced, secure):
     _, client = make_client(cookie_secure=forced)
     response = login(client, base=base, headers=headers, extra_environ=peer, send_csrf_cookie=True)
@@ -1292,7 +1374,8 @@ def test_cookie_name_setting_names_both_cookies(make_client):
     _, client = make_client(cookie_name="homeauth")
     page = client.get(LOGIN, status=200)
     assert cookie_header(page, "homeauth_csrf") is not None
-    form = {"csrf": form_field(page.text, "csrf"), "username": "alice", "password": PASSWORD, "rd": "/"}
+    form = {"csrf": form_field(page.text, "csrf"), "username": "alice", "password": PASSWORD,
+            "rd": "/"}
     assert cookie_header(client.post(LOGIN, form, status=303), "homeauth") is not None
     assert verify(client, 200).headers["X-Auth-Request-User"] == "alice"
     client.get(VERIFY, headers={"Cookie": "ezauth=whatever"}, status=401)
@@ -1342,8 +1425,8 @@ def test_body_of_exactly_16_kib_is_read(client):
     (b"--b\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\nalice\r\n--b--\r\n",
      "multipart/form-data; boundary=b"),
     (b"username=alice&password=x", ""),
-], ids=["invalid-utf8-escape", "raw-non-ascii-byte", "overlong-utf8", "json", "text-plain", "multipart",
-        "no-content-type"])
+], ids=["invalid-utf8-escape", "raw-non-ascii-byte", "overlong-utf8", "json", "text-plain",
+        "multipart", "no-content-type"])
 def test_undecodable_form_is_400_before_the_csrf_check(client, body, content_type):
     page = client.post(LOGIN, body, content_type=content_type, status=400)
     assert shows(page, "msg_bad_form")
@@ -1366,7 +1449,8 @@ def test_csrf_token_from_another_browser_is_403(service):
     theirs = new_client(service)
     their_token = csrf_pair(theirs)
     csrf_pair(mine)
-    page = mine.post(LOGIN, {"csrf": their_token, "username": "alice", "password": PASSWORD, "rd": "/app"},
+    page = mine.post(LOGIN,
+                     {"csrf": their_token, "username": "alice", "password": PASSWORD, "rd": "/app"},
                      status=403)
     assert form_field(page.text, "username") == "alice"
     assert cookie_header(page) is None
@@ -1432,14 +1516,16 @@ def test_failures_outside_the_window_are_forgotten(client, clock):
 
 def test_lockout_is_per_client_ip(client):
     for i in range(5):
-        login(client, f"user{i}", "wrong password", headers={"X-Forwarded-For": "203.0.113.1"}, status=401)
+        login(client, f"user{i}", "wrong password", headers={"X-Forwarded-For": "203.0.113.1"},
+              status=401)
     login(client, headers={"X-Forwarded-For": "203.0.113.1"}, status=429)
     login(client, headers={"X-Forwarded-For": "203.0.113.2"}, status=303)
 
 
 def test_lockout_is_per_user_name(client):
     for i in range(5):
-        login(client, "alice", "wrong password", headers={"X-Forwarded-For": f"203.0.113.{i}"}, status=401)
+        login(client, "alice", "wrong password", headers={"X-Forwarded-For": f"203.0.113.{i}"},
+              status=401)
     login(client, "alice", headers={"X-Forwarded-For": "192.0.2.50"}, status=429)
     login(client, "bob", headers={"X-Forwarded-For": "192.0.2.50"}, status=303)
 
@@ -1450,7 +1536,8 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(client, caplog):
         login(client, f"user{i}", "wrong password", headers={"X-Forwarded-For": f"203.0.113.{i}"},
               extra_environ=UNTRUSTED_PEER, status=401)
     assert all("ip=198.51.100.7" in m for m in events(caplog, "login_failed"))
-    login(client, headers={"X-Forwarded-For": "192.0.2.77"}, extra_environ=UNTRUSTED_PEER, status=429)
+    login(client, headers={"X-Forwarded-For": "192.0.2.77"}, extra_environ=UNTRUSTED_PEER,
+          status=429)
 
 
 def test_real_ip_header_from_a_trusted_proxy_is_used(client, caplog):
@@ -1499,10 +1586,12 @@ def test_unknown_and_known_users_get_the_same_answer(client):
 def test_failed_login_is_logged_for_fail2ban(client, caplog):
     caplog.set_level(logging.INFO, logger="ezauth")
     login(client, "alice", "wrong password", headers={"X-Forwarded-For": "203.0.113.9"}, status=401)
-    login(client, "mallory", "wrong password", headers={"X-Forwarded-For": "203.0.113.9"}, status=401)
+    login(client, "mallory", "wrong password", headers={"X-Forwarded-For": "203.0.113.9"},
+          status=401)
     failed = events(caplog, "login_failed")
     assert len(failed) == 2
-    # A name that is no user's may be a password typed into the wrong field: only its keyed hash is logged.
+    # A name that is no user's may be a password typed into the wrong field: only its keyed hash is
+    # logged.
     assert "user=alice " in failed[0] and re.search(r" user=hash:[0-9a-f]{16} ", failed[1])
     assert not any("mallory" in r.getMessage() for r in caplog.records)
     assert all("ip=203.0.113.9" in m and "\n" not in m for m in failed)
@@ -1526,7 +1615,8 @@ def test_verify_without_cookie_is_401(client):
 
 def test_verify_names_the_original_uri_in_the_login_url(client):
     response = verify(client, 401, uri="/app/?a=1&b=2&c=%2F")
-    assert response.headers["X-Ezauth-Login"] == "/ezauth/login?rd=%2Fapp%2F%3Fa%3D1%26b%3D2%26c%3D%252F"
+    expected = "/ezauth/login?rd=%2Fapp%2F%3Fa%3D1%26b%3D2%26c%3D%252F"
+    assert response.headers["X-Ezauth-Login"] == expected
 
 
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "", "x" * 5000])
@@ -1543,8 +1633,10 @@ def test_verify_with_a_forged_or_tampered_token_is_401(client, service, make):
 
 def test_verify_with_a_token_signed_in_the_future_is_401(client, service):
     key = service.stores.keys.signer(T0)
-    verify(client, 401, token=issue_token(Session("alice", service.stores.users.fingerprint("alice"), key.kid,
-                                                  int(T0) + 3600, int(T0) + 7200, False, SID, int(T0) + 3600), key))
+    verify(client, 401,
+           token=issue_token(Session("alice", service.stores.users.fingerprint("alice"), key.kid,
+                                     int(T0) + 3600, int(T0) + 7200, False, SID, int(T0) + 3600),
+                                     key))
 
 
 def test_verify_with_an_oversized_cookie_header_never_500s(client):
@@ -1587,7 +1679,8 @@ def test_verify_renews_the_cookie_only_past_half_the_lifetime(client, clock):
 
 
 def test_renewal_keeps_remember_me(make_client, clock):
-    _, client = make_client(session_max_age=3 * 2592000)  # room for a renewal under the absolute lifetime
+    # Room for a renewal under the absolute lifetime.
+    _, client = make_client(session_max_age=3 * 2592000)
     login(client, remember=True)
     clock.advance(2592000 // 2 + 1)
     renewed = cookie_header(verify(client, 200))
@@ -1613,8 +1706,8 @@ def test_verify_writes_no_log_line(client, caplog, clock):
 
 
 def test_the_access_log_is_the_apps_so_any_server_writes_the_same_lines(make_client, caplog):
-    """EZAUTH_ACCESS_LOG under WSGI (gunicorn, WebTest) as under the built-in server: a verify line names
-    the host, the path without its query and the user, never /ezauth/verify."""
+    """EZAUTH_ACCESS_LOG under WSGI (gunicorn, WebTest) as under the built-in server: a verify line
+    names the host, the path without its query and the user, never /ezauth/verify."""
     _, client = make_client(access_log=True)
     token = session_token(client)
     caplog.set_level(logging.INFO, logger="ezauth")
@@ -1622,10 +1715,11 @@ def test_the_access_log_is_the_apps_so_any_server_writes_the_same_lines(make_cli
     verify(client, 200, token, uri="/notes/today?key=ezt_secret", host="nb.example.test",
            X_Forwarded_For="198.51.100.4")
     (line,) = events(caplog, "verify")
-    assert re.fullmatch(r"event=verify method=GET host=nb\.example\.test path=/notes/today status=200 user=alice "
-                        r"ip=198\.51\.100\.4 ms=\d+\.\d", line), line
+    assert re.fullmatch(r"event=verify method=GET host=nb\.example\.test path=/notes/today "
+                        r"status=200 user=alice ip=198\.51\.100\.4 ms=\d+\.\d", line), line
     client.get("/ezauth/healthz", status=200)
-    assert events(caplog, "request")[0].startswith("event=request method=GET path=/ezauth/healthz status=200 ")
+    assert events(caplog, "request")[0].startswith(
+        "event=request method=GET path=/ezauth/healthz status=200 ")
     assert "ezt_secret" not in caplog.text
 
 
@@ -1654,7 +1748,8 @@ def test_changed_password_ends_the_session(client, service):
     verify(client, 200)
 
 
-def test_user_deleted_by_another_process_loses_their_session_within_a_second(client, service, clock):
+def test_user_deleted_by_another_process_loses_their_session_within_a_second(client, service,
+                                                                              clock):
     login(client)
     Users(service.settings.data_dir / "users").delete("alice")  # what `ezauth.py deluser` does
     clock.advance(REFRESH_EVERY)
@@ -1696,7 +1791,8 @@ def test_automatic_rotation_keeps_sessions_alive(make_client, clock):
 
 
 def test_workers_agree_on_a_rotated_key(settings, clock):
-    """Two app instances on one data dir: a token signed by either verifies on the other at any moment."""
+    """Two app instances on one data dir: a token signed by either verifies on the other at any
+    moment."""
     worker_a = make_app(settings, clock=clock)
     worker_b = make_app(settings, clock=clock)
     browser_a = new_client(worker_a)
@@ -1766,8 +1862,9 @@ def test_healthz_is_ok(client):
 
 
 SHIPPED_STATIC = sorted(p.name for p in (ezauth.HERE / "static").iterdir() if p.is_file())
-CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png",
-                 ".ico": "image/x-icon", ".woff2": "font/woff2", ".webp": "image/webp", ".jpg": "image/jpeg"}
+CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml",
+                 ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2",
+                 ".webp": "image/webp", ".jpg": "image/jpeg"}
 
 
 @pytest.mark.parametrize("name", SHIPPED_STATIC)
@@ -1787,7 +1884,8 @@ def test_static_file_in_the_data_dir_overrides_the_shipped_one(client, service):
     own.mkdir()
     (own / "login.css").write_text("body { color: rebeccapurple; }\n")
     (own / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    assert client.get("/ezauth/static/login.css", status=200).text == "body { color: rebeccapurple; }\n"
+    assert client.get("/ezauth/static/login.css",
+                      status=200).text == "body { color: rebeccapurple; }\n"
     assert client.get("/ezauth/static/logo.png", status=200).content_type == "image/png"
     assert client.get("/ezauth/static/cat.svg", status=200).content_type == "image/svg+xml"
 
@@ -1810,7 +1908,8 @@ def test_static_symlink_out_of_the_folder_is_not_served(client, service, tmp_pat
     client.get("/ezauth/static/evil.css", status=404)
 
 
-@pytest.mark.parametrize("path", ["/", "/ezauth", "/ezauth/", "/ezauth/nope", "/login", "/ezauth/login/"])
+@pytest.mark.parametrize("path",
+                         ["/", "/ezauth", "/ezauth/", "/ezauth/nope", "/login", "/ezauth/login/"])
 def test_unknown_path_is_404(client, path):
     client.get(path, status=404)
 
@@ -1843,7 +1942,8 @@ def _page_responses(client) -> dict[str, webtest.TestResponse]:
         "200": client.get(LOGIN, status=200),
         "401": login(client, "alice", "nope", status=401),
         "403": client.post(LOGIN, {"username": "alice", "password": "x"}, status=403),
-        "400": client.post(LOGIN, b"\xff", content_type="application/x-www-form-urlencoded", status=400),
+        "400": client.post(LOGIN, b"\xff", content_type="application/x-www-form-urlencoded",
+                           status=400),
     }
 
 
@@ -1854,7 +1954,8 @@ def test_page_responses_carry_the_security_headers(client):
         assert headers["X-Frame-Options"] == "DENY", status
         assert headers["Referrer-Policy"] == "no-referrer", status
         assert headers["X-Content-Type-Options"] == "nosniff", status
-        csp = {d.split()[0]: d.split()[1:] for d in headers["Content-Security-Policy"].split(";") if d.strip()}
+        csp = {d.split()[0]: d.split()[1:] for d in headers["Content-Security-Policy"].split(";")
+               if d.strip()}
         assert csp["script-src"] == ["'self'"], status
         assert csp["frame-ancestors"] == ["'none'"] and csp["default-src"] == ["'none'"], status
         assert "'unsafe-inline'" not in headers["Content-Security-Policy"], status
@@ -1899,7 +2000,8 @@ def test_counter_is_shown_in_the_footer_and_counts_each_page_view_once(client, s
     client.get("/ezauth/healthz", status=200)
     client.get("/ezauth/static/login.css", status=200)
     verify(client, 401)
-    assert visits(2) in client.post(LOGIN, {"username": "alice"}, status=403).text  # shown, not counted
+    # Shown, not counted.
+    assert visits(2) in client.post(LOGIN, {"username": "alice"}, status=403).text
     assert (service.settings.data_dir / "counter.txt").read_text().strip() == "2"
     assert visits(3) in client.get(LOGIN, status=200).text
 
@@ -1914,7 +2016,8 @@ def test_counter_off_counts_nothing_writes_nothing_and_shows_no_line(make_client
     assert footer not in client.post(LOGIN, {"username": "alice"}, status=403).text
     assert "ezauth_visits" not in client.get("/ezauth/metrics", status=200).text
     assert not (settings.data_dir / "counter.txt").exists()
-    assert Settings.from_env(environ={"EZAUTH_COUNTER": "0"}, env_file=settings.data_dir / "none").counter is False
+    assert Settings.from_env(environ={"EZAUTH_COUNTER": "0"},
+                             env_file=settings.data_dir / "none").counter is False
 
 
 def test_unusable_counter_never_breaks_the_page(client, service, caplog):
@@ -1929,7 +2032,8 @@ def test_corrupt_counter_is_moved_aside_and_the_page_still_shows(client, service
     (service.settings.data_dir / "counter.txt").write_text("lots")
     page = client.get(LOGIN, status=200)
     assert visits(1) in page.text
-    assert [p.read_text() for p in service.settings.data_dir.glob("counter.txt.corrupt-*")] == ["lots"]
+    assert [p.read_text()
+            for p in service.settings.data_dir.glob("counter.txt.corrupt-*")] == ["lots"]
 
 
 def test_login_html_in_the_data_dir_overrides_the_page(settings, clock):
@@ -1940,11 +2044,13 @@ def test_login_html_in_the_data_dir_overrides_the_page(settings, clock):
     page = client.get(LOGIN + "?rd=%2Fapp", status=200)
     assert page.text.startswith("<title>Welcome back</title>") and "costs $5" in page.text
     assert form_field(page.text, "rd") == "/app"
-    form = {"csrf": form_field(page.text, "csrf"), "rd": "/app", "username": "alice", "password": PASSWORD}
+    form = {"csrf": form_field(page.text, "csrf"), "rd": "/app", "username": "alice",
+            "password": PASSWORD}
     assert client.post(LOGIN, form, status=303).headers["Location"] == "/app"
 
 
-@pytest.mark.parametrize("template", ["<p>$title $nosuchfield</p>", "<p>${broken</p>", "<p>costs 5$</p>"])
+@pytest.mark.parametrize("template",
+                         ["<p>$title $nosuchfield</p>", "<p>${broken</p>", "<p>costs 5$</p>"])
 def test_template_with_an_unknown_placeholder_fails_at_start_up(settings, template):
     (settings.data_dir / "login.html").write_text(template)
     with pytest.raises(SettingsError, match=r"login\.html"):
