@@ -3165,57 +3165,42 @@ PAGE_FIELDS = ("lang", "title", "subtitle", "slogan", "static", "action", "csrf"
 ACCOUNT_FIELDS = ("lang", "title", "static", "prefix", "action", "csrf", "user", "signed_in",
                   "error", "error_state", "notice", "new_token", "session_rows", "totp",
                   "token_rows")
-# The page nginx shows (error_page 403) when access rules keep a logged-in user out.
-FORBIDDEN_PAGE = string.Template("""<!doctype html>
+# The frame of ezauth's small pages: the head, the card, and the cat with what went wrong.
+SMALL_PAGE_TOP = """<!doctype html>
 <html lang="$lang">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex, nofollow">
-<title>$title</title>
-<script src="$static/theme.js"></script>
-<link rel="stylesheet" href="$static/login.css">
-</head>
-<body>
-<main class="card" data-state="error">
-  <h1>$title</h1>
-  <div class="oops" role="alert">
-    <img class="cat" src="$static/cat.svg" alt="" width="96" height="96">
-    <p class="bubble">$text</p>
-  </div>
-  <p class="links"><a href="/">$home</a> · <a href="$logout">$switch</a></p>
-</main>
-</body>
-</html>
-""")
-# GET /ezauth/logout: logging out is a POST with the CSRF token; this page holds the button.
-LOGOUT_PAGE = string.Template("""<!doctype html>
-<html lang="$lang">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex, nofollow">
-<title>$t_logout · $title</title>
+<title>$tab_title</title>
 <script src="$static/theme.js"></script>
 <link rel="stylesheet" href="$static/login.css">
 </head>
 <body>
 <main class="card" data-state="$error_state">
-  <h1>$t_logout_question</h1>
+  <h1>$heading</h1>
   <div class="oops" role="alert">
     <img class="cat" src="$static/cat.svg" alt="" width="96" height="96">
     <p class="bubble">$error</p>
   </div>
+"""
+SMALL_PAGE_END = """</main>
+</body>
+</html>
+"""
+# The page nginx shows (error_page 403) when access rules keep a logged-in user out.
+FORBIDDEN_PAGE = string.Template(SMALL_PAGE_TOP + """\
+  <p class="links"><a href="/">$home</a> · <a href="$logout">$switch</a></p>
+""" + SMALL_PAGE_END)
+# GET /ezauth/logout: logging out is a POST with the CSRF token; this page holds the button.
+LOGOUT_PAGE = string.Template(SMALL_PAGE_TOP + """\
   <p class="subtitle" id="signed-in">$signed_in</p>
   <form method="post" action="$action" class="form">
     <input type="hidden" name="csrf" value="$csrf">
     <button type="submit" class="submit" id="logout">$t_logout</button>
   </form>
   <p class="links"><a href="/">$t_open_app</a></p>
-</main>
-</body>
-</html>
-""")
+""" + SMALL_PAGE_END)
 
 
 # Pieces of the account page, each rendered through `render` (so escaped there) and then
@@ -3504,8 +3489,10 @@ class Pages:
         """The page with the logout button (USER: who is logged in here, if anyone)."""
         lang, (csrf, csrf_header) = self.lang(request), self.csrf(request)
         text = PAGE_TEXT[lang]
+        title = self.settings.title or text["default_title"]
         body = render_page(LOGOUT_PAGE, lang, {
-            "title": self.settings.title or text["default_title"], "static": f"{PREFIX}/static",
+            "tab_title": f"{text['t_logout']} · {title}", "heading": text["t_logout_question"],
+            "static": f"{PREFIX}/static",
             "action": f"{PREFIX}/logout", "csrf": csrf, "error": error,
             "error_state": "error" if error else "none",
             "signed_in": (text["msg_signed_in"].format(user=user) if user
@@ -3517,7 +3504,8 @@ class Pages:
         lang = self.lang(request)
         text = PAGE_TEXT[lang]
         body = render_page(FORBIDDEN_PAGE, lang, {
-            "title": text["forbidden_title"], "text": text["forbidden_text"],
+            "tab_title": text["forbidden_title"], "heading": text["forbidden_title"],
+            "error": text["forbidden_text"], "error_state": "error",
             "home": text["forbidden_home"], "switch": text["forbidden_switch"],
             "logout": f"{self.settings.portal}{PREFIX}/logout", "static": f"{PREFIX}/static"})
         return Response(403, body, self.headers)
