@@ -3041,7 +3041,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_keep_tokens": "Keep my API tokens working (otherwise they are revoked)",
         "t_end_all": "Log out everywhere, this browser too",
         "t_end_all_hint": "Also revokes your API tokens. Use it if a cookie may have been copied.",
-        "t_logout_question": "Log out of this browser?",
+        "logout_question": "Log out of this browser?",
         "msg_not_signed_in": "You are not logged in.",
         "word_never": "never",
         "word_everywhere": "everywhere",
@@ -3137,7 +3137,7 @@ PAGE_TEXT: dict[str, dict[str, str]] = {
         "t_keep_tokens": "保留我的 API 令牌（否则将被吊销）",
         "t_end_all": "退出所有设备（包括本浏览器）",
         "t_end_all_hint": "同时吊销你的所有 API 令牌。如果 Cookie 可能已被复制，请使用此项。",
-        "t_logout_question": "要在此浏览器上退出登录吗？",
+        "logout_question": "要在此浏览器上退出登录吗？",
         "msg_not_signed_in": "你尚未登录。",
         "word_never": "从未",
         "word_everywhere": "全部",
@@ -3491,7 +3491,7 @@ class Pages:
         text = PAGE_TEXT[lang]
         title = self.settings.title or text["default_title"]
         body = render_page(LOGOUT_PAGE, lang, {
-            "tab_title": f"{text['t_logout']} · {title}", "heading": text["t_logout_question"],
+            "tab_title": f"{text['t_logout']} · {title}", "heading": text["logout_question"],
             "static": f"{PREFIX}/static",
             "action": f"{PREFIX}/logout", "csrf": csrf, "error": error,
             "error_state": "error" if error else "none",
