@@ -945,6 +945,19 @@ def test_cookie_values(header, expected):
     assert cookie_values(header, "ezauth") == expected
 
 
+def test_split_cookies_answers_the_same_header_alike_and_hands_out_nothing_to_change():
+    """Remembered per header: what one request got back cannot be changed for the next."""
+    names = frozenset(("ezauth", "ezauth_csrf"))
+    header = "a=1; ezauth=one; ezauth_csrf=c; b= 2 ; ezauth=two"
+    found, rest = ezauth.split_cookies(header, names)
+    assert dict(found) == {"ezauth": ("one", "two"), "ezauth_csrf": ("c",)}
+    assert rest == "a=1; b= 2"
+    with pytest.raises(TypeError):
+        found["ezauth"] = ("mine",)  # type: ignore[index]
+    assert ezauth.split_cookies(header, names) == (found, rest)
+    assert ezauth.split_cookies(header, frozenset(("ezauth",)))[0]["ezauth"] == ("one", "two")
+
+
 def test_settings_defaults_match_the_documentation(tmp_path):
     s = Settings.from_env(environ={}, env_file=tmp_path / "missing.env")
     # Beside ezauth.py, not ./ezauth-data.
