@@ -4207,19 +4207,27 @@ Handler = Callable[[Request], Response]
 VERIFY_PATH, HEALTHZ_PATH = f"{PREFIX}/verify", f"{PREFIX}/healthz"
 
 
+def refused_unless(allowed: Callable[[Request], bool], header: str, refusal: str, message: str,
+                   handler: Handler) -> Handler:
+    """HANDLER where the browser's Fetch Metadata allows it; else 403 with MESSAGE, and a log line
+    with REFUSAL and the HEADER the browser sent."""
+    def answer(request: Request) -> Response:
+        if allowed(request):
+            return handler(request)
+        log.warning("%s=%s path=%s ip=%s", refusal, logval(request.header(header)),
+                    logval(request.path), logval(request.client_ip))
+        return text_response(403, message)
+    return answer
+
+
 def navigation_only(handler: Handler) -> Handler:
     """A GET of a page that holds a token authorizing changes (the CSRF token) shares its origin
     with the app, and any script the app serves could fetch it: answered only to a top-level
     navigation, anything else gets 403 without a token in it."""
-    def answer(request: Request) -> Response:
-        if top_level_navigation(request):
-            return handler(request)
-        log.warning("event=page_refused reason=not_a_navigation dest=%s path=%s ip=%s",
-                    logval(request.header("Sec-Fetch-Dest")), logval(request.path),
-                    logval(request.client_ip))
-        return text_response(403, "ezauth: this page opens only on its own, not inside another "
-                                  "page or a script")
-    return answer
+    return refused_unless(top_level_navigation, "Sec-Fetch-Dest",
+                          "event=page_refused reason=not_a_navigation dest",
+                          "ezauth: this page opens only on its own, not inside another page or a "
+                          "script", handler)
 
 
 def on_portal(portal: str, handler: Handler) -> Handler:
@@ -4244,14 +4252,9 @@ def on_portal(portal: str, handler: Handler) -> Handler:
 
 def same_origin_only(handler: Handler) -> Handler:
     """A POST that changes something: only from a page of this origin, where the browser says so."""
-    def answer(request: Request) -> Response:
-        if same_origin_post(request):
-            return handler(request)
-        log.warning("event=change_refused reason=cross_site site=%s path=%s ip=%s",
-                    logval(request.header("Sec-Fetch-Site")), logval(request.path),
-                    logval(request.client_ip))
-        return text_response(403, "ezauth: changes are accepted only from ezauth's own pages")
-    return answer
+    return refused_unless(same_origin_post, "Sec-Fetch-Site",
+                          "event=change_refused reason=cross_site site",
+                          "ezauth: changes are accepted only from ezauth's own pages", handler)
 
 
 class EzauthApp:
