@@ -1385,6 +1385,12 @@ class SessionRegistry:
         self._seen: dict[str, tuple[float, str, float]] = {}  # sid -> (when, ip, expires), to write
         self._seen_at: dict[str, float] = {}
 
+    @staticmethod
+    def begin_epoch(db: sqlite3.Connection, now: float) -> None:
+        """Mark a new, empty database's beginning (whole seconds, as a session's auth_time: a login
+        in the same second as the database stays valid)."""
+        db.execute("INSERT INTO epoch VALUES (?)", (int(now),))
+
     def start(self, session: Session, ip: str, agent: str, now: float) -> None:
         """Record a session that has just begun (its password was entered now)."""
         self.db.run(lambda db: db.execute(
@@ -2383,10 +2389,8 @@ REGISTRY_GRACE = 5.0
 
 def open_sessions_database(data_dir: Path, now: float) -> SharedDatabase:
     """sessions.sqlite3: the session registry and API tokens, shared by all workers and the CLI."""
-    epoch = "INSERT INTO epoch VALUES (?)"
     return SharedDatabase(data_dir / "sessions.sqlite3", SessionRegistry.SCHEMA + ApiTokens.SCHEMA,
-                          "sessions", now, wal=True,
-                          created=lambda db, at: db.execute(epoch, (int(at),)))
+                          "sessions", now, wal=True, created=SessionRegistry.begin_epoch)
 
 
 @dataclass
@@ -4111,7 +4115,7 @@ class Verify(Flow):
         if not quiet:
             log.info("event=access_denied user=%s host=%s port=%s path=%s", logval(user or "-"),
                      logval(target.host), logval(target.port or "-"),
-                     logval(rules_path(original.uri)))
+                     logval(logged_path(original.uri)))
         return False
 
     def public(self, request: Request, cookies: SessionCookies) -> Response | None:
@@ -4687,7 +4691,8 @@ class Pool:
 
 def peer_address(peer: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
     """A peer's IP (IPv4 also when it came as ::ffff:a.b.c.d to a dual-stack socket) and the address
-    it counts as for the per-address limit: an IPv4 address, or an IPv6 /64."""
+    it counts as for the per-address limit: an IPv4 address, or an IPv6 /64. The lockout's
+    client_block draws the same line; this section keeps its own copy (it uses nothing above it)."""
     ip = ipaddress.ip_address(peer.partition("%")[0])
     if ip.version == 6 and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
