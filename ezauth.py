@@ -4377,7 +4377,9 @@ def make_app(settings: Settings, clock: Clock = time.time) -> EzauthApp:
         return navigation_only(on_portal(settings.portal, handler))
 
     def change(handler: Handler) -> Handler:
-        return same_origin_only(on_portal(settings.portal, handler))
+        # A form posts as a navigation; a script's fetch() would read the refusal, and a refused
+        # form shows the page again with its CSRF token in it.
+        return same_origin_only(navigation_only(on_portal(settings.portal, handler)))
 
     routes: dict[tuple[str, str], Handler] = {
         ("GET", f"{PREFIX}/login"): page(login.login_page),

@@ -264,6 +264,28 @@ def test_a_change_from_another_site_is_refused_even_with_the_right_token(data_di
     verify(new_client(app), 401, mine)
 
 
+@pytest.mark.parametrize("dest", ["empty", "iframe", "worker"])
+def test_a_post_from_a_script_is_refused_and_its_answer_holds_no_token(data_dir, clock, dest):
+    """A refused form shows its page again, CSRF token and all: a fetch() on the app's own origin
+    (same-origin, the right token or a junk one) gets a bare 403 instead, and changes nothing."""
+    app, client = build(data_dir, clock)
+    mine = session_token(client)
+    csrf = form_field(client.get(ACCOUNT, headers=FORWARDED, status=200).text, "csrf")
+    headers = {**FORWARDED, "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": dest}
+    for token in (csrf, "x" * 43):
+        for path, form in ((ACCOUNT, {"action": "end_all"}), (ACCOUNT, {"action": "totp_begin"}),
+                           (LOGOUT, {}), (LOGIN, {"username": "alice", "password": "a guess", "rd": "/"})):
+            refused = client.post(path, {"csrf": token, **form}, headers=headers, status=403)
+            assert "Set-Cookie" not in refused.headers
+            assert csrf not in refused.text and "csrf" not in refused.text
+    tick(clock, client)
+    verify(new_client(app), 200, mine)
+    page = {**headers, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    client.post(LOGOUT, {"csrf": csrf}, headers=page, status=303)  # the same post as a form
+    tick(clock, client)
+    verify(new_client(app), 401, mine)
+
+
 # -- 4. Logout is a POST with the CSRF token ---------------------------------------------------
 
 

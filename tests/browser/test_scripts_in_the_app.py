@@ -6,10 +6,8 @@ without the password."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import ezauth
+from tests.support.app import enrollment_on
 from tests.support.basics import ACCOUNT, NEW_PASSWORD, PASSWORD, require_tool
 from tests.support.nginx import Stack, build_stack
 from tests.support.process import real_login, run_cli
@@ -84,6 +83,21 @@ POST_CHANGE = """async ([token, fields]) => {
     body: new URLSearchParams({csrf: token, ...fields}).toString()});
   return {status: reply.status, text: await reply.text()};
 }"""
+# The same, as a form the script builds and submits: a top-level navigation, like the user's own.
+FORM_CHANGE = """([token, fields]) => {
+  const form = document.createElement("form");
+  form.method = "post";
+  form.action = "/ezauth/account";
+  for (const [name, value] of Object.entries({csrf: token, ...fields})) {
+    const input = document.createElement("input");
+    input.type = "hidden";
+    input.name = name;
+    input.value = value;
+    form.appendChild(input);
+  }
+  document.body.appendChild(form);
+  form.submit();
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +146,20 @@ def test_fetch_xhr_iframe_and_window_open_hand_the_script_no_csrf_token(notebook
     assert notebook.evaluate("window.stolen") is None
     # With no token the script's changes are refused for that alone.
     for fields in ({"action": "token_create", "label": "stolen"}, {"action": "end_all"}):
-        assert notebook.evaluate(POST_CHANGE, ["x" * 43, fields])["status"] == 403
+        refused = notebook.evaluate(POST_CHANGE, ["x" * 43, fields])
+        assert refused["status"] == 403 and "csrf" not in refused["text"], refused  # a bare 403
     nothing_changed(stack)
+
+
+def submit_as_form(page: Page, token: str, fields: dict[str, str]) -> tuple[int, str]:
+    """Status and page of a change the script posts as a form from the app's page, then back there."""
+    back = page.url
+    with page.expect_navigation() as navigation:
+        page.evaluate(FORM_CHANGE, [token, fields])
+    answer = navigation.value
+    status, text = (answer.status if answer else 0), page.content()
+    page.goto(back)
+    return status, text
 
 
 def test_even_with_a_csrf_token_no_lasting_change_without_the_password(notebook, stack):
@@ -143,21 +169,22 @@ def test_even_with_a_csrf_token_no_lasting_change_without_the_password(notebook,
     account.goto(f"http://127.0.0.1:{stack.nginx.port}{ACCOUNT}")
     token = account.input_value("input[name=csrf] >> nth=0")
     account.close()
-    refused = notebook.evaluate(POST_CHANGE, [token, {"action": "token_create", "label": "stolen"}])
-    assert refused["status"] == 403 and "Enter your current password" in refused["text"]
-    changed = notebook.evaluate(POST_CHANGE, [token, {"action": "password", "new": NEW_PASSWORD,
-                                                      "again": NEW_PASSWORD}])
-    assert changed["status"] == 403
+    # fetch() gets a bare 403 whatever it posts, so it cannot read a refusal's page either.
+    fetched = notebook.evaluate(POST_CHANGE, [token, {"action": "token_create", "label": "stolen"}])
+    assert fetched["status"] == 403 and "csrf" not in fetched["text"], fetched
+    # A form the script submits is a navigation: it reaches the account page, and the password stops it.
+    status, text = submit_as_form(notebook, token, {"action": "token_create", "label": "stolen"})
+    assert status == 403 and "Enter your current password" in text
+    status, _ = submit_as_form(notebook, token, {"action": "password", "new": NEW_PASSWORD, "again": NEW_PASSWORD})
+    assert status == 403
     # Two-factor with the attacker's secret: the set-up shows a secret, confirming it needs the password.
-    begun = notebook.evaluate(POST_CHANGE, [token, {"action": "totp_begin"}])
-    assert begun["status"] == 200
-    secret = re.search(r'<code id="totp-secret">([A-Z2-7]+)</code>', begun["text"])[1]
-    enrollment = re.search(r'name="enrollment" value="([^"]+)"', begun["text"])[1]
-    code = ezauth.totp(base64.b32decode(secret + "=" * (-len(secret) % 8)), time.time())
-    confirmed = notebook.evaluate(POST_CHANGE, [token, {"action": "totp_confirm", "enrollment": enrollment,
-                                                        "code": code}])
-    assert confirmed["status"] == 403 and "Enter your current password" in confirmed["text"]
-    wrong = notebook.evaluate(POST_CHANGE, [token, {"action": "totp_confirm", "enrollment": enrollment,
-                                                    "code": code, "current": "a guess"}])
-    assert wrong["status"] == 401
+    status, text = submit_as_form(notebook, token, {"action": "totp_begin"})
+    assert status == 200
+    secret, _, enrollment = enrollment_on(text)
+    code = ezauth.totp(secret, time.time())
+    status, text = submit_as_form(notebook, token, {"action": "totp_confirm", "enrollment": enrollment, "code": code})
+    assert status == 403 and "Enter your current password" in text
+    status, _ = submit_as_form(notebook, token, {"action": "totp_confirm", "enrollment": enrollment, "code": code,
+                                                 "current": "a guess"})
+    assert status == 401
     nothing_changed(stack)
