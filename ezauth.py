@@ -5084,7 +5084,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 Finding = tuple[str, str]
-USER_HEADERS = ("X-Auth-Request-User", "X-Forwarded-User")
+USER_HEADERS = ("X-Auth-Request-User", "X-Forwarded-User", "Remote-User")  # nginx.conf.example
 PASSES = ("proxy_pass", "fastcgi_pass", "uwsgi_pass", "scgi_pass", "grpc_pass")
 VERIFY_PROBES = (f"{PREFIX}/verify", "/_ezauth_verify")  # the second: the shipped internal location
 NGINX_FILE_RE = re.compile(r"^# configuration file (.+):$", re.M)
@@ -5597,7 +5597,7 @@ def check_anonymous(probe: Probe, url: str) -> list[Finding]:
 
 def check_spoofed(probe: Probe, url: str) -> Finding:
     """User-name headers sent by the client itself must not let it in."""
-    spoofed = {name: "admin" for name in (*USER_HEADERS, "Remote-User")}
+    spoofed = {name: "admin" for name in USER_HEADERS}
     level, text = refusal(probe.send(url, headers=spoofed))
     return level, f"GET {url} with {', '.join(spoofed)}: admin {text}"
 
@@ -6229,7 +6229,7 @@ def cmd_totp(args: argparse.Namespace, settings: Settings) -> int:
         print(f"removed the second factor of {args.name}; they log in with the password alone")
         return 0
     if open_users(settings).fingerprint(args.name) is None:
-        raise CliError(f"no user {args.name!r}; create it first with: python ezauth.py passwd "
+        raise CliError(f"no user {args.name!r}; create it first with: {this_command()} passwd "
                        f"{args.name}")
     if not args.code_stdin and not sys.stdin.isatty():
         raise CliError("no terminal to ask for a code on; pipe it in with --code-stdin once the "

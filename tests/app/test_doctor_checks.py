@@ -85,6 +85,7 @@ server {
         proxy_pass http://127.0.0.1:7860;
         proxy_set_header X-Auth-Request-User $ezauth_user;
         proxy_set_header X-Forwarded-User $ezauth_user;
+        proxy_set_header Remote-User $ezauth_user;
         proxy_set_header Cookie $ezauth_app_cookie;
     }
 }
@@ -195,13 +196,14 @@ def test_auth_request_at_server_level_is_inherited_and_a_nested_location_keeps_i
 def test_a_location_with_proxy_set_header_lines_of_its_own_inherits_none_of_the_servers():
     headers = ("        proxy_set_header X-Auth-Request-User $ezauth_user;\n"
                "        proxy_set_header X-Forwarded-User $ezauth_user;\n"
+               "        proxy_set_header Remote-User $ezauth_user;\n"
                "        proxy_set_header Cookie $ezauth_app_cookie;\n")
     moved = SHIPPED_SITE.replace(headers, "").replace("    listen 80;\n", "    listen 80;\n" + headers)
     assert {level for level, _ in judged(moved)} == {"OK"}  # nothing of its own: the server's lines count
     own = moved.replace("        proxy_pass http://127.0.0.1:7860;\n",
                         "        proxy_pass http://127.0.0.1:7860;\n        proxy_set_header Host $host;\n")
     failures = [text for level, text in judged(own) if level == "FAIL"]
-    assert failures == [f"nginx: location / (/etc/nginx/conf.d/site.conf:13) passes a client's own {header} on to "
+    assert failures == [f"nginx: location / (/etc/nginx/conf.d/site.conf:14) passes a client's own {header} on to "
                         "the app (an outer level sets it, but a level with proxy_set_header lines of its own inherits "
                         f"none): add `proxy_set_header {header} $ezauth_user;`" for header in ezauth.USER_HEADERS]
 
@@ -211,7 +213,7 @@ def test_a_server_without_ezauth_is_named_and_a_redirect_only_server_is_not():
         "server { listen 8080; server_name other; root /var/www; location / { try_files $uri =404; } }\n"
         "server { listen 80; server_name old; return 301 https://$host$request_uri; }\n")
     warnings = [text for level, text in judged(site) if level == "WARN"]
-    assert warnings == ["nginx: server other (/etc/nginx/conf.d/site.conf:18) does not use ezauth: whatever it "
+    assert warnings == ["nginx: server other (/etc/nginx/conf.d/site.conf:19) does not use ezauth: whatever it "
                         "serves is public (fine if that is meant)"]
 
 

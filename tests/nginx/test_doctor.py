@@ -86,8 +86,8 @@ def test_with_a_user_it_logs_in_lands_on_the_exact_url_and_logs_out(shipped):
     assert findings(done)[-4:] == [
         f"OK    logged in as alice: the login page sent the browser back to exactly {url}",
         f"OK    logged in, GET {url} reaches the app (200)",
-        "OK    logged in, the app's answer does not show a spoofed X-Auth-Request-User or X-Forwarded-User (an app "
-        "that echoes headers would)",
+        "OK    logged in, the app's answer does not show a spoofed X-Auth-Request-User or X-Forwarded-User or "
+        "Remote-User (an app that echoes headers would)",
         "OK    logged out (303); the old session cookie no longer gets in",
     ]
     assert PASSWORD not in done.stdout + done.stderr and "eyJ" not in done.stdout + done.stderr  # nor a JWT
@@ -150,7 +150,7 @@ def test_the_nginx_dump_of_the_shipped_stack_is_all_ok_and_names_each_location(n
         f"OK    nginx: location = /_ezauth_verify ({verify}), which auth_request asks, is internal and passes to "
         "ezauth",
         f"OK    nginx: location / ({root}) asks ezauth first (auth_request /_ezauth_verify)",
-        f"OK    nginx: location / ({root}) sets X-Auth-Request-User and X-Forwarded-User itself",
+        f"OK    nginx: location / ({root}) sets X-Auth-Request-User and X-Forwarded-User and Remote-User itself",
         f"OK    nginx: location / ({root}) keeps the ezauth session cookie from the app "
         f"({conf_line(shipped, 'proxy_set_header Cookie $ezauth_app_cookie;')})",
     ]
