@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 import ezauth
-from tests.support.basics import ACCOUNT, IPHONE, LOGIN, NEW_PASSWORD, PASSWORD, TEXT, VERIFY, bearer
+from tests.support.basics import ACCOUNT, IPHONE, LOGIN, NEW_PASSWORD, PASSWORD, TEXT, VERIFY, bearer, shown_time
 from tests.support.browser import expect, login_url, open_page, require_axe, run_axe, submit
 from tests.support.process import TOKEN_RE, http_call, real_login, run_cli
 
@@ -251,4 +251,4 @@ def test_account_page_times_are_in_the_browsers_zone_and_stay_utc_without_javasc
 
 def utc_text(iso: str) -> str:
     """A <time>'s datetime as the server writes it for people: "2026-12-01 09:30 UTC"."""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M UTC")
+    return shown_time(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())

@@ -247,6 +247,11 @@ def bearer(secret: str) -> str:
     return f"Bearer {secret}"
 
 
+def readme_section(title: str) -> str:
+    """The README's `## TITLE` section, up to the next `## ` heading."""
+    return (HERE / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def shown_time(when: float) -> str:
     """A time as the account page and the CLI show it."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))

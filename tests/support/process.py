@@ -38,6 +38,7 @@ from tests.support.basics import (
     form_field,
     free_port,
     parse_set_cookie,
+    readme_section,
     require_tool,
     wait_until,
 )
@@ -333,8 +334,8 @@ def findings(done: subprocess.CompletedProcess, level: str | None = None) -> lis
 
 def readme_units(section: str) -> dict[str, str]:
     """The systemd units the README's SECTION writes out: file name -> text."""
-    text = (HERE / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^`/etc/systemd/system/([\w.-]+)`:\n\n```ini\n(.*?)```", text, re.M | re.S))
+    return dict(re.findall(r"^`/etc/systemd/system/([\w.-]+)`:\n\n```ini\n(.*?)```", readme_section(section),
+                           re.M | re.S))
 
 
 def verify_units(units: dict[str, str], where: Path) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.basics import HERE, clean_env, free_port, missing, require_tool, wait_until
+from tests.support.basics import clean_env, free_port, missing, readme_section, require_tool, wait_until
 from tests.support.nginx import Nginx, render_example, start_nginx
 from tests.support.process import Server, add_user, cli_token, http_call, start_server
 
@@ -121,10 +121,6 @@ def build_app_stack(root: Path, cleanup: contextlib.ExitStack, launch: Callable[
 
 
 # -- What the README tells a person to run ------------------------------------------------------------
-
-
-def readme_section(title: str) -> str:
-    return (HERE / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def readme_jupyter_flags(port: int) -> list[str]:
